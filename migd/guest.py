@@ -1,0 +1,293 @@
+"""One guest on this host: RAM file, firmware context, KVM-side platform, channel and agent.
+
+This is what the daemon manages and what a migration moves. The host never reads the
+guest's key: it asks the firmware, and only :func:`migd.agent_launcher.launch_agent`
+receives the VEK to hand to the agent (the CPU key slot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from migd.abi import PAGE_SIZE
+from migd.agent_launcher import DEFAULT_COMMAND, AgentProcess, AgentSpec, launch_agent
+from migd.channel import CheckReport, GuestChannel
+from migd.errors import ConfigError, MigdError
+from migd.memory import GuestRam
+from migd.psp import PspFirmware
+from migd.vm import VmConfig, VmPlatform
+from migd.workload import WorkloadConfig
+
+log = logging.getLogger(__name__)
+
+GUEST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+MAX_MEMORY_MIB = 256 * 1024
+BOOT_TIMEOUT_S = 30.0
+
+
+class GuestStateError(MigdError):
+    """The guest is not in a state that allows the operation (REST 409)."""
+
+
+class GuestState(str, enum.Enum):
+    """The ``state`` field of the REST guest object (DESIGN.md §7)."""
+
+    DEFINED = "defined"
+    RUNNING = "running"
+    PAUSED = "paused"
+    INCOMING = "incoming"
+    MIGRATED = "migrated"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class GuestDefinition:
+    """What a guest is: name, size, SEV policy, firmware type."""
+
+    name: str
+    memory_mib: int
+    policy: int = 0
+    efi: bool = False
+    uefi_live_migration: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not GUEST_NAME.match(self.name):
+            raise ConfigError(f"guest name must match {GUEST_NAME.pattern}, got {self.name!r}")
+        if isinstance(self.memory_mib, bool) or not isinstance(self.memory_mib, int) or not (
+            1 <= self.memory_mib <= MAX_MEMORY_MIB
+        ):
+            raise ConfigError(f"memory_mib must be an integer in [1, {MAX_MEMORY_MIB}], got {self.memory_mib!r}")
+        if isinstance(self.policy, bool) or not isinstance(self.policy, int) or not 0 <= self.policy <= 0xFFFFFFFF:
+            raise ConfigError(f"policy must be a u32, got {self.policy!r}")
+
+    @property
+    def npages(self) -> int:
+        return self.memory_mib * (1 << 20) // PAGE_SIZE
+
+    @property
+    def vm_config(self) -> VmConfig:
+        return VmConfig(self.name, self.npages, self.efi, self.uefi_live_migration)
+
+
+class HostGuest:
+    """A guest and every host-side resource it holds."""
+
+    def __init__(
+        self,
+        definition: GuestDefinition,
+        *,
+        guest_dir: Path,
+        socket_path: Path,
+        firmware: PspFirmware,
+        handle: int,
+        ram: GuestRam,
+        state: GuestState,
+        agent_command: Sequence[str] = DEFAULT_COMMAND,
+    ) -> None:
+        self.definition = definition
+        self.guest_dir = guest_dir
+        self.socket_path = socket_path
+        self.firmware = firmware
+        self.handle = handle
+        self.ram = ram
+        self.state = state
+        self.vm = VmPlatform(definition.vm_config)
+        self.channel: GuestChannel | None = None
+        self.agent: AgentProcess | None = None
+        self.workload = WorkloadConfig()
+        self._agent_command = tuple(agent_command)
+        self._last_check: CheckReport | None = None
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    # ------------------------------------------------------------------ creation
+
+    @classmethod
+    def create(
+        cls, definition: GuestDefinition, *, guest_dir: Path, socket_path: Path, firmware: PspFirmware,
+        agent_command: Sequence[str] = DEFAULT_COMMAND,
+    ) -> HostGuest:
+        """A new guest: empty (sparse) RAM and a launched firmware context; state ``defined``."""
+        return cls._new(definition, guest_dir, socket_path, firmware, None, GuestState.DEFINED, agent_command)
+
+    @classmethod
+    def create_incoming(
+        cls, definition: GuestDefinition, *, guest_dir: Path, socket_path: Path, firmware: PspFirmware,
+        handle: int, agent_command: Sequence[str] = DEFAULT_COMMAND,
+    ) -> HostGuest:
+        """The destination side of a migration: empty RAM, the RECEIVE_START context; ``incoming``."""
+        return cls._new(definition, guest_dir, socket_path, firmware, handle, GuestState.INCOMING, agent_command)
+
+    @classmethod
+    def _new(
+        cls, definition: GuestDefinition, guest_dir: Path, socket_path: Path, firmware: PspFirmware,
+        handle: int | None, state: GuestState, agent_command: Sequence[str],
+    ) -> HostGuest:
+        guest_dir.mkdir(parents=True, exist_ok=False)
+        try:
+            ram = GuestRam(guest_dir / "ram", definition.npages, create=True)
+            if handle is None:
+                handle = firmware.launch(definition.policy)
+        except BaseException:
+            shutil.rmtree(guest_dir, ignore_errors=True)
+            raise
+        return cls(
+            definition, guest_dir=guest_dir, socket_path=socket_path, firmware=firmware, handle=handle,
+            ram=ram, state=state, agent_command=agent_command,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _require(self, *states: GuestState) -> None:
+        if self.state not in states:
+            wanted = " or ".join(s.value for s in states)
+            raise GuestStateError(f"guest {self.name} is {self.state.value}, the operation needs {wanted}")
+
+    async def _spawn_agent(self, *, incoming: bool) -> GuestChannel:
+        channel = GuestChannel(self.vm, self.socket_path)
+        await channel.start()
+        self.channel = channel
+        spec = AgentSpec(
+            name=self.name, socket_path=self.socket_path, ram_path=self.ram.path, npages=self.definition.npages,
+            efi=self.definition.efi, incoming=incoming, workload=self.workload,
+        )
+        self.agent = launch_agent(spec, self.firmware.guest_key(self.handle), command=self._agent_command)
+        await channel.wait_connected(BOOT_TIMEOUT_S)
+        return channel
+
+    async def start(self, workload: WorkloadConfig | None = None, *, timeout: float = BOOT_TIMEOUT_S) -> None:
+        """Launch the agent and wait until the guest has booted (its MSR may still be 0: EFI)."""
+        self._require(GuestState.DEFINED, GuestState.STOPPED)
+        self.workload = workload or WorkloadConfig()
+        try:
+            channel = await self._spawn_agent(incoming=False)
+            await channel.wait_event("booted", timeout, since=0)
+        except BaseException:
+            await self._teardown_agent()
+            raise
+        self.state = GuestState.RUNNING
+
+    async def start_incoming(self, vcpu_state: bytes, *, timeout: float = BOOT_TIMEOUT_S) -> CheckReport:
+        """Start a migrated guest: import its vCPU state; the agent self-checks every page first."""
+        self._require(GuestState.INCOMING)
+        try:
+            channel = await self._spawn_agent(incoming=True)
+            checks = channel.event_count("check")
+            await channel.import_state(vcpu_state)
+            await channel.wait_event("check", timeout, since=checks)
+        except BaseException:
+            await self._teardown_agent()
+            raise
+        assert channel.last_check is not None
+        self._last_check = channel.last_check
+        self.state = GuestState.RUNNING
+        return channel.last_check
+
+    async def stop(self, *, timeout: float = 10.0) -> None:
+        """Shut the guest down (its offline path writes MSR 0) and stop the agent."""
+        self._require(GuestState.RUNNING, GuestState.PAUSED)
+        if self.channel is not None and self.channel.connected:
+            with contextlib.suppress(MigdError, TimeoutError):
+                await self.channel.shutdown(timeout=timeout)
+        await self._teardown_agent(timeout)
+        self.vm.vcpu_reset()
+        self.state = GuestState.STOPPED
+
+    async def reboot(self) -> None:
+        """vCPU reset (MSR → 0) and reboot; the guest re-runs its boot path."""
+        self._require(GuestState.RUNNING)
+        assert self.channel is not None
+        await self.channel.reboot()
+
+    async def kexec(self) -> None:
+        """Ask the guest to kexec into a new kernel."""
+        self._require(GuestState.RUNNING)
+        assert self.channel is not None
+        await self.channel.kexec()
+
+    async def check(self) -> CheckReport:
+        """Run the guest's self-check now."""
+        self._require(GuestState.RUNNING, GuestState.PAUSED)
+        assert self.channel is not None
+        self._last_check = await self.channel.check(timeout=120.0)
+        return self._last_check
+
+    async def _teardown_agent(self, timeout: float = 5.0) -> None:
+        agent, self.agent = self.agent, None
+        if agent is not None:
+            agent.terminate()
+            try:
+                await agent.wait_async(timeout)
+            except TimeoutError:
+                agent.kill()
+                await agent.wait_async(timeout)
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            await channel.close()
+
+    async def mark_migrated(self) -> None:
+        """After a committed outgoing migration: stop the agent for good, drop RAM and key."""
+        await self._teardown_agent()
+        self.state = GuestState.MIGRATED
+        self._release_memory()
+
+    async def destroy(self) -> None:
+        """Remove every trace of the guest on this host (agent, channel, RAM file, key)."""
+        await self._teardown_agent()
+        self._release_memory()
+
+    def _release_memory(self) -> None:
+        self.ram.close()
+        with contextlib.suppress(MigdError):
+            self.firmware.decommission(self.handle)
+        shutil.rmtree(self.guest_dir, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    # ------------------------------------------------------------------ reporting
+
+    @property
+    def last_check(self) -> CheckReport | None:
+        if self.channel is not None and self.channel.last_check is not None:
+            return self.channel.last_check
+        return self._last_check
+
+    def to_json(self) -> dict[str, Any]:
+        """The REST guest object (DESIGN.md §7)."""
+        check = self.last_check
+        shared = self.vm.shared_bitmap.count()
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "memory_mib": self.definition.memory_mib,
+            "policy": self.definition.policy,
+            "migration_control": {
+                "feature": self.vm.config.cpuid_migration_control,
+                "msr": self.vm.msr_migration_control,
+                "ready": self.vm.migration_ready,
+            },
+            "pages": {"total": self.definition.npages, "private": self.definition.npages - shared, "shared": shared},
+            "check": {
+                "pages_verified": check.pages_verified if check else 0,
+                "errors": check.errors if check else 0,
+                "last_error": check.first_error if check else None,
+            },
+        }
+
+
+async def wait_until(predicate: Any, timeout: float, interval: float = 0.01) -> None:
+    """Poll ``predicate()`` until true; TimeoutError after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(interval)

@@ -1,0 +1,74 @@
+"""Progress and statistics of one migration: the REST migration object (DESIGN.md §7)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from migd.abi import PAGE_SIZE
+from migd.migration_state import MigrationPhase, MigrationStatus
+from migd.page_runs import PageKind
+
+MiB = 1 << 20
+
+
+@dataclass
+class MigrationProgress:
+    """Counters a migration updates as it goes; ``to_json`` renders the REST object."""
+
+    guest: str
+    role: str  # "source" | "destination"
+    destination: str
+    npages: int
+    phase: MigrationPhase = field(default_factory=lambda: MigrationPhase(started_at=time.monotonic()))
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    rounds: int = 0
+    bytes_transferred: int = 0
+    remaining_pages: int = 0
+    pages: dict[PageKind, int] = field(default_factory=lambda: {k: 0 for k in PageKind})
+    bytes_by_kind: dict[PageKind, int] = field(default_factory=lambda: {k: 0 for k in PageKind})
+    throughput_bps: float = 0.0
+    expected_downtime_ms: float | None = None
+    downtime_ms: float | None = None
+    throttle_percent: int = 0
+
+    def __post_init__(self) -> None:
+        self.remaining_pages = self.npages
+
+    @property
+    def status(self) -> MigrationStatus:
+        return self.phase.status
+
+    def count_run(self, kind: PageKind, npages: int, wire_bytes: int) -> None:
+        """Account one run sent or received."""
+        self.pages[kind] += npages
+        self.bytes_by_kind[kind] += wire_bytes
+        self.bytes_transferred += wire_bytes
+
+    def to_json(self, now: float | None = None) -> dict[str, Any]:
+        """The REST migration object."""
+        now = time.monotonic() if now is None else now
+        total_ms = self.phase.total_time_ms(now)
+        average = self.bytes_transferred / (total_ms / 1000.0) if total_ms > 0 else 0.0
+        rate = self.throughput_bps if not self.status.finished else average
+        return {
+            "id": self.id,
+            "guest": self.guest,
+            "role": self.role,
+            "status": self.status.value,
+            "destination": self.destination,
+            "rounds": self.rounds,
+            "bytes": {
+                "transferred": self.bytes_transferred,
+                "remaining": self.remaining_pages * PAGE_SIZE,
+                "total": self.npages * PAGE_SIZE,
+            },
+            "pages": {k.value: v for k, v in self.pages.items()},
+            "throughput_mib_s": round(rate / MiB, 2),
+            "expected_downtime_ms": None if self.expected_downtime_ms is None else round(self.expected_downtime_ms, 1),
+            "downtime_ms": None if self.downtime_ms is None else round(self.downtime_ms, 1),
+            "total_time_ms": round(total_ms, 1),
+            "error": self.phase.error,
+        }

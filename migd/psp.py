@@ -1,0 +1,388 @@
+"""The emulated PSP (AMD Secure Processor) firmware of one host.
+
+It follows the guest state machine of the SEV API (AMD pub. 55766, "Guest State
+Transitions"): LAUNCH_START → LUPDATE → LAUNCH_MEASURE → LSECRET → LAUNCH_FINISH → RUNNING;
+SEND_START: RUNNING → SUPDATE → SEND_FINISH → SENT (SEND_CANCEL back to RUNNING);
+RECEIVE_START → RUPDATE → RECEIVE_FINISH → RUNNING. A command issued in any other state
+fails with ``INVALID_GUEST_STATE``, as the real firmware does.
+
+Differences from real firmware, on purpose:
+
+* SEND/RECEIVE_UPDATE_DATA take a *run* of contiguous pages per command (real firmware
+  moves one page per command); the packet's MAC then covers the whole run.
+* SEND_START always validates the receiver's PDH certificate chain against the configured
+  trust anchors (real firmware skips it unless the DOMAIN or SEV policy bit is set).
+* The default transport mode binds session, GPA range and a sequence number into the MAC
+  (see :mod:`migd.sev_transport`); ``sev-compat`` keeps the firmware format.
+* Certificates are X.509 signed by an owner CA instead of the AMD ARK/ASK/CEK/PEK chain.
+
+Daemon code never sees a VEK: only :meth:`PspFirmware.guest_key`, which stands for the key
+slot the CPU loads on ACTIVATE, hands it to the guest agent launcher.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+
+from migd import identity
+from migd.abi import PAGE_SIZE, FirmwareStatus, GuestPolicy, POLICY_API_MAJOR_SHIFT, POLICY_API_MINOR_SHIFT
+from migd.errors import CertificateError, FirmwareError, GuestMemoryError, IntegrityError, TransportError
+from migd.memory import GuestRam, MemoryEncryption, new_vek
+from migd.sev_transport import (
+    CTX_DATA,
+    CTX_VMSA,
+    PacketHeader,
+    SessionBlob,
+    TransportMode,
+    TransportReceiver,
+    TransportSender,
+    new_session_keys,
+    unwrap_session,
+    wrap_session,
+)
+
+log = logging.getLogger(__name__)
+
+#: The SEV API version this emulated firmware reports (policy API fields are checked against it).
+API_MAJOR = 0
+API_MINOR = 24
+BUILD_ID = 1
+
+MAX_GUESTS = 509  # the SEV ASID space of a Rome part; RESOURCE_LIMIT past it
+VMSA_SIZE = PAGE_SIZE
+
+
+class GuestState(enum.Enum):
+    """Guest context states (SEV API 55766, "Guest States")."""
+
+    LUPDATE = "LUPDATE"
+    LSECRET = "LSECRET"
+    RUNNING = "RUNNING"
+    SUPDATE = "SUPDATE"
+    RUPDATE = "RUPDATE"
+    SENT = "SENT"
+
+
+@dataclass(frozen=True)
+class SendStart:
+    """What SEND_START gives the source to pass to the destination."""
+
+    pdh_cert_pem: bytes
+    session_blob: bytes
+    policy: int
+
+
+@dataclass
+class _GuestContext:
+    handle: int
+    policy: int
+    vek: bytes
+    state: GuestState
+    engine: MemoryEncryption
+    launch_digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    sender: TransportSender | None = None
+    receiver: TransportReceiver | None = None
+    vmsa: dict[int, bytes] = field(default_factory=dict)
+
+
+def _policy_api(policy: int) -> tuple[int, int]:
+    return (policy >> POLICY_API_MAJOR_SHIFT) & 0xFF, (policy >> POLICY_API_MINOR_SHIFT) & 0xFF
+
+
+class PspFirmware:
+    """One host's PSP: platform PDH identity plus guest contexts and their commands."""
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        trust_anchors: Sequence[x509.Certificate],
+        *,
+        transport_mode: TransportMode = TransportMode.BOUND,
+    ) -> None:
+        if not trust_anchors:
+            raise CertificateError("the firmware needs at least one trust anchor for PDH certificates")
+        self._pdh_key, pdh_cert = identity.load_pdh(state_dir)
+        self.pdh_cert_pem: bytes = identity.certificate_pem(pdh_cert)
+        self._anchors = list(trust_anchors)
+        self.transport_mode = TransportMode(transport_mode)
+        self._guests: dict[int, _GuestContext] = {}
+        self._next_handle = 1
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_state_dir(
+        cls,
+        state_dir: str | os.PathLike[str],
+        trust_anchor_paths: Iterable[str | os.PathLike[str]],
+        *,
+        transport_mode: TransportMode = TransportMode.BOUND,
+    ) -> PspFirmware:
+        """Load the platform identity from ``state_dir`` and the trust anchors from PEM files."""
+        anchors = identity.load_trust_anchors([Path(p) for p in trust_anchor_paths])
+        return cls(state_dir, anchors, transport_mode=transport_mode)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _context(self, handle: int, *allowed: GuestState) -> _GuestContext:
+        ctx = self._guests.get(handle)
+        if ctx is None:
+            raise FirmwareError(FirmwareStatus.INVALID_GUEST, f"no guest context with handle {handle}")
+        if allowed and ctx.state not in allowed:
+            wanted = "/".join(s.value for s in allowed)
+            raise FirmwareError(
+                FirmwareStatus.INVALID_GUEST_STATE,
+                f"guest {handle} is in state {ctx.state.value}, the command needs {wanted}",
+            )
+        return ctx
+
+    def _new_context(self, policy: int, state: GuestState) -> _GuestContext:
+        if not 0 <= policy <= 0xFFFFFFFF:
+            raise FirmwareError(FirmwareStatus.INVALID_PARAM, f"policy must be a u32, got {policy}")
+        major, minor = _policy_api(policy)
+        if (major, minor) > (API_MAJOR, API_MINOR):
+            raise FirmwareError(
+                FirmwareStatus.POLICY_FAILURE,
+                f"policy needs firmware API >= {major}.{minor}, this firmware is {API_MAJOR}.{API_MINOR}",
+            )
+        with self._lock:
+            if len(self._guests) >= MAX_GUESTS:
+                raise FirmwareError(FirmwareStatus.RESOURCE_LIMIT, f"all {MAX_GUESTS} guest slots are in use")
+            handle = self._next_handle
+            self._next_handle += 1
+            vek = new_vek()
+            ctx = _GuestContext(handle, policy, vek, state, MemoryEncryption(vek))
+            self._guests[handle] = ctx
+        return ctx
+
+    def _peer_shared_secret(self, peer_pdh_cert_pem: bytes) -> bytes:
+        try:
+            peer_public = identity.verify_pdh_certificate(peer_pdh_cert_pem, self._anchors)
+        except CertificateError as exc:
+            raise FirmwareError(FirmwareStatus.INVALID_CERTIFICATE, f"peer PDH rejected: {exc}") from exc
+        return identity.ecdh_shared_secret(self._pdh_key, peer_public)
+
+    @staticmethod
+    def _checked_range(ram: GuestRam, gpa: int, npages: int) -> memoryview:
+        if npages <= 0:
+            raise FirmwareError(FirmwareStatus.INVALID_LEN, f"a run needs at least one page, got {npages}")
+        try:
+            return ram.view(gpa, npages)
+        except GuestMemoryError as exc:
+            raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, str(exc)) from exc
+
+    # ------------------------------------------------------------------ launch
+
+    def launch_start(self, policy: int) -> int:
+        """LAUNCH_START: a new guest context with a fresh VEK, in LUPDATE; returns its handle."""
+        ctx = self._new_context(policy, GuestState.LUPDATE)
+        log.debug("LAUNCH_START handle=%d policy=%#x", ctx.handle, policy)
+        return ctx.handle
+
+    def launch_update_data(self, handle: int, ram: GuestRam, gpa: int, npages: int) -> None:
+        """LAUNCH_UPDATE_DATA: encrypt a run of plaintext pages in place and measure them."""
+        ctx = self._context(handle, GuestState.LUPDATE)
+        view = self._checked_range(ram, gpa, npages)
+        ctx.launch_digest.update(gpa.to_bytes(8, "little"))
+        ctx.launch_digest.update(view)
+        ctx.engine.encrypt(gpa, bytes(view), out=view)
+
+    def launch_measure(self, handle: int) -> bytes:
+        """LAUNCH_MEASURE: the launch digest (32 bytes) followed by a fresh 16-byte mnonce."""
+        ctx = self._context(handle, GuestState.LUPDATE)
+        mnonce = os.urandom(16)
+        digest = hashlib.sha256(
+            bytes([0x04, API_MAJOR, API_MINOR, BUILD_ID]) + ctx.launch_digest.digest() + mnonce
+        ).digest()
+        ctx.state = GuestState.LSECRET
+        return digest + mnonce
+
+    def launch_finish(self, handle: int) -> None:
+        """LAUNCH_FINISH: LSECRET → RUNNING."""
+        ctx = self._context(handle, GuestState.LSECRET)
+        ctx.state = GuestState.RUNNING
+
+    def launch(self, policy: int) -> int:
+        """LAUNCH_START, LAUNCH_MEASURE and LAUNCH_FINISH for a guest whose RAM starts empty."""
+        handle = self.launch_start(policy)
+        self.launch_measure(handle)
+        self.launch_finish(handle)
+        return handle
+
+    def guest_key(self, handle: int) -> bytes:
+        """The guest's VEK: stands for the CPU key slot; only the agent launcher may use it."""
+        return self._context(handle).vek
+
+    def guest_policy(self, handle: int) -> int:
+        """The policy the guest context was created with."""
+        return self._context(handle).policy
+
+    def guest_state(self, handle: int) -> GuestState:
+        """The state of a guest context."""
+        return self._context(handle).state
+
+    # ------------------------------------------------------------------ send
+
+    def send_start(self, handle: int, peer_pdh_cert_pem: bytes) -> SendStart:
+        """SEND_START: check policy and the receiver's PDH chain, create the session (RUNNING → SUPDATE)."""
+        ctx = self._context(handle, GuestState.RUNNING)
+        if ctx.policy & GuestPolicy.NOSEND:
+            raise FirmwareError(FirmwareStatus.POLICY_FAILURE, "guest policy NOSEND forbids SEND_START")
+        shared_secret = self._peer_shared_secret(peer_pdh_cert_pem)
+        keys = new_session_keys()
+        blob = wrap_session(shared_secret, ctx.policy, tek=keys.tek, tik=keys.tik)
+        ctx.sender = TransportSender(keys, self.transport_mode, session_id=blob.nonce)
+        ctx.state = GuestState.SUPDATE
+        log.debug("SEND_START handle=%d mode=%s", handle, self.transport_mode.value)
+        return SendStart(self.pdh_cert_pem, blob.pack(), ctx.policy)
+
+    def send_update_data(
+        self,
+        handle: int,
+        ram: GuestRam,
+        gpa: int,
+        npages: int,
+        out: bytearray | memoryview | None = None,
+    ) -> tuple[bytes, memoryview]:
+        """SEND_UPDATE_DATA over a run: VEK → plaintext → TEK. Returns (52-byte header, ciphertext)."""
+        ctx = self._context(handle, GuestState.SUPDATE)
+        raw = self._checked_range(ram, gpa, npages)
+        assert ctx.sender is not None
+        plaintext = ctx.engine.decrypt(gpa, raw)
+        header, ciphertext = ctx.sender.seal(CTX_DATA, plaintext, gpa=gpa, npages=npages, out=out)
+        return header.pack(), ciphertext
+
+    def send_update_vmsa(self, handle: int, vcpu_id: int, vmsa: bytes) -> tuple[bytes, memoryview]:
+        """SEND_UPDATE_VMSA: one vCPU's 4 KiB save area through the transport (SEV-ES guests only)."""
+        ctx = self._context(handle, GuestState.SUPDATE)
+        if not ctx.policy & GuestPolicy.ES:
+            raise FirmwareError(FirmwareStatus.INVALID_GUEST, "SEND_UPDATE_VMSA needs an SEV-ES (ES policy) guest")
+        self._check_vmsa(vcpu_id, len(vmsa))
+        assert ctx.sender is not None
+        header, ciphertext = ctx.sender.seal(CTX_VMSA, vmsa, gpa=vcpu_id * VMSA_SIZE, npages=1)
+        return header.pack(), ciphertext
+
+    def send_finish(self, handle: int) -> None:
+        """SEND_FINISH: SUPDATE → SENT; the guest may no longer run here."""
+        ctx = self._context(handle, GuestState.SUPDATE)
+        ctx.sender = None
+        ctx.state = GuestState.SENT
+
+    def send_cancel(self, handle: int) -> None:
+        """SEND_CANCEL: abandon the outgoing session; the guest runs on (→ RUNNING)."""
+        ctx = self._context(handle, GuestState.SUPDATE, GuestState.SENT)
+        ctx.sender = None
+        ctx.state = GuestState.RUNNING
+
+    # ------------------------------------------------------------------ receive
+
+    def receive_start(self, policy: int, peer_pdh_cert_pem: bytes, session_blob: bytes) -> int:
+        """RECEIVE_START: check the sender's PDH chain, unwrap the session, new context in RUPDATE."""
+        shared_secret = self._peer_shared_secret(peer_pdh_cert_pem)
+        try:
+            blob = SessionBlob.unpack(session_blob)
+            keys = unwrap_session(shared_secret, blob, policy)
+        except IntegrityError as exc:
+            raise FirmwareError(FirmwareStatus.BAD_MEASUREMENT, f"session blob rejected: {exc}") from exc
+        except TransportError as exc:
+            raise FirmwareError(FirmwareStatus.INVALID_LEN, f"session blob rejected: {exc}") from exc
+        ctx = self._new_context(policy, GuestState.RUPDATE)
+        ctx.receiver = TransportReceiver(keys, self.transport_mode, session_id=blob.nonce)
+        log.debug("RECEIVE_START handle=%d mode=%s", ctx.handle, self.transport_mode.value)
+        return ctx.handle
+
+    def receive_update_data(
+        self,
+        handle: int,
+        ram: GuestRam,
+        gpa: int,
+        npages: int,
+        header: bytes | memoryview,
+        ciphertext: bytes | memoryview,
+    ) -> None:
+        """RECEIVE_UPDATE_DATA over a run: verify, TEK → plaintext → this guest's VEK at ``gpa``.
+
+        The MAC is checked before anything is decrypted, so a rejected packet writes nothing.
+        """
+        ctx = self._context(handle, GuestState.RUPDATE)
+        target = self._checked_range(ram, gpa, npages)
+        if len(ciphertext) != npages * PAGE_SIZE:
+            raise FirmwareError(
+                FirmwareStatus.INVALID_LEN,
+                f"packet for {npages} pages must carry {npages * PAGE_SIZE} bytes, got {len(ciphertext)}",
+            )
+        assert ctx.receiver is not None
+        try:
+            packet = PacketHeader.unpack(header)
+            plaintext = ctx.receiver.open(CTX_DATA, packet, ciphertext, gpa=gpa, npages=npages)
+        except IntegrityError as exc:
+            raise FirmwareError(FirmwareStatus.BAD_MEASUREMENT, f"packet at gpa {gpa:#x}: {exc}") from exc
+        except TransportError as exc:
+            raise FirmwareError(FirmwareStatus.INVALID_PARAM, f"packet at gpa {gpa:#x}: {exc}") from exc
+        ctx.engine.encrypt(gpa, plaintext, out=target)
+
+    def receive_update_vmsa(
+        self, handle: int, vcpu_id: int, header: bytes | memoryview, ciphertext: bytes | memoryview
+    ) -> None:
+        """RECEIVE_UPDATE_VMSA: verify and install one vCPU's save area (SEV-ES guests only)."""
+        ctx = self._context(handle, GuestState.RUPDATE)
+        if not ctx.policy & GuestPolicy.ES:
+            raise FirmwareError(FirmwareStatus.INVALID_GUEST, "RECEIVE_UPDATE_VMSA needs an SEV-ES guest")
+        self._check_vmsa(vcpu_id, len(ciphertext))
+        assert ctx.receiver is not None
+        try:
+            packet = PacketHeader.unpack(header)
+            plaintext = ctx.receiver.open(CTX_VMSA, packet, ciphertext, gpa=vcpu_id * VMSA_SIZE, npages=1)
+        except IntegrityError as exc:
+            raise FirmwareError(FirmwareStatus.BAD_MEASUREMENT, f"VMSA of vCPU {vcpu_id}: {exc}") from exc
+        except TransportError as exc:
+            raise FirmwareError(FirmwareStatus.INVALID_PARAM, f"VMSA of vCPU {vcpu_id}: {exc}") from exc
+        ctx.vmsa[vcpu_id] = bytes(plaintext)
+
+    def receive_finish(self, handle: int) -> None:
+        """RECEIVE_FINISH: RUPDATE → RUNNING; the guest may now run here."""
+        ctx = self._context(handle, GuestState.RUPDATE)
+        ctx.receiver = None
+        ctx.state = GuestState.RUNNING
+
+    def guest_vmsa(self, handle: int, vcpu_id: int = 0) -> bytes | None:
+        """The VMSA received for a vCPU (SEV-ES), as the CPU would load it; None if none came."""
+        return self._context(handle).vmsa.get(vcpu_id)
+
+    @staticmethod
+    def _check_vmsa(vcpu_id: int, length: int) -> None:
+        if not 0 <= vcpu_id < 256:
+            raise FirmwareError(FirmwareStatus.INVALID_PARAM, f"vCPU id must be 0..255, got {vcpu_id}")
+        if length != VMSA_SIZE:
+            raise FirmwareError(FirmwareStatus.INVALID_LEN, f"a VMSA is {VMSA_SIZE} bytes, got {length}")
+
+    # ------------------------------------------------------------------ debug and teardown
+
+    def dbg_decrypt(self, handle: int, ram: GuestRam, gpa: int, npages: int) -> bytes:
+        """DBG_DECRYPT: the plaintext of a run of private pages; refused under the NODBG policy."""
+        ctx = self._context(
+            handle, GuestState.LUPDATE, GuestState.LSECRET, GuestState.RUNNING, GuestState.SUPDATE,
+            GuestState.RUPDATE,
+        )
+        if ctx.policy & GuestPolicy.NODBG:
+            raise FirmwareError(FirmwareStatus.POLICY_FAILURE, "guest policy NODBG forbids DBG_DECRYPT")
+        raw = self._checked_range(ram, gpa, npages)
+        return bytes(ctx.engine.decrypt(gpa, raw))
+
+    def decommission(self, handle: int) -> None:
+        """DECOMMISSION: forget the guest context and its key."""
+        with self._lock:
+            if self._guests.pop(handle, None) is None:
+                raise FirmwareError(FirmwareStatus.INVALID_GUEST, f"no guest context with handle {handle}")
+
+    def guest_handles(self) -> list[int]:
+        """Handles of every live guest context."""
+        return sorted(self._guests)

@@ -1,0 +1,30 @@
+"""Shared fixtures: hosts with real identities under one owner CA."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from migd import identity
+from migd.psp import PspFirmware
+from migd.sev_transport import TransportMode
+
+
+@pytest.fixture
+def ca_dir(tmp_path: Path) -> Path:
+    """The owner CA directory shared by every host of a test."""
+    return tmp_path / "ca"
+
+
+@pytest.fixture
+def make_firmware(tmp_path: Path, ca_dir: Path) -> Callable[..., PspFirmware]:
+    """Factory: ``make_firmware("hostA")`` → a PspFirmware with its own PDH under the test's CA."""
+
+    def make(name: str, transport_mode: TransportMode = TransportMode.BOUND) -> PspFirmware:
+        state_dir = tmp_path / name
+        identity.init_host(state_dir, ca_dir, common_name=name)
+        return PspFirmware.from_state_dir(state_dir, [ca_dir / identity.CA_CERT], transport_mode=transport_mode)
+
+    return make
