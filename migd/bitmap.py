@@ -20,33 +20,31 @@ bitmap after it -- never in the gap between "copy" and "clear" (the lost-dirty-p
 KVM closes with ``KVM_CLEAR_DIRTY_LOG``'s atomic fetch-and-clear). Methods combining two
 bitmaps snapshot the other one under its own lock first, so no two locks are ever held together.
 
-Wire format of :meth:`PageBitmap.encode` (all integers little-endian)::
-
-    magic "MGBM" | version u8 = 1 | encoding u8 | reserved u16 = 0 | npages u64 | body
-
-* ``ENCODING_ZLIB`` (1): body is a zlib stream of the ``ceil(npages / 8)`` packed bytes.
-* ``ENCODING_RUNS`` (2): body is LEB128 varints ``nruns, gap0, len0, gap1, len1, ...`` for
-  the maximal runs of set bits: ``gap`` is the distance from the end of the previous run (or
-  page 0) to the run's start and is >= 1 except for the first run, ``len`` >= 1. Sorted,
-  non-overlapping, maximal runs are therefore the only thing the format can express, and
-  ``nruns`` makes trailing bytes detectable.
-
-The encoder emits whichever body is smaller; the decoder trusts nothing (see
-:meth:`PageBitmap.decode`).
+Serialization: :meth:`PageBitmap.to_bytes` / :meth:`PageBitmap.from_bytes` give the raw packed
+bits; :meth:`PageBitmap.encode` / :meth:`PageBitmap.decode` the compact wire format, which
+lives in :mod:`migd.bitmap_codec` (its names are re-exported here).
 """
 
 from __future__ import annotations
 
 import operator
-import struct
 import threading
-import zlib
 from typing import NamedTuple
 
 import numpy as np
 
 from migd.abi import PAGE_SHIFT
-from migd.errors import GuestMemoryError, ProtocolError
+from migd.bitmap_codec import (
+    ENCODING_RUNS,
+    ENCODING_ZLIB,
+    MAGIC,
+    NPAGES_LIMIT,
+    VERSION,
+    BitmapDecodeError,
+    decode_bitmap,
+    encode_bitmap,
+)
+from migd.errors import GuestMemoryError
 
 __all__ = [
     "BitmapDecodeError",
@@ -59,21 +57,6 @@ __all__ = [
     "VERSION",
 ]
 
-MAGIC = b"MGBM"
-VERSION = 1
-ENCODING_ZLIB = 1
-ENCODING_RUNS = 2
-_HEADER = struct.Struct("<4sBBHQ")
-# npages must stay below 2**63 so page numbers and run sums fit int64 / never wrap uint64.
-_NPAGES_LIMIT = 1 << 63
-# zlib level 1: on a 2 MiB bitmap with 100k runs it is ~5x faster than level 6 and within
-# a few percent of its size (measured with bench/bitmap.py).
-_ZLIB_LEVEL = 1
-# Deflate cannot compress better than ~1032:1 (max match 258 bytes per >= 2 bits, RFC 1951),
-# so a run body at most this small can never lose against zlib: skip compressing then.
-_DEFLATE_MAX_RATIO = 1032
-_LEB128_MAX_BYTES = 9  # 9 x 7 bits = 63 bits, enough for any value below _NPAGES_LIMIT
-
 _WORD = np.dtype("<u8")
 _ALL = (1 << 64) - 1
 _U1 = np.uint64(1)
@@ -81,10 +64,6 @@ _U63 = np.uint64(63)
 _EMPTY = np.zeros(0, dtype=np.int64)
 _EMPTY.flags.writeable = False
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-class BitmapDecodeError(ProtocolError):
-    """An encoded bitmap from a peer or the journal is malformed, oversized or not canonical."""
 
 
 class BitmapSizeError(GuestMemoryError):
@@ -157,7 +136,7 @@ def _int_array(values: np.ndarray, what: str) -> np.ndarray:
     if array.dtype.kind not in "iu":
         raise TypeError(f"{what} must be an integer array, got dtype {array.dtype}")
     array = array.ravel()
-    if array.dtype.kind == "u" and int(array.max()) >= _NPAGES_LIMIT:
+    if array.dtype.kind == "u" and int(array.max()) >= NPAGES_LIMIT:
         raise GuestMemoryError(f"{what} out of range: got {int(array.max())}")
     return array.astype(np.int64, copy=False)
 
@@ -179,42 +158,6 @@ def _words_from_runs(nwords: int, starts: np.ndarray, ends: np.ndarray) -> np.nd
     return toggles[:nwords]
 
 
-def _leb128_encode(values: np.ndarray) -> bytes:
-    """Unsigned LEB128 of every value (uint64, each < 2**63), concatenated."""
-    if values.size == 0:
-        return b""
-    nbytes = np.ones(values.size, dtype=np.int64)
-    for group in range(1, _LEB128_MAX_BYTES):
-        nbytes += values >= np.uint64(1 << (7 * group))
-    index = np.arange(int(nbytes.max()))
-    groups = (values[:, None] >> (index.astype(np.uint64) * np.uint64(7))) & np.uint64(0x7F)
-    more = index[None, :] < (nbytes[:, None] - 1)
-    groups |= more.astype(np.uint64) << np.uint64(7)
-    return bytes(groups[index[None, :] < nbytes[:, None]].astype(np.uint8).tobytes())
-
-
-def _leb128_decode(body: bytes) -> np.ndarray:
-    """Values (uint64) of concatenated canonical LEB128 varints; raises BitmapDecodeError."""
-    raw = np.frombuffer(body, dtype=np.uint8)
-    if raw.size == 0:
-        return np.zeros(0, dtype=np.uint64)
-    if raw[-1] & 0x80:
-        raise BitmapDecodeError("run list truncated: last varint has its continuation bit set")
-    last = np.flatnonzero((raw & 0x80) == 0)
-    first = np.empty_like(last)
-    first[0] = 0
-    first[1:] = last[:-1] + 1
-    length = last - first + 1
-    if int(length.max()) > _LEB128_MAX_BYTES:
-        raise BitmapDecodeError(f"run list varint longer than {_LEB128_MAX_BYTES} bytes")
-    if np.any((length > 1) & (raw[last] == 0)):
-        raise BitmapDecodeError("run list varint is not minimally encoded")
-    owner = np.repeat(np.arange(last.size), length)
-    shift = (np.arange(raw.size) - first[owner]).astype(np.uint64) * np.uint64(7)
-    parts = (raw & 0x7F).astype(np.uint64) << shift
-    return np.add.reduceat(parts, first)
-
-
 class PageBitmap:
     """A fixed-size bitmap over ``npages`` guest pages; all bits start clear.
 
@@ -227,7 +170,7 @@ class PageBitmap:
 
     def __init__(self, npages: int) -> None:
         npages = operator.index(npages)
-        if not 0 <= npages < _NPAGES_LIMIT:
+        if not 0 <= npages < NPAGES_LIMIT:
             raise GuestMemoryError(f"bitmap size must be 0 <= npages < 2**63, got {npages}")
         self._npages = npages
         self._words = np.zeros((npages + 63) >> 6, dtype=_WORD)
@@ -337,6 +280,14 @@ class PageBitmap:
     def any_set(self, first: int, count: int) -> bool:
         """Whether at least one page of the range is set (false for an empty range)."""
         return self.count(first, count) > 0
+
+    def run_count(self) -> int:
+        """Number of maximal runs of set bits (popcount of the rising edges; builds no extents)."""
+        with self._lock:
+            words = self._words
+            rising = words & ~(words << _U1)
+            rising[1:] &= ~(words[:-1] >> _U63)
+        return _popcount(rising)
 
     def extent_arrays(
         self, value: bool = True, first: int = 0, count: int | None = None
@@ -503,116 +454,21 @@ class PageBitmap:
         return bitmap
 
     def encode(self) -> bytes:
-        """Compact self-describing serialization (see the module docstring for the format)."""
-        snapshot = self.copy()
-        nbytes = (self._npages + 7) >> 3
-        runs: bytes | None = None
-        # Each run costs at least two varint bytes; zlib never exceeds compressBound(nbytes).
-        bound = nbytes + (nbytes >> 12) + (nbytes >> 14) + (nbytes >> 25) + 13
-        if 2 * snapshot._run_count() <= bound:
-            starts, counts = snapshot.extent_arrays(True)
-            values = np.empty(1 + 2 * starts.size, dtype=np.uint64)
-            values[0] = starts.size
-            ends = starts + counts
-            values[1::2] = starts - np.concatenate(([0], ends[:-1]))
-            values[2::2] = counts
-            runs = _leb128_encode(values)
-        if runs is not None and len(runs) <= nbytes // _DEFLATE_MAX_RATIO:
-            encoding, body = ENCODING_RUNS, runs
-        else:
-            packed = snapshot._words.view(np.uint8)[:nbytes]
-            compressed = zlib.compress(packed.data, _ZLIB_LEVEL)
-            if runs is not None and len(runs) <= len(compressed):
-                encoding, body = ENCODING_RUNS, runs
-            else:
-                encoding, body = ENCODING_ZLIB, compressed
-        return _HEADER.pack(MAGIC, VERSION, encoding, 0, self._npages) + body
-
-    def _run_count(self) -> int:
-        """Number of maximal runs of set bits (popcount of the rising edges)."""
-        with self._lock:
-            words = self._words
-            rising = words & ~(words << _U1)
-            rising[1:] &= ~(words[:-1] >> _U63)
-        return _popcount(rising)
+        """Compact self-describing serialization (format: :mod:`migd.bitmap_codec`)."""
+        return encode_bitmap(self)
 
     @classmethod
     def decode(cls, data: bytes | memoryview, *, max_npages: int) -> PageBitmap:
         """Parse :meth:`encode` output from an untrusted source; raise BitmapDecodeError if bad.
 
-        Rejects a bad magic, version, encoding or reserved field, ``npages > max_npages``, a
-        zlib body that inflates to anything but ``ceil(npages / 8)`` bytes (inflating stops one
-        byte past that, so a decompression bomb costs nothing), bits past ``npages``, runs
-        that are empty, touching, overlapping or past ``npages``, non-canonical varints, and
-        any trailing bytes.
+        Every check is :func:`migd.bitmap_codec.decode_bitmap`'s: bad header fields,
+        ``npages > max_npages``, decompression bombs, bits past ``npages``, non-canonical
+        runs or varints and trailing bytes are all refused before a bitmap is built.
         """
-        max_npages = operator.index(max_npages)
-        if not 0 <= max_npages < _NPAGES_LIMIT:
-            raise ValueError(f"max_npages must be 0 <= max_npages < 2**63, got {max_npages}")
-        raw = bytes(memoryview(data).cast("B"))
-        if len(raw) < _HEADER.size:
-            raise BitmapDecodeError(f"bitmap header truncated: expected {_HEADER.size} bytes, got {len(raw)}")
-        magic, version, encoding, reserved, npages = _HEADER.unpack_from(raw)
-        if magic != MAGIC:
-            raise BitmapDecodeError(f"bad bitmap magic: expected {MAGIC!r}, got {magic!r}")
-        if version != VERSION:
-            raise BitmapDecodeError(f"unsupported bitmap version: expected {VERSION}, got {version}")
-        if reserved != 0:
-            raise BitmapDecodeError(f"bitmap reserved field must be 0, got {reserved}")
-        if npages > max_npages:
-            raise BitmapDecodeError(f"bitmap too large: npages={npages} exceeds max_npages={max_npages}")
-        body = raw[_HEADER.size :]
-        if encoding == ENCODING_ZLIB:
-            return cls._decode_zlib(npages, body)
-        if encoding == ENCODING_RUNS:
-            return cls._decode_runs(npages, body)
-        raise BitmapDecodeError(f"unknown bitmap encoding {encoding}: expected {ENCODING_ZLIB} or {ENCODING_RUNS}")
-
-    @classmethod
-    def _decode_zlib(cls, npages: int, body: bytes) -> PageBitmap:
-        nbytes = (npages + 7) >> 3
-        inflater = zlib.decompressobj()
-        try:
-            packed = inflater.decompress(body, nbytes + 1)  # max_length 0 would mean unlimited
-        except zlib.error as exc:
-            raise BitmapDecodeError(f"bitmap zlib body is corrupt: {exc}") from exc
-        if len(packed) != nbytes:
-            got = "more" if len(packed) > nbytes else str(len(packed))
-            raise BitmapDecodeError(f"bitmap zlib body must inflate to {nbytes} bytes, got {got}")
-        if not inflater.eof:
-            raise BitmapDecodeError("bitmap zlib body truncated: stream has no end")
-        if inflater.unused_data:
-            raise BitmapDecodeError(f"{len(inflater.unused_data)} trailing bytes after the bitmap zlib body")
-        try:
-            return cls.from_bytes(npages, packed)
-        except GuestMemoryError as exc:
-            raise BitmapDecodeError(str(exc)) from exc
-
-    @classmethod
-    def _decode_runs(cls, npages: int, body: bytes) -> PageBitmap:
-        values = _leb128_decode(body)
-        if values.size == 0:
-            raise BitmapDecodeError("run list is empty: expected at least the run count")
-        nruns = int(values[0])
-        if values.size != 1 + 2 * nruns:
-            what = "trailing bytes after" if values.size > 1 + 2 * nruns else "truncated"
-            raise BitmapDecodeError(
-                f"run list {what}: expected {nruns} (gap, length) pairs, got {values.size - 1} values"
-            )
-        if nruns == 0:
-            return cls(npages)
-        values = values[1:]
-        if int(values.max()) > npages:
-            raise BitmapDecodeError(f"run list value {int(values.max())} exceeds npages={npages}")
-        gaps, lengths = values[0::2], values[1::2]
-        if int(lengths.min()) == 0:
-            raise BitmapDecodeError("run list has an empty run")
-        if nruns > 1 and int(gaps[1:].min()) == 0:
-            raise BitmapDecodeError("run list has touching or overlapping runs (gap 0)")
-        # Every value <= npages < 2**63, so a sum wrapping past 2**64 first exceeds npages.
-        bounds = np.cumsum(values, dtype=np.uint64)
-        if int(bounds.max()) > npages:
-            raise BitmapDecodeError(f"run list reaches page {int(bounds.max())}, past npages={npages}")
-        bounds = bounds.astype(np.int64)
-        words = _words_from_runs((npages + 63) >> 6, bounds[0::2], bounds[1::2])
-        return cls._wrap(npages, words)
+        decoded = decode_bitmap(data, max_npages=max_npages)
+        if decoded.runs is not None:
+            starts, ends = decoded.runs
+            return cls._wrap(decoded.npages, _words_from_runs((decoded.npages + 63) >> 6, starts, ends))
+        if decoded.packed is None:  # excluded by DecodedBitmap.__post_init__; keeps -O honest
+            raise BitmapDecodeError("decoded bitmap carries neither packed bits nor runs")
+        return cls.from_bytes(decoded.npages, decoded.packed)

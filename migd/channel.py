@@ -117,7 +117,7 @@ class _AgentProtocol(asyncio.Protocol):
         self.backlog: collections.deque[Message] = collections.deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport
         self.channel._connection_made(self)
 
@@ -412,7 +412,8 @@ class GuestChannel:
         try:
             conn.send(request(msg_id, op, **fields))
             rsp = await self._wait(future, self.request_timeout if timeout is None else timeout, f"{op!r} response")
-        except GuestTimeoutError:
+        except (GuestTimeoutError, asyncio.CancelledError):
+            # The guest may still answer; its late response must not look like a protocol violation.
             self._stale_ids.append(msg_id)
             raise
         finally:

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 GUEST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 MAX_MEMORY_MIB = 256 * 1024
 BOOT_TIMEOUT_S = 30.0
+#: File in a guest directory while the guest is a not-yet-committed incoming migration:
+#: a daemon that finds it at start-up removes the partial guest (DESIGN.md §5, invariant 5).
+INCOMING_MARKER = "incoming"
 
 
 class GuestStateError(MigdError):
@@ -136,6 +139,8 @@ class HostGuest:
     ) -> HostGuest:
         guest_dir.mkdir(parents=True, exist_ok=False)
         try:
+            if state is GuestState.INCOMING:
+                (guest_dir / INCOMING_MARKER).touch()
             ram = GuestRam(guest_dir / "ram", definition.npages, create=True)
             if handle is None:
                 handle = firmware.launch(definition.policy)
@@ -154,45 +159,66 @@ class HostGuest:
             wanted = " or ".join(s.value for s in states)
             raise GuestStateError(f"guest {self.name} is {self.state.value}, the operation needs {wanted}")
 
-    async def _spawn_agent(self, *, incoming: bool) -> GuestChannel:
+    async def _spawn_agent(self, *, incoming: bool, unsafe_kexec_keep_msr: bool = False) -> GuestChannel:
         channel = GuestChannel(self.vm, self.socket_path)
         await channel.start()
         self.channel = channel
         spec = AgentSpec(
             name=self.name, socket_path=self.socket_path, ram_path=self.ram.path, npages=self.definition.npages,
             efi=self.definition.efi, incoming=incoming, workload=self.workload,
+            unsafe_kexec_keep_msr=unsafe_kexec_keep_msr,
         )
         self.agent = launch_agent(spec, self.firmware.guest_key(self.handle), command=self._agent_command)
         await channel.wait_connected(BOOT_TIMEOUT_S)
         return channel
 
-    async def start(self, workload: WorkloadConfig | None = None, *, timeout: float = BOOT_TIMEOUT_S) -> None:
-        """Launch the agent and wait until the guest has booted (its MSR may still be 0: EFI)."""
+    async def start(
+        self, workload: WorkloadConfig | None = None, *, timeout: float = BOOT_TIMEOUT_S,
+        unsafe_kexec_keep_msr: bool = False,
+    ) -> None:
+        """Launch the agent and wait until the guest has booted (its MSR may still be 0: EFI).
+
+        ``unsafe_kexec_keep_msr`` makes the guest skip MSR = 0 on kexec: it reproduces the
+        stale-bitmap race on purpose (negative controls only).
+        """
         self._require(GuestState.DEFINED, GuestState.STOPPED)
         self.workload = workload or WorkloadConfig()
         try:
-            channel = await self._spawn_agent(incoming=False)
+            channel = await self._spawn_agent(incoming=False, unsafe_kexec_keep_msr=unsafe_kexec_keep_msr)
             await channel.wait_event("booted", timeout, since=0)
         except BaseException:
             await self._teardown_agent()
             raise
         self.state = GuestState.RUNNING
 
-    async def start_incoming(self, vcpu_state: bytes, *, timeout: float = BOOT_TIMEOUT_S) -> CheckReport:
-        """Start a migrated guest: import its vCPU state; the agent self-checks every page first."""
+    async def prepare_incoming(self) -> None:
+        """Start the agent in incoming mode early (QEMU's ``-incoming``): it waits for its state."""
         self._require(GuestState.INCOMING)
         try:
-            channel = await self._spawn_agent(incoming=True)
-            checks = channel.event_count("check")
-            await channel.import_state(vcpu_state)
-            await channel.wait_event("check", timeout, since=checks)
+            await self._spawn_agent(incoming=True)
         except BaseException:
             await self._teardown_agent()
             raise
-        assert channel.last_check is not None
-        self._last_check = channel.last_check
+
+    async def start_incoming(self, vcpu_state: bytes) -> None:
+        """Hand the prepared agent its vCPU state: the guest runs (it self-checks every page first)."""
+        self._require(GuestState.INCOMING)
+        if self.channel is None:
+            await self.prepare_incoming()
+        assert self.channel is not None
+        # The source has committed: from here on this copy is the guest, whatever happens.
+        (self.guest_dir / INCOMING_MARKER).unlink(missing_ok=True)
+        await self.channel.import_state(vcpu_state)
         self.state = GuestState.RUNNING
-        return channel.last_check
+
+    async def wait_check(self, timeout: float, *, since: int = 0) -> CheckReport:
+        """The next self-check report after the first ``since`` ones (the arrival check: 0)."""
+        if self.channel is None:
+            raise GuestStateError(f"guest {self.name} has no running agent")
+        await self.channel.wait_event("check", timeout, since=since)
+        assert self.channel.last_check is not None
+        self._last_check = self.channel.last_check
+        return self._last_check
 
     async def stop(self, *, timeout: float = 10.0) -> None:
         """Shut the guest down (its offline path writes MSR 0) and stop the agent."""

@@ -16,6 +16,7 @@ Time is passed in (``now``), never read, so tests drive it.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from migd.errors import MigdError
@@ -65,6 +66,8 @@ class MigrationPhase:
     entered_at: dict[MigrationStatus, float] = field(default_factory=dict)
     finished_at: float | None = None
     blackouts: int = 0
+    #: Called with the new status after every transition (progress display, metrics, tests).
+    listeners: list[Callable[[MigrationStatus], None]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.entered_at.setdefault(self.status, self.started_at)
@@ -83,6 +86,8 @@ class MigrationPhase:
             self.error = error
         if to.finished:
             self.finished_at = now
+        for listener in list(self.listeners):
+            listener(to)
 
     def commit(self) -> None:
         """Record the commit point of the hand-off (only from stop-copy)."""

@@ -33,6 +33,8 @@ class MigrationProgress:
     expected_downtime_ms: float | None = None
     downtime_ms: float | None = None
     throttle_percent: int = 0
+    #: SHA-256 of the final shared-page bitmap sent (source) or installed (destination).
+    shared_bitmap_sha256: str | None = None
 
     def __post_init__(self) -> None:
         self.remaining_pages = self.npages

@@ -41,12 +41,16 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._closed = asyncio.Event()
         self._close_reason: BaseException | None = None
         self.bytes_sent = 0
+        self.peer: str | None = None
         self.connected = asyncio.Event()
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = transport  # type: ignore[assignment]
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple) and len(peername) >= 2:
+            self.peer = f"{peername[0]}:{peername[1]}"
         # Large writes go straight to the socket; pause only past a few MiB queued.
         transport.set_write_buffer_limits(high=8 << 20, low=2 << 20)
         self.connected.set()
@@ -99,14 +103,14 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def close_reason(self) -> BaseException | None:
         return self._close_reason
 
-    async def send(self, msg: wire.Message) -> int:
-        """Write one message; waits while the transport's buffer is over its high-water mark."""
+    def write(self, msg: wire.Message) -> int:
+        """Queue one message on the transport now (no await); returns the bytes framed.
+
+        Callers ``await drain()`` between writes to respect flow control; keeping the write
+        itself synchronous lets the source classify, read and write a chunk in one step.
+        """
         if self._close_reason is not None:
             raise StreamClosed(f"cannot send {msg.TYPE.name}: {self._close_reason}")
-        if not self._can_write.is_set():
-            await self._can_write.wait()
-            if self._close_reason is not None:
-                raise StreamClosed(f"cannot send {msg.TYPE.name}: {self._close_reason}")
         assert self._transport is not None
         parts = wire.encode(msg)
         self._transport.writelines(parts)
@@ -118,6 +122,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         """Wait until the write buffer is below its low-water mark."""
         if not self._can_write.is_set():
             await self._can_write.wait()
+        if self._close_reason is not None:
+            raise StreamClosed(f"migration stream is closed: {self._close_reason}")
 
     async def receive(self, timeout: float) -> wire.Message:
         """The next control message; raises StreamClosed/ProtocolError or TimeoutError."""
@@ -130,7 +136,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     async def expect(self, kind: type[Any], timeout: float) -> Any:
         """Receive the next control message and insist on its type (an Abort becomes an error)."""
-        msg = await self.receive(timeout)
+        try:
+            msg = await self.receive(timeout)
+        except TimeoutError:
+            raise StreamTimeout(f"no {kind.__name__} from the peer within {timeout:g} s") from None
         if isinstance(msg, wire.Abort):
             raise PeerAborted(msg.reason)
         if not isinstance(msg, kind):
@@ -149,6 +158,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
         """Drop the connection at once."""
         if self._transport is not None:
             self._transport.abort()
+
+
+class StreamTimeout(MigdError, TimeoutError):
+    """The peer did not send the expected message in time."""
 
 
 class PeerAborted(MigdError):

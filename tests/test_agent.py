@@ -17,10 +17,11 @@ from migd.abi import (
     KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
     PAGE_SIZE,
 )
-from migd.agent import early_reset_calls, parse_options, read_key
+from migd.agent import parse_options, read_key
 from migd.agent_launcher import AgentSpec
 from migd.errors import ConfigError
 from migd.guest_layout import PFN_2M, GuestLayout
+from migd.guest_vcpu import early_reset_calls
 from migd.memory import VEK_SIZE
 from migd.workload import WorkloadConfig
 
@@ -57,12 +58,13 @@ def test_parse_options_round_trips_the_launcher_argv(tmp_path: Path) -> None:
         unsafe_kexec_keep_msr=True,
     )
     options = parse_options(spec.argv(7))
-    assert (options.name, options.socket_path, options.ram_path, options.npages, options.key_fd) == (
+    guest = options.guest
+    assert (guest.name, options.socket_path, options.ram_path, guest.npages, options.key_fd) == (
         "g1", tmp_path / "s.sock", tmp_path / "ram", 4096, 7)
-    assert options.efi and options.incoming and options.unsafe_kexec_keep_msr
-    assert options.firmware_shared == ((0x100000, 8), (0x200000, 2))
-    assert options.workload == WorkloadConfig(1.5, 20.0, 99)
-    plain = parse_options(AgentSpec("g2", Path("s"), Path("r"), 64).argv(3))
+    assert guest.efi and guest.incoming and guest.unsafe_kexec_keep_msr
+    assert guest.firmware_shared == ((0x100000, 8), (0x200000, 2))
+    assert guest.workload == WorkloadConfig(1.5, 20.0, 99)
+    plain = parse_options(AgentSpec("g2", Path("s"), Path("r"), 64).argv(3)).guest
     assert not (plain.efi or plain.incoming or plain.unsafe_kexec_keep_msr)
     assert plain.firmware_shared is None and plain.workload == WorkloadConfig()
 

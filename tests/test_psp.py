@@ -65,6 +65,7 @@ def test_private_run_round_trip_between_hosts(pair: Pair, rams: tuple[GuestRam, 
     assert bytes(ciphertext) != plaintext
     pair.b.receive_update_data(dst_handle, dst, 8 * PAGE_SIZE, 16, header, ciphertext)
     # Different VEKs: the raw bytes differ, the guest's view is identical.
+    assert pair.a.guest_key(pair.src_handle) != pair.b.guest_key(dst_handle)
     assert dst.read(8 * PAGE_SIZE, 16) != src.read(8 * PAGE_SIZE, 16)
     assert bytes(pair.dst_key.read_private(dst, 8 * PAGE_SIZE, 16)) == plaintext
     pair.a.send_finish(pair.src_handle)
@@ -73,13 +74,51 @@ def test_private_run_round_trip_between_hosts(pair: Pair, rams: tuple[GuestRam, 
     assert pair.b.guest_state(dst_handle) is GuestState.RUNNING
 
 
-def test_vmsa_round_trip(make_firmware: Callable[..., PspFirmware]) -> None:
-    pair = Pair(make_firmware, TransportMode.BOUND, policy=int(GuestPolicy.ES))
+@pytest.mark.parametrize("mode", [TransportMode.BOUND, TransportMode.SEV_COMPAT], ids=["bound", "sev-compat"])
+def test_vmsa_round_trip(make_firmware: Callable[..., PspFirmware], mode: TransportMode) -> None:
+    pair = Pair(make_firmware, mode, policy=int(GuestPolicy.ES))
     dst_handle = pair.start()
     vmsa = os.urandom(PAGE_SIZE)
     header, ciphertext = pair.a.send_update_vmsa(pair.src_handle, 0, vmsa)
     assert bytes(ciphertext) != vmsa
+    # Tampered header or ciphertext: refused, nothing installed.
+    for bad_header, bad_ciphertext in ((_flip(header, 5 * 8), ciphertext), (header, _flip(ciphertext, 100))):
+        with pytest.raises(FirmwareError) as err:
+            pair.b.receive_update_vmsa(dst_handle, 0, bad_header, bad_ciphertext)
+        assert err.value.status == FirmwareStatus.BAD_MEASUREMENT
+        assert pair.b.guest_vmsa(dst_handle, 0) is None
+    # Negative control: the genuine packet installs the identical save area.
     pair.b.receive_update_vmsa(dst_handle, 0, header, ciphertext)
+    assert pair.b.guest_vmsa(dst_handle, 0) == vmsa
+
+
+@pytest.mark.parametrize("mode", [TransportMode.BOUND, TransportMode.SEV_COMPAT], ids=["bound", "sev-compat"])
+def test_packet_context_is_authenticated_between_data_and_vmsa(
+    make_firmware: Callable[..., PspFirmware], rams: tuple[GuestRam, GuestRam], mode: TransportMode
+) -> None:
+    """The AAD's ctx byte (0x02 data / 0x03 VMSA) is MACed: a packet cannot change its kind."""
+    src, dst = rams
+    pair = Pair(make_firmware, mode, policy=int(GuestPolicy.ES))
+    pair.src_key.write_private(src, 0, _pages(1, 8))
+    dst_handle = pair.start()
+    # One page of guest memory at GPA 0 and vCPU 0's VMSA share address and size: only ctx differs.
+    data_header, data_ct = pair.a.send_update_data(pair.src_handle, src, 0, 1)
+    data_ct = memoryview(bytes(data_ct))
+    with pytest.raises(FirmwareError) as err:
+        pair.b.receive_update_vmsa(dst_handle, 0, data_header, data_ct)
+    assert err.value.status == FirmwareStatus.BAD_MEASUREMENT
+    assert pair.b.guest_vmsa(dst_handle, 0) is None
+    # Negative control, as data: it lands (in bound mode: the failed attempt used no sequence number).
+    pair.b.receive_update_data(dst_handle, dst, 0, 1, data_header, data_ct)
+    assert bytes(pair.dst_key.read_private(dst, 0, 1)) == _pages(1, 8)
+    vmsa = os.urandom(PAGE_SIZE)
+    vmsa_header, vmsa_ct = pair.a.send_update_vmsa(pair.src_handle, 0, vmsa)
+    before = dst.read(0, 1)
+    with pytest.raises(FirmwareError) as err:
+        pair.b.receive_update_data(dst_handle, dst, 0, 1, vmsa_header, vmsa_ct)
+    assert err.value.status == FirmwareStatus.BAD_MEASUREMENT
+    assert dst.read(0, 1) == before
+    pair.b.receive_update_vmsa(dst_handle, 0, vmsa_header, vmsa_ct)  # negative control
     assert pair.b.guest_vmsa(dst_handle, 0) == vmsa
 
 
@@ -126,16 +165,19 @@ def _flip(data: bytes | memoryview, bit: int) -> bytes:
 
 @pytest.mark.parametrize(
     "where,bit",
-    [("header", 0), ("header", 4 * 8 + 3), ("header", 20 * 8 + 7), ("header", 51 * 8), ("ciphertext", 0),
-     ("ciphertext", 4096 * 8 - 1), ("ciphertext", 3 * 4096 * 8 + 1000)],
+    [("header", 0), ("header", 3 * 8 + 7), ("header", 4 * 8 + 3), ("header", 19 * 8 + 7), ("header", 20 * 8 + 7),
+     ("header", 51 * 8), ("ciphertext", 0), ("ciphertext", 4096 * 8 - 1), ("ciphertext", 3 * 4096 * 8 + 1000)],
 )
 def test_tampered_packet_rejected_and_nothing_written(
     pair: Pair, rams: tuple[GuestRam, GuestRam], where: str, bit: int
 ) -> None:
+    """Header bits are the AAD's flags and iv plus the MAC; the sizes are covered below."""
     src, dst = rams
     pair.src_key.write_private(src, 0, _pages(4, 1))
     pair.start()
     header, ciphertext = pair.a.send_update_data(pair.src_handle, src, 0, 4)
+    pair_header, pair_ciphertext = header, memoryview(bytes(ciphertext))
+    dst.write(0, bytes([0xA5]) * (4 * PAGE_SIZE))  # not zeros: a write of any bytes would show
     before = dst.read(0, 4)
     if where == "header":
         header = _flip(header, bit)
@@ -145,6 +187,9 @@ def test_tampered_packet_rejected_and_nothing_written(
         pair.b.receive_update_data(pair.dst_handle, dst, 0, 4, header, ciphertext)
     assert err.value.status in (FirmwareStatus.BAD_MEASUREMENT, FirmwareStatus.INVALID_PARAM)
     assert dst.read(0, 4) == before
+    # Negative control: the untampered packet is accepted afterwards (nothing was consumed).
+    pair.b.receive_update_data(pair.dst_handle, dst, 0, 4, pair_header, pair_ciphertext)
+    assert bytes(pair.dst_key.read_private(dst, 0, 4)) == _pages(4, 1)
 
 
 def test_aad_size_mismatch_rejected(pair: Pair, rams: tuple[GuestRam, GuestRam]) -> None:
@@ -253,6 +298,10 @@ def test_send_start_refuses_nosend_policy(make_firmware: Callable[..., PspFirmwa
         a.send_start(handle, b.pdh_cert_pem)
     assert err.value.status == FirmwareStatus.POLICY_FAILURE
     assert a.guest_state(handle) is GuestState.RUNNING
+    # Negative control: the same hosts migrate a guest whose policy allows it.
+    allowed = a.launch(int(GuestPolicy.NODBG))
+    a.send_start(allowed, b.pdh_cert_pem)
+    assert a.guest_state(allowed) is GuestState.SUPDATE
 
 
 def test_receive_start_detects_policy_mismatch(make_firmware: Callable[..., PspFirmware]) -> None:

@@ -1,0 +1,273 @@
+"""Incoming live migration: the standing listener and one ``IncomingMigration`` per stream.
+
+Per stream: HELLO (refused if the guest name exists, the transport mode differs or the
+protocol version is unknown) → WELCOME with this host's PDH → SESSION → RECEIVE_START →
+SESSION_ACK; then page runs are placed as they arrive (private runs through
+RECEIVE_UPDATE_DATA into the new guest's RAM, shared runs raw, zero runs as holes); the
+final shared-page bitmap and vCPU state; PREPARE → verification (every page received,
+bitmap and vCPU state present, RECEIVE_FINISH) → PREPARED; COMMIT → start the agent with
+the migrated state (it self-checks every page first) → STARTED.
+
+Until COMMIT arrives any failure removes every trace of the partial guest (invariant 5).
+After COMMIT the source has given the guest up, so it is kept here whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import ssl
+import time
+
+from migd import wire
+from migd.abi import PAGE_SHIFT, PAGE_SIZE, GuestPolicy
+from migd.bitmap import PageBitmap
+from migd.errors import MigdError, ProtocolError
+from migd.guest import GuestDefinition, HostGuest
+from migd.host import Host
+from migd.migration_state import MigrationStatus
+from migd.page_runs import PageKind
+from migd.progress import MigrationProgress
+from migd.source import unpack_vmsa
+from migd.stream import FrameProtocol
+
+log = logging.getLogger(__name__)
+S = MigrationStatus
+MiB = 1 << 20
+
+
+class IncomingRefused(MigdError):
+    """This host will not take the guest (name exists, size, mode): sent back as ABORT."""
+
+
+class IncomingMigration:
+    """The destination side of one migration stream."""
+
+    def __init__(
+        self,
+        host: Host,
+        proto: FrameProtocol,
+        peer: str,
+        *,
+        handshake_timeout_s: float = 15.0,
+        idle_timeout_s: float = 120.0,
+        start_timeout_s: float = 120.0,
+    ) -> None:
+        self.host = host
+        self.proto = proto
+        self.peer = peer
+        self.handshake_timeout_s = handshake_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.progress: MigrationProgress | None = None
+        self.guest: HostGuest | None = None
+        self._handle: int | None = None
+        self._received: PageBitmap | None = None
+        self._accepting_pages = False
+        self._bitmap: PageBitmap | None = None
+        self._vcpu_state: bytes | None = None
+        self._committed = False
+
+    async def run(self) -> MigrationProgress | None:
+        """Receive one guest; returns its progress record (None if refused at HELLO)."""
+        try:
+            await self._receive()
+        except asyncio.CancelledError:
+            await self._fail("destination is shutting down")
+            raise
+        except Exception as exc:  # any failure before COMMIT discards the partial guest
+            await self._fail(str(exc) or type(exc).__name__)
+        finally:
+            self.proto.close()
+        return self.progress
+
+    async def _receive(self) -> None:
+        proto, host = self.proto, self.host
+        hello: wire.Hello = await proto.expect(wire.Hello, self.handshake_timeout_s)
+        definition = self._accept(hello)
+        self.progress = progress = MigrationProgress(definition.name, "destination", self.peer, definition.npages)
+        progress.id = hello.migration_id
+        host.migrations[progress.id] = progress
+        proto.write(wire.Welcome(host.firmware.pdh_cert_pem))
+        session: wire.Session = await proto.expect(wire.Session, self.handshake_timeout_s)
+        if session.policy != hello.guest.policy:
+            raise ProtocolError(f"SESSION policy {session.policy:#x} differs from HELLO's {hello.guest.policy:#x}")
+        self._handle = host.firmware.receive_start(session.policy, session.pdh_cert, session.session_blob)
+        self.guest = host.create_incoming(definition, self._handle)
+        await self.guest.prepare_incoming()
+        self._received = PageBitmap(definition.npages)
+        proto.set_page_handler(self._place)
+        self._accepting_pages = True
+        proto.write(wire.SessionAck())
+        progress.phase.advance(S.ACTIVE, time.monotonic())
+        log.info("incoming migration guest=%s from=%s id=%s", definition.name, self.peer, progress.id)
+
+        while True:
+            msg = await proto.receive(self.idle_timeout_s)
+            if isinstance(msg, wire.RoundEnd):
+                progress.rounds = msg.round + 1
+                progress.remaining_pages = msg.dirty_pages
+            elif isinstance(msg, wire.SharedBitmap):
+                self._bitmap = PageBitmap.decode(msg.payload, max_npages=definition.npages)
+                if self._bitmap.npages != definition.npages:
+                    raise ProtocolError(f"bitmap covers {self._bitmap.npages} pages, guest has {definition.npages}")
+            elif isinstance(msg, wire.VcpuState):
+                self._vcpu_state = self._install_vcpu_state(msg)
+            elif isinstance(msg, wire.Prepare):
+                self._prepare(msg)
+                break
+            elif isinstance(msg, wire.Abort):
+                raise IncomingRefused(f"source aborted: {msg.reason}")
+            else:
+                raise ProtocolError(f"unexpected {type(msg).__name__} during page transfer")
+
+        proto.write(wire.Prepared(self._received.count()))
+        await proto.expect(wire.Commit, self.start_timeout_s)
+        self._committed = True
+        progress.phase.commit()
+        assert self.guest is not None and self._vcpu_state is not None
+        await self.guest.start_incoming(self._vcpu_state)
+        proto.write(wire.Started())
+        progress.remaining_pages = 0
+        progress.phase.advance(S.COMPLETED, time.monotonic())
+        report = await self.guest.wait_check(self.start_timeout_s)
+        log.info(
+            "incoming migration completed guest=%s pages_verified=%d errors=%d first_error=%s",
+            definition.name, report.pages_verified, report.errors, report.first_error,
+        )
+
+    def _accept(self, hello: wire.Hello) -> GuestDefinition:
+        if hello.version != wire.PROTOCOL_VERSION:
+            raise IncomingRefused(f"protocol version {hello.version} not supported (this host: {wire.PROTOCOL_VERSION})")
+        mode = self.host.firmware.transport_mode.value
+        if hello.transport_mode != mode:
+            raise IncomingRefused(f"transport mode {hello.transport_mode!r} differs from this host's {mode!r}")
+        spec = hello.guest
+        if (spec.npages * PAGE_SIZE) % MiB:
+            raise IncomingRefused(f"guest size of {spec.npages} pages is not a whole number of MiB")
+        if spec.name in self.host.guests:
+            raise IncomingRefused(f"guest {spec.name} already exists on the destination")
+        return GuestDefinition(spec.name, spec.npages * PAGE_SIZE // MiB, spec.policy, spec.efi,
+                               spec.uefi_live_migration)
+
+    def _place(self, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages) -> None:
+        """Put one run into guest RAM (synchronously: the payload view is only valid now)."""
+        if not self._accepting_pages:
+            raise ProtocolError(f"{msg.TYPE.name} frame outside the page-transfer phase")
+        guest, received, progress = self.guest, self._received, self.progress
+        assert guest is not None and received is not None and progress is not None
+        first = msg.gpa >> PAGE_SHIFT
+        if first + msg.npages > guest.definition.npages:
+            raise ProtocolError(
+                f"run {msg.gpa:#x}+{msg.npages} pages is outside the guest's {guest.definition.npages} pages"
+            )
+        if isinstance(msg, wire.PrivatePages):
+            guest.firmware.receive_update_data(guest.handle, guest.ram, msg.gpa, msg.npages, msg.header, msg.payload)
+            kind, nbytes = PageKind.PRIVATE, len(msg.payload)
+        elif isinstance(msg, wire.SharedPages):
+            guest.ram.write(msg.gpa, msg.payload)
+            kind, nbytes = PageKind.SHARED, len(msg.payload)
+        else:
+            guest.ram.zero(msg.gpa, msg.npages)
+            kind, nbytes = PageKind.ZERO, 0
+        received.set_range(first, msg.npages)
+        progress.count_run(kind, msg.npages, nbytes)
+
+    def _install_vcpu_state(self, msg: wire.VcpuState) -> bytes:
+        guest = self.guest
+        assert guest is not None
+        if msg.vcpu_id != 0:
+            raise ProtocolError(f"vCPU {msg.vcpu_id}: guests have one vCPU")
+        if guest.definition.policy & GuestPolicy.ES:
+            if msg.header is None:
+                raise ProtocolError("an SEV-ES guest's vCPU state must come as a VMSA transport packet")
+            guest.firmware.receive_update_vmsa(guest.handle, 0, msg.header, msg.payload)
+            vmsa = guest.firmware.guest_vmsa(guest.handle, 0)
+            assert vmsa is not None
+            return unpack_vmsa(vmsa)
+        if msg.header is not None:
+            raise ProtocolError("a non-ES guest's vCPU state comes in plaintext")
+        return bytes(msg.payload)
+
+    def _prepare(self, msg: wire.Prepare) -> None:
+        """Verify the guest is complete before telling the source it may commit."""
+        guest, received = self.guest, self._received
+        assert guest is not None and received is not None and self.progress is not None
+        self._accepting_pages = False
+        missing = guest.definition.npages - received.count()
+        if missing:
+            raise ProtocolError(f"PREPARE with {missing} pages never received")
+        if self._bitmap is None:
+            raise ProtocolError("PREPARE before the shared-page bitmap")
+        if self._vcpu_state is None:
+            raise ProtocolError("PREPARE before the vCPU state")
+        guest.firmware.receive_finish(guest.handle)
+        guest.vm.shared_bitmap = self._bitmap
+        self.progress.shared_bitmap_sha256 = hashlib.sha256(self._bitmap.to_bytes()).hexdigest()
+        self.progress.phase.advance(S.STOP_COPY, time.monotonic())
+
+    async def _fail(self, reason: str) -> None:
+        log.warning("incoming migration from=%s failed: %s", self.peer, reason)
+        if self.proto.close_reason is None:
+            try:
+                self.proto.write(wire.Abort(reason))
+            except MigdError:
+                pass
+        progress = self.progress
+        if self._committed:
+            # The source has committed: the guest is ours now; keep it for the operator.
+            if progress is not None:
+                progress.phase.error = f"guest kept after commit: {reason}"
+                if not progress.status.finished:
+                    progress.phase.advance(S.COMPLETED, time.monotonic())
+            return
+        if self.guest is not None:
+            await self.host.discard(self.guest.name)
+        elif self._handle is not None:
+            try:
+                self.host.firmware.decommission(self._handle)
+            except MigdError:
+                pass
+        if progress is not None and not progress.status.finished:
+            progress.phase.advance(S.FAILED, time.monotonic(), error=reason)
+
+
+class MigrationListener:
+    """The standing listener for incoming migrations (TCP, optionally mutual TLS)."""
+
+    def __init__(self, host: Host, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.host = host
+        self._ssl = ssl_context
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[MigrationProgress | None]] = set()
+
+    async def start(self, address: str, port: int) -> int:
+        """Listen; returns the bound port (pass 0 for a free one)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._connection, address, port, ssl=self._ssl)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _connection(self) -> FrameProtocol:
+        proto = FrameProtocol()
+        loop = asyncio.get_running_loop()
+
+        async def serve() -> MigrationProgress | None:
+            await proto.connected.wait()
+            peer = proto.peer or "unknown"
+            return await IncomingMigration(self.host, proto, peer).run()
+
+        task = loop.create_task(serve())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return proto
+
+    async def close(self) -> None:
+        """Stop listening and end every incoming migration still before its commit."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

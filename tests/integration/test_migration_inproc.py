@@ -1,0 +1,132 @@
+"""Engine tests with source and destination engines in one event loop (modes, TLS, refusals)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from migd import identity
+from migd.abi import GuestPolicy
+from migd.channel import CheckReport
+from migd.dest import MigrationListener
+from migd.guest import GuestDefinition, GuestState
+from migd.migration_state import MigrationStatus
+from migd.pki_verify import tls_client_context, tls_server_context
+from migd.progress import MigrationProgress
+from migd.sev_transport import TransportMode
+from migd.source import OutgoingMigration
+
+from .hosts import closing, make_host, running_guest
+
+
+def test_running_guest_migrates(tmp_path: Path) -> None:
+    async def main() -> None:
+        a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")
+        listener = MigrationListener(b)
+        port = await listener.start("127.0.0.1", 0)
+        async with closing(a, b):
+            guest = await running_guest(a)
+            migration = OutgoingMigration(guest, "127.0.0.1", port)
+            progress = await asyncio.wait_for(migration.run(), 60)
+            assert progress.status is MigrationStatus.COMPLETED, progress.phase.error
+            assert guest.state is GuestState.MIGRATED
+            arrived = b.get("g1")
+            assert arrived.state is GuestState.RUNNING
+            check = await arrived.wait_check(60)
+            assert check.errors == 0, check
+            assert check.pages_verified == arrived.definition.npages
+            (incoming,) = b.migrations.values()
+            assert incoming.shared_bitmap_sha256 == progress.shared_bitmap_sha256
+            await listener.close()
+
+    asyncio.run(main())
+
+
+def _migrate(tmp_path: Path, *, mode: TransportMode = TransportMode.BOUND, policy: int = 0, tls: bool = False,
+             client_ca: str = "ca") -> tuple[MigrationProgress, CheckReport | None, str | None]:
+    async def main() -> tuple[MigrationProgress, CheckReport | None, str | None]:
+        a, b = make_host(tmp_path, "hostA", mode), make_host(tmp_path, "hostB", mode)
+        server_ctx = client_ctx = None
+        if tls:
+            b_dir, a_dir = tmp_path / "hostB", tmp_path / client_ca / "hostA"
+            if client_ca != "ca":  # a client whose TLS certificate comes from another CA
+                identity.init_host(a_dir, tmp_path / client_ca, common_name="hostA")
+            else:
+                a_dir = tmp_path / "hostA"
+            server_ctx = tls_server_context(tmp_path / "ca" / "ca.pem", b_dir / "host.pem", b_dir / "host.key")
+            client_ctx = tls_client_context(tmp_path / "ca" / "ca.pem", a_dir / "host.pem", a_dir / "host.key")
+        listener = MigrationListener(b, ssl_context=server_ctx)
+        port = await listener.start("127.0.0.1", 0)
+        async with closing(a, b):
+            guest = await running_guest(a, policy=policy)
+            progress = await asyncio.wait_for(
+                OutgoingMigration(guest, "localhost" if tls else "127.0.0.1", port, ssl_context=client_ctx).run(), 60
+            )
+            check = None
+            if progress.status is MigrationStatus.COMPLETED:
+                check = await b.get("g1").wait_check(60)
+            else:
+                assert guest.state is GuestState.RUNNING and (await guest.check()).errors == 0
+                assert b.guests == {} and list((tmp_path / "hostB" / "guests").iterdir()) == []
+            await listener.close()
+            return progress, check, progress.phase.error
+
+    return asyncio.run(main())
+
+
+def test_sev_es_guest_sends_its_vcpu_state_as_vmsa(tmp_path: Path) -> None:
+    progress, check, error = _migrate(tmp_path, policy=int(GuestPolicy.ES))
+    assert progress.status is MigrationStatus.COMPLETED, error
+    assert check is not None and check.errors == 0
+
+
+def test_sev_compat_transport_migrates(tmp_path: Path) -> None:
+    progress, check, error = _migrate(tmp_path, mode=TransportMode.SEV_COMPAT)
+    assert progress.status is MigrationStatus.COMPLETED, error
+    assert check is not None and check.errors == 0
+
+
+def test_mutual_tls_stream(tmp_path: Path) -> None:
+    progress, check, error = _migrate(tmp_path, tls=True)
+    assert progress.status is MigrationStatus.COMPLETED, error
+    assert check is not None and check.errors == 0
+
+
+def test_mutual_tls_refuses_a_client_from_another_ca(tmp_path: Path) -> None:
+    progress, _, error = _migrate(tmp_path, tls=True, client_ca="rogue-ca")
+    assert progress.status is MigrationStatus.FAILED
+    assert "mutual TLS" in (error or "")
+
+
+def test_transport_mode_mismatch_is_refused(tmp_path: Path) -> None:
+    async def main() -> str | None:
+        a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB", TransportMode.SEV_COMPAT)
+        listener = MigrationListener(b)
+        port = await listener.start("127.0.0.1", 0)
+        async with closing(a, b):
+            guest = await running_guest(a)
+            progress = await OutgoingMigration(guest, "127.0.0.1", port).run()
+            assert progress.status is MigrationStatus.FAILED
+            assert guest.state is GuestState.RUNNING
+            await listener.close()
+            return progress.phase.error
+
+    assert "transport mode" in (asyncio.run(main()) or "")
+
+
+def test_destination_refuses_an_existing_guest_name(tmp_path: Path) -> None:
+    async def main() -> None:
+        a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")
+        b.create_guest(GuestDefinition("g1", 16))  # the name is taken there
+        listener = MigrationListener(b)
+        port = await listener.start("127.0.0.1", 0)
+        async with closing(a, b):
+            guest = await running_guest(a)
+            progress = await OutgoingMigration(guest, "127.0.0.1", port).run()
+            assert progress.status is MigrationStatus.FAILED
+            assert "already exists on the destination" in (progress.phase.error or "")
+            assert guest.state is GuestState.RUNNING and (await guest.check()).errors == 0
+            assert b.get("g1").state is GuestState.DEFINED  # untouched
+            await listener.close()
+
+    asyncio.run(main())
