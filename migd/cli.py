@@ -20,12 +20,23 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from migd.config import load_config
+    from migd.serve import serve
+
+    return serve(load_config(args.config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``migd`` subcommand."""
     parser = argparse.ArgumentParser(prog="migd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"migd {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the daemon in the foreground (systemd Type=notify)")
+    serve.add_argument("--config", required=True, help="TOML config file (see config/migd.toml)")
+    serve.set_defaults(func=_cmd_serve)
 
     keys = sub.add_parser("keys", help="host identity (PDH and TLS keys)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

@@ -150,6 +150,11 @@ class OutgoingMigration:
         self._task = asyncio.get_running_loop().create_task(self.run(), name=f"migrate-{self.guest.name}")
         return self._task
 
+    @property
+    def task(self) -> asyncio.Task[MigrationProgress] | None:
+        """The task running this migration, once started."""
+        return self._task
+
     def cancel(self) -> bool:
         """Cancel before the commit; False if it is too late (committed or finished)."""
         if not self.progress.phase.can_cancel or self._task is None:

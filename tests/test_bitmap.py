@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from bitmap_model import bit_lists, from_model, model_packed, model_runs, sizes
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from bitmap_model import bit_lists, from_model, model_packed, model_runs, sizes
 from migd.abi import PAGE_SIZE
 from migd.bitmap import BitmapSizeError, Extent, PageBitmap
 from migd.errors import GuestMemoryError

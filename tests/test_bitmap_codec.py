@@ -9,10 +9,10 @@ import zlib
 
 import numpy as np
 import pytest
+from bitmap_model import bit_lists, from_model, model_packed, model_runs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitmap_model import bit_lists, from_model, model_packed, model_runs
 from migd import bitmap as bitmap_module
 from migd.bitmap import Extent, PageBitmap
 from migd.bitmap_codec import (

@@ -88,9 +88,14 @@ async def assert_source_guest_runs_clean(guest: HostGuest) -> None:
     assert report.pages_verified == guest.definition.npages
 
 
-async def assert_no_trace_on_destination(dest: DestProcess) -> None:
-    assert (await dest.call("guests"))["guests"] == []
-    assert (await dest.call("dirs"))["dirs"] == []
+async def assert_no_trace_on_destination(dest: DestProcess, timeout: float = 15.0) -> None:
+    """The destination drops a failed incoming guest once it sees the abort (bounded wait)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            guests, dirs = (await dest.call("guests"))["guests"], (await dest.call("dirs"))["dirs"]
+            if guests == [] and dirs == []:
+                return
+            await asyncio.sleep(0.1)
 
 
 def on_status(migration: OutgoingMigration, status: MigrationStatus, action: Callable[[], None]) -> None:
@@ -285,5 +290,44 @@ def test_guest_dirtying_faster_than_the_link(tmp_path: Path, auto_converge: bool
                 assert "did not converge" in (progress.phase.error or "")
                 await assert_source_guest_runs_clean(guest)
                 await assert_no_trace_on_destination(dest)
+
+    run(main)
+
+
+def test_force_switchover_past_the_converge_timeout(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with pair(tmp_path) as (source, dest):
+            guest = await running_guest(source, memory_mib=64,
+                                        workload=WorkloadConfig(dirty_rate_mib_s=24, convert_rate_hz=5, seed=4))
+            params = MigrationParams(max_bandwidth_mib_s=12, downtime_limit_ms=50, converge_timeout_s=3,
+                                     auto_converge=False, force_switchover=True)
+            progress = await OutgoingMigration(guest, "127.0.0.1", dest.port, params).run()
+            assert progress.status is S.COMPLETED, progress.phase.error
+            assert progress.throttle_percent == 0
+            assert (await dest.call("wait_check", name="g1"))["errors"] == 0
+
+    run(main)
+
+
+def test_blackout_past_its_bound_fails_cleanly(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with pair(tmp_path) as (source, dest):
+            guest = await running_guest(source, memory_mib=64)
+            assert guest.channel is not None
+            channel = guest.channel
+            migration = OutgoingMigration(guest, "127.0.0.1", dest.port,
+                                          MigrationParams(max_bandwidth_mib_s=32, blackout_timeout_s=1.5))
+            on_status(migration, S.ACTIVE, lambda: asyncio.ensure_future(channel.kexec(hold_in_window=True)))
+            progress = await asyncio.wait_for(migration.start(), 60)
+            assert progress.status is S.FAILED
+            assert "did not re-enable migration" in (progress.phase.error or "")
+            assert S.BLACKOUT in progress.phase.entered_at
+            await assert_no_trace_on_destination(dest)
+            # The guest is still in its kexec window: let it finish booting, then it is intact.
+            await channel.resume()
+            async with asyncio.timeout(20):
+                while not guest.vm.migration_ready:
+                    await asyncio.sleep(0.02)
+            await assert_source_guest_runs_clean(guest)
 
     run(main)

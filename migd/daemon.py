@@ -1,0 +1,200 @@
+"""The daemon core: one host's firmware, guests, migration listener and outgoing migrations.
+
+REST handlers (:mod:`migd.api`) and ``migd serve`` call the operations here; each raises a
+precise error the API maps to a status code: bad input → ``ConfigError`` (400), unknown
+names → ``UnknownGuest``/``UnknownMigration`` (404), wrong state → ``GuestExists``,
+``GuestStateError``, ``MigrationRefused``, ``CannotCancel`` (409).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from migd import identity
+from migd.agent_launcher import DEFAULT_COMMAND
+from migd.config import Config, parse_address
+from migd.dest import MigrationListener
+from migd.errors import ConfigError, MigdError
+from migd.guest import GuestDefinition, GuestState, GuestStateError, HostGuest
+from migd.host import Host
+from migd.pki_verify import tls_client_context, tls_server_context
+from migd.progress import MigrationProgress
+from migd.psp import PspFirmware
+from migd.source import MigrationParams, MigrationRefused, OutgoingMigration
+from migd.workload import WorkloadConfig
+
+log = logging.getLogger(__name__)
+
+
+class UnknownMigration(MigdError):
+    """No migration with that id on this host (REST 404)."""
+
+
+class CannotCancel(MigdError):
+    """The migration has committed or finished (REST 409)."""
+
+
+def runtime_dir_for(config: Config) -> Path:
+    """systemd's RuntimeDirectory= (``$RUNTIME_DIRECTORY``), else a private temporary directory.
+
+    Unix socket paths are limited to 108 bytes, so they do not go under a deep state_dir.
+    """
+    env = os.environ.get("RUNTIME_DIRECTORY")
+    if env:
+        return Path(env.split(":")[0])
+    return Path(tempfile.mkdtemp(prefix="migd-run-"))
+
+
+class Daemon:
+    """Everything ``migd serve`` runs, minus the HTTP server."""
+
+    def __init__(self, config: Config, *, agent_command: Sequence[str] = DEFAULT_COMMAND) -> None:
+        self.config = config
+        self.agent_command = tuple(agent_command)
+        anchors = identity.load_trust_anchors(config.trusted_roots)
+        self.firmware = PspFirmware(config.state_dir, anchors, transport_mode=config.transport)
+        self.host = Host(config.state_dir, self.firmware, runtime_dir=runtime_dir_for(config),
+                         agent_command=self.agent_command)
+        self.outgoing: dict[str, OutgoingMigration] = {}
+        self._server_tls = self._client_tls = None
+        if config.tls is not None:
+            t = config.tls
+            self._server_tls = tls_server_context(t.ca, t.cert, t.key)
+            self._client_tls = tls_client_context(t.ca, t.cert, t.key)
+        self.listener = MigrationListener(self.host, ssl_context=self._server_tls)
+        self.migration_port: int | None = None
+        self.accepting = True
+
+    # ------------------------------------------------------------------ lifetime
+
+    async def start(self) -> None:
+        """Start the migration listener."""
+        addr = self.config.migration_listen
+        self.migration_port = await self.listener.start(addr.host, addr.port)
+        log.info("migration listener on %s:%d", addr.host, self.migration_port)
+
+    async def shutdown(self) -> None:
+        """Stop taking work; cancel migrations that have not committed, let committed ones finish."""
+        self.accepting = False
+        await self.listener.close()
+        tasks = []
+        for migration in self.outgoing.values():
+            task = migration.task
+            if task is not None and not task.done():
+                migration.cancel()  # refused once committed: then the task finishes the hand-off
+                tasks.append(task)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.host.close()
+
+    # ------------------------------------------------------------------ guests
+
+    def _require_accepting(self) -> None:
+        if not self.accepting:
+            raise GuestStateError("the daemon is shutting down")
+
+    def create_guest(self, definition: GuestDefinition) -> HostGuest:
+        """Define a guest (RAM file and firmware launch)."""
+        self._require_accepting()
+        return self.host.create_guest(definition)
+
+    def guest(self, name: str) -> HostGuest:
+        """The named guest (UnknownGuest otherwise)."""
+        return self.host.get(name)
+
+    def _not_migrating(self, guest: HostGuest) -> None:
+        for migration in self.outgoing.values():
+            if migration.guest is guest and not migration.progress.status.finished:
+                raise GuestStateError(f"guest {guest.name} is migrating (migration {migration.progress.id})")
+
+    async def start_guest(self, name: str, workload: WorkloadConfig | None = None) -> HostGuest:
+        """Launch the guest agent and wait for its boot."""
+        self._require_accepting()
+        guest = self.guest(name)
+        await guest.start(workload)
+        return guest
+
+    async def stop_guest(self, name: str) -> HostGuest:
+        guest = self.guest(name)
+        self._not_migrating(guest)
+        await guest.stop()
+        return guest
+
+    async def reboot_guest(self, name: str) -> HostGuest:
+        guest = self.guest(name)
+        self._not_migrating(guest)
+        await guest.reboot()
+        return guest
+
+    async def kexec_guest(self, name: str) -> HostGuest:
+        guest = self.guest(name)
+        self._not_migrating(guest)
+        await guest.kexec()
+        return guest
+
+    async def delete_guest(self, name: str) -> None:
+        guest = self.guest(name)
+        self._not_migrating(guest)
+        await self.host.delete(name)
+
+    # ------------------------------------------------------------------ migrations
+
+    def migrate(
+        self, name: str, destination: str, *, downtime_limit_ms: float | None = None,
+        max_bandwidth_mib_s: float | None = None,
+    ) -> MigrationProgress:
+        """Start an outgoing migration; returns its progress record at once (REST 202)."""
+        self._require_accepting()
+        guest = self.guest(name)
+        self._not_migrating(guest)
+        address = parse_address(destination, "destination")
+        if address.port == 0:
+            raise ConfigError(f"destination: port must be 1..65535, got {destination!r}")
+        try:
+            params = MigrationParams(
+                downtime_limit_ms=self.config.downtime_limit_ms if downtime_limit_ms is None else downtime_limit_ms,
+                max_bandwidth_mib_s=(
+                    self.config.max_bandwidth_mib_s if max_bandwidth_mib_s is None else max_bandwidth_mib_s
+                ),
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        migration = OutgoingMigration(guest, address.host, address.port, params, ssl_context=self._client_tls)
+        migration.start()  # raises MigrationRefused (409) with the reason
+        self.outgoing[migration.progress.id] = migration
+        self.host.migrations[migration.progress.id] = migration.progress
+        return migration.progress
+
+    def migrations(self) -> list[MigrationProgress]:
+        """Every migration this host knows, oldest first."""
+        return list(self.host.migrations.values())
+
+    def migration(self, migration_id: str) -> MigrationProgress:
+        try:
+            return self.host.migrations[migration_id]
+        except KeyError:
+            raise UnknownMigration(f"no migration with id {migration_id!r} on this host") from None
+
+    def cancel_migration(self, migration_id: str) -> MigrationProgress:
+        """Cancel an outgoing migration before its commit."""
+        progress = self.migration(migration_id)
+        migration = self.outgoing.get(migration_id)
+        if migration is None:
+            raise CannotCancel(f"migration {migration_id} is incoming here; cancel it on its source host")
+        if not migration.cancel():
+            raise CannotCancel(f"migration {migration_id} is {progress.status.value}"
+                               f"{' and committed' if progress.phase.committed else ''}: too late to cancel")
+        return progress
+
+    def active_migrations(self) -> list[MigrationProgress]:
+        return [m for m in self.host.migrations.values() if not m.status.finished]
+
+
+__all__ = [
+    "CannotCancel", "Daemon", "GuestState", "MigrationRefused", "UnknownMigration", "runtime_dir_for",
+]

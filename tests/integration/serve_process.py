@@ -1,0 +1,155 @@
+"""Real ``migd serve`` processes for integration tests: config, keys, token, free ports.
+
+    daemon = ServeProcess.start(tmp_path, "hostA")     # waits for /v1/health
+    status, body = daemon.request("POST", "/v1/guests", {"name": "g1", "memory_mib": 16})
+    daemon.stop()                                        # SIGTERM, bounded wait, then SIGKILL
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from migd import identity
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(root: Path, name: str, *, api_port: int, migration_port: int, tls: bool = False,
+                 transport: str = "bound", extra: str = "") -> Path:
+    """Identity (under the shared CA root/ca), token and a config file for host ``name``."""
+    state = root / name
+    identity.init_host(state, root / "ca", common_name=name)
+    token_file = state / "api.token"
+    if not token_file.exists():
+        token_file.write_text(secrets.token_hex(16) + "\n")
+        token_file.chmod(0o600)
+    tls_table = ""
+    if tls:
+        tls_table = f'[tls]\nca = "{root / "ca" / "ca.pem"}"\ncert = "{state / "host.pem"}"\nkey = "{state / "host.key"}"\n'
+    config = state / "migd.toml"
+    config.write_text(
+        f'state_dir = "{state}"\n'
+        f'[api]\nlisten = "127.0.0.1:{api_port}"\ntoken_file = "{token_file}"\n'
+        f'[migration]\nlisten = "127.0.0.1:{migration_port}"\ndowntime_limit_ms = 300\n'
+        f"{tls_table}"
+        f'[sev]\ntrusted_roots = ["{root / "ca" / "ca.pem"}"]\ntransport = "{transport}"\n'
+        f"{extra}"
+    )
+    return config
+
+
+class ServeProcess:
+    """One ``migd serve`` child process."""
+
+    def __init__(self, root: Path, name: str, proc: subprocess.Popen[bytes], config: Path,
+                 api_port: int, migration_port: int, log_path: Path) -> None:
+        self.root, self.name, self.proc, self.config = root, name, proc, config
+        self.api_port, self.migration_port = api_port, migration_port
+        self.log_path = log_path
+        self.token = (root / name / "api.token").read_text().strip()
+
+    @classmethod
+    def start(cls, root: Path, name: str, *, env: dict[str, str] | None = None, wait: bool = True,
+              api_port: int | None = None, migration_port: int | None = None, **config_kw: Any) -> ServeProcess:
+        api_port = api_port or free_port()
+        migration_port = migration_port or free_port()
+        config = write_config(root, name, api_port=api_port, migration_port=migration_port, **config_kw)
+        runtime = Path(tempfile.mkdtemp(prefix=f"migd-{name}-"))
+        log_path = root / f"{name}.log"
+        environment = {**os.environ, "RUNTIME_DIRECTORY": str(runtime), **(env or {})}
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "migd", "serve", "--config", str(config)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=environment,
+            )
+        daemon = cls(root, name, proc, config, api_port, migration_port, log_path)
+        if wait:
+            daemon.wait_healthy()
+        return daemon
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def destination(self) -> str:
+        return f"127.0.0.1:{self.migration_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"migd serve {self.name} exited {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError):
+                if self.request("GET", "/v1/health", auth=False)[0] == 200:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"migd serve {self.name} not healthy after {timeout} s:\n{self.log()}")
+
+    def request(self, method: str, path: str, body: Any = None, *, auth: bool = True,
+                token: str | None = None, timeout: float = 60.0) -> tuple[int, Any]:
+        """One HTTP request; returns (status, decoded JSON or text or None)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.api_port, timeout=timeout)
+        headers = {"Content-Type": "application/json"}
+        if auth:
+            headers["Authorization"] = f"Bearer {token if token is not None else self.token}"
+        try:
+            conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        if not data:
+            return resp.status, None
+        if resp.getheader("Content-Type", "").startswith("application/json"):
+            return resp.status, json.loads(data)
+        return resp.status, data.decode()
+
+    def wait_for(self, method: str, path: str, predicate: Any, timeout: float = 60.0) -> Any:
+        """Poll a GET until ``predicate(body)`` holds; returns that body."""
+        deadline = time.monotonic() + timeout
+        body = None
+        while time.monotonic() < deadline:
+            status, body = self.request(method, path)
+            if status == 200 and predicate(body):
+                return body
+            time.sleep(0.1)
+        raise TimeoutError(f"{path} never satisfied the condition; last body: {body}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait (bounded); SIGKILL past the bound. Returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
