@@ -260,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dirty-rate-mib-s", type=float, default=0.0)
     parser.add_argument("--convert-rate-hz", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--populate-fraction", type=float, default=0.0,
+                        help="share of the data area written once after the first boot")
+    parser.add_argument("--shared-fraction", type=float, default=0.0,
+                        help="share of the populated pages made shared (bounce buffers)")
     parser.add_argument("--unsafe-kexec-keep-msr", action="store_true",
                         help="do not clear the migration-control MSR before kexec (reproduces the seed race)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -275,7 +279,8 @@ def parse_options(argv: Sequence[str]) -> AgentOptions:
         efi=args.efi,
         incoming=args.incoming,
         firmware_shared=tuple(args.firmware_shared) if args.firmware_shared else None,
-        workload=WorkloadConfig(args.dirty_rate_mib_s, args.convert_rate_hz, args.seed),
+        workload=WorkloadConfig(args.dirty_rate_mib_s, args.convert_rate_hz, args.seed,
+                                args.populate_fraction, args.shared_fraction),
         unsafe_kexec_keep_msr=args.unsafe_kexec_keep_msr,
     )
     return AgentOptions(args.socket, args.ram, args.key_fd, guest, args.verbose)

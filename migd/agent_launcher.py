@@ -59,6 +59,8 @@ class AgentSpec:
             "--dirty-rate-mib-s", repr(float(self.workload.dirty_rate_mib_s)),
             "--convert-rate-hz", repr(float(self.workload.convert_rate_hz)),
             "--seed", str(self.workload.seed),
+            "--populate-fraction", repr(float(self.workload.populate_fraction)),
+            "--shared-fraction", repr(float(self.workload.shared_fraction)),
         ]
         if self.efi:
             args.append("--efi")

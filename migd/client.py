@@ -7,16 +7,16 @@
 Every call returns the decoded JSON answer or raises :class:`ApiError` carrying the daemon's
 status code and reason; a daemon that cannot be reached raises :class:`ApiUnreachable`.
 :func:`resolve_settings` finds the API address and token the way the ``migd`` CLI does
-(command line, then environment, then the daemon's own config file).
+(command-line options and ``--config`` first, then the environment, then the default config).
 """
 
 from __future__ import annotations
 
-import asyncio
+import enum
 import json
 import os
 import tomllib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -33,6 +33,15 @@ from migd.errors import ConfigError, MigdError
 _WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 #: Migration statuses after which nothing changes any more (DESIGN.md §7).
 FINISHED_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+
+class Omit(enum.Enum):
+    """Marks an optional body field that is left out (which differs from sending JSON null)."""
+
+    OMIT = "omit"
+
+
+OMIT = Omit.OMIT
 
 
 class ApiError(MigdError):
@@ -257,15 +266,19 @@ class MigdClient:
 
     async def create_guest(
         self, name: str, memory_mib: int, *, policy: int | None = None, efi: bool | None = None,
-        uefi_live_migration: bool | None = None,
+        uefi_live_migration: bool | None | Omit = OMIT,
     ) -> dict[str, Any]:
-        """Define a guest (201); optional fields are sent only when given."""
+        """Define a guest (201); optional fields are sent only when given.
+
+        ``uefi_live_migration`` is the UEFI variable SevLiveMigrationEnabled an EFI guest sees:
+        True/False, None for "variable absent", OMIT for the daemon's default (true).
+        """
         body: dict[str, Any] = {"name": name, "memory_mib": memory_mib}
         if policy is not None:
             body["policy"] = policy
         if efi is not None:
             body["efi"] = efi
-        if uefi_live_migration is not None:
+        if uefi_live_migration is not OMIT:
             body["uefi_live_migration"] = uefi_live_migration
         return await self.request("POST", "/v1/guests", body)
 
@@ -309,11 +322,3 @@ class MigdClient:
         """``GET /metrics`` (Prometheus text)."""
         return await self.request("GET", "/metrics")
 
-    async def follow(self, migration_id: str, *, interval_s: float = 0.2) -> AsyncIterator[dict[str, Any]]:
-        """Poll a migration every ``interval_s``; yields each state, the last one finished."""
-        while True:
-            migration = await self.migration(migration_id)
-            yield migration
-            if migration["status"] in FINISHED_STATUSES:
-                return
-            await asyncio.sleep(interval_s)

@@ -9,10 +9,11 @@ names → ``UnknownGuest``/``UnknownMigration`` (404), wrong state → ``GuestEx
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from migd import identity
@@ -22,9 +23,11 @@ from migd.dest import MigrationListener
 from migd.errors import ConfigError, MigdError
 from migd.guest import GuestDefinition, GuestState, GuestStateError, HostGuest
 from migd.host import Host
+from migd.journal import Journal
 from migd.pki_verify import tls_client_context, tls_server_context
 from migd.progress import MigrationProgress
 from migd.psp import PspFirmware
+from migd.recovery import RecoveryReport, recover
 from migd.source import MigrationParams, MigrationRefused, OutgoingMigration
 from migd.workload import WorkloadConfig
 
@@ -50,6 +53,17 @@ def runtime_dir_for(config: Config) -> Path:
     return Path(tempfile.mkdtemp(prefix="migd-run-"))
 
 
+def guests_dir_for(config: Config) -> Path:
+    """Where guest RAM files live: under ``$RUNTIME_DIRECTORY`` (tmpfs ``/run/migd`` under
+    systemd, kept across restarts by RuntimeDirectoryPreserve=), else ``state_dir/guests``.
+
+    Guest RAM belongs in memory, as a VMM's memfd or hugetlbfs backing does: on a disk file
+    system every migrated gigabyte also becomes dirty page cache to write back.
+    """
+    env = os.environ.get("RUNTIME_DIRECTORY")
+    return Path(env.split(":")[0]) / "guests" if env else config.state_dir / "guests"
+
+
 class Daemon:
     """Everything ``migd serve`` runs, minus the HTTP server."""
 
@@ -58,8 +72,11 @@ class Daemon:
         self.agent_command = tuple(agent_command)
         anchors = identity.load_trust_anchors(config.trusted_roots)
         self.firmware = PspFirmware(config.state_dir, anchors, transport_mode=config.transport)
+        self.journal = Journal.open(config.state_dir)
         self.host = Host(config.state_dir, self.firmware, runtime_dir=runtime_dir_for(config),
-                         agent_command=self.agent_command)
+                         agent_command=self.agent_command, journal=self.journal,
+                         guests_dir=guests_dir_for(config))
+        self.recovery: RecoveryReport | None = None
         self.outgoing: dict[str, OutgoingMigration] = {}
         self._server_tls = self._client_tls = None
         if config.tls is not None:
@@ -73,7 +90,8 @@ class Daemon:
     # ------------------------------------------------------------------ lifetime
 
     async def start(self) -> None:
-        """Start the migration listener."""
+        """Reload guests and migrations from the journal (restart recovery), then start the listener."""
+        self.recovery = await recover(self.host, self.journal)
         addr = self.config.migration_listen
         self.migration_port = await self.listener.start(addr.host, addr.port)
         log.info("migration listener on %s:%d", addr.host, self.migration_port)
@@ -91,6 +109,7 @@ class Daemon:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self.host.close()
+        self.journal.close()
 
     # ------------------------------------------------------------------ guests
 
@@ -112,35 +131,43 @@ class Daemon:
             if migration.guest is guest and not migration.progress.status.finished:
                 raise GuestStateError(f"guest {guest.name} is migrating (migration {migration.progress.id})")
 
+    @contextlib.asynccontextmanager
+    async def _operating(self, name: str) -> AsyncIterator[HostGuest]:
+        """One lifecycle operation at a time per guest; a second one gets a 409 at once."""
+        guest = self.guest(name)
+        if guest.busy.locked():
+            raise GuestStateError(f"guest {name} is busy with another operation; try again")
+        async with guest.busy:
+            self._not_migrating(guest)
+            yield guest
+
     async def start_guest(self, name: str, workload: WorkloadConfig | None = None) -> HostGuest:
         """Launch the guest agent and wait for its boot."""
         self._require_accepting()
-        guest = self.guest(name)
-        await guest.start(workload)
+        async with self._operating(name) as guest:
+            await guest.start(workload)
+            self.host.journal_guest(guest)
         return guest
 
     async def stop_guest(self, name: str) -> HostGuest:
-        guest = self.guest(name)
-        self._not_migrating(guest)
-        await guest.stop()
+        async with self._operating(name) as guest:
+            await guest.stop()
+            self.host.journal_guest(guest)
         return guest
 
     async def reboot_guest(self, name: str) -> HostGuest:
-        guest = self.guest(name)
-        self._not_migrating(guest)
-        await guest.reboot()
+        async with self._operating(name) as guest:
+            await guest.reboot()
         return guest
 
     async def kexec_guest(self, name: str) -> HostGuest:
-        guest = self.guest(name)
-        self._not_migrating(guest)
-        await guest.kexec()
+        async with self._operating(name) as guest:
+            await guest.kexec()
         return guest
 
     async def delete_guest(self, name: str) -> None:
-        guest = self.guest(name)
-        self._not_migrating(guest)
-        await self.host.delete(name)
+        async with self._operating(name):
+            await self.host.delete(name)
 
     # ------------------------------------------------------------------ migrations
 
@@ -151,6 +178,8 @@ class Daemon:
         """Start an outgoing migration; returns its progress record at once (REST 202)."""
         self._require_accepting()
         guest = self.guest(name)
+        if guest.busy.locked():
+            raise GuestStateError(f"guest {name} is busy with another operation; try again")
         self._not_migrating(guest)
         address = parse_address(destination, "destination")
         if address.port == 0:
@@ -164,10 +193,15 @@ class Daemon:
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        migration = OutgoingMigration(guest, address.host, address.port, params, ssl_context=self._client_tls)
-        migration.start()  # raises MigrationRefused (409) with the reason
+        # on_commit: the journal's commit record, durable before COMMIT goes out; if it cannot be
+        # written the migration rolls back and the guest runs on here.
+        migration = OutgoingMigration(guest, address.host, address.port, params, ssl_context=self._client_tls,
+                                      on_commit=self.journal.record_commit)
+        task = migration.start()  # raises MigrationRefused (409) with the reason
         self.outgoing[migration.progress.id] = migration
-        self.host.migrations[migration.progress.id] = migration.progress
+        self.host.add_migration(migration.progress)
+        # After the task: the guest's final state (mark_migrated runs after the last transition).
+        task.add_done_callback(lambda _: self.host.journal_guest(guest))
         return migration.progress
 
     def migrations(self) -> list[MigrationProgress]:

@@ -68,6 +68,7 @@ class IncomingMigration:
         self._bitmap: PageBitmap | None = None
         self._vcpu_state: bytes | None = None
         self._committed = False
+        self._agent_ready: asyncio.Future[None] | None = None
 
     async def run(self) -> MigrationProgress | None:
         """Receive one guest; returns its progress record (None if refused at HELLO)."""
@@ -88,14 +89,15 @@ class IncomingMigration:
         definition = self._accept(hello)
         self.progress = progress = MigrationProgress(definition.name, "destination", self.peer, definition.npages)
         progress.id = hello.migration_id
-        host.migrations[progress.id] = progress
+        host.add_migration(progress)
         proto.write(wire.Welcome(host.firmware.pdh_cert_pem))
         session: wire.Session = await proto.expect(wire.Session, self.handshake_timeout_s)
         if session.policy != hello.guest.policy:
             raise ProtocolError(f"SESSION policy {session.policy:#x} differs from HELLO's {hello.guest.policy:#x}")
         self._handle = host.firmware.receive_start(session.policy, session.pdh_cert, session.session_blob)
         self.guest = host.create_incoming(definition, self._handle)
-        await self.guest.prepare_incoming()
+        # The agent starts (QEMU's -incoming) while pages stream in; it must be up by COMMIT.
+        self._agent_ready = asyncio.ensure_future(self.guest.prepare_incoming())
         self._received = PageBitmap(definition.npages)
         proto.set_page_handler(self._place)
         self._accepting_pages = True
@@ -122,10 +124,12 @@ class IncomingMigration:
             else:
                 raise ProtocolError(f"unexpected {type(msg).__name__} during page transfer")
 
+        await self._agent_ready  # a destination that cannot start the guest must not say PREPARED
         proto.write(wire.Prepared(self._received.count()))
         await proto.expect(wire.Commit, self.start_timeout_s)
         self._committed = True
         progress.phase.commit()
+        host.incoming_committed(progress)  # the journal's commit record, durable, before the guest starts
         assert self.guest is not None and self._vcpu_state is not None
         await self.guest.start_incoming(self._vcpu_state)
         proto.write(wire.Started())
@@ -222,6 +226,9 @@ class IncomingMigration:
                 if not progress.status.finished:
                     progress.phase.advance(S.COMPLETED, time.monotonic())
             return
+        if self._agent_ready is not None:
+            self._agent_ready.cancel()  # no-op once done; gather() then collects its outcome
+            await asyncio.gather(self._agent_ready, return_exceptions=True)
         if self.guest is not None:
             await self.host.discard(self.guest.name)
         elif self._handle is not None:

@@ -63,7 +63,7 @@ class GuestDefinition:
     uefi_live_migration: bool | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not GUEST_NAME.match(self.name):
+        if not isinstance(self.name, str) or not GUEST_NAME.fullmatch(self.name):
             raise ConfigError(f"guest name must match {GUEST_NAME.pattern}, got {self.name!r}")
         if isinstance(self.memory_mib, bool) or not isinstance(self.memory_mib, int) or not (
             1 <= self.memory_mib <= MAX_MEMORY_MIB
@@ -92,7 +92,7 @@ class HostGuest:
         socket_path: Path,
         firmware: PspFirmware,
         handle: int,
-        ram: GuestRam,
+        ram: GuestRam | None,
         state: GuestState,
         agent_command: Sequence[str] = DEFAULT_COMMAND,
     ) -> None:
@@ -101,7 +101,7 @@ class HostGuest:
         self.socket_path = socket_path
         self.firmware = firmware
         self.handle = handle
-        self.ram = ram
+        self._ram = ram
         self.state = state
         self.vm = VmPlatform(definition.vm_config)
         self.channel: GuestChannel | None = None
@@ -109,10 +109,24 @@ class HostGuest:
         self.workload = WorkloadConfig()
         self._agent_command = tuple(agent_command)
         self._last_check: CheckReport | None = None
+        #: Serialises lifecycle operations (start/stop/reboot/kexec/delete) on this guest.
+        self.busy = asyncio.Lock()
 
     @property
     def name(self) -> str:
         return self.definition.name
+
+    @property
+    def ram(self) -> GuestRam:
+        """The guest's RAM; GuestStateError once released (the guest migrated away)."""
+        if self._ram is None:
+            raise GuestStateError(f"guest {self.name} is {self.state.value}: its RAM is no longer on this host")
+        return self._ram
+
+    @property
+    def has_memory(self) -> bool:
+        """Whether the RAM file and firmware context are still held here (not after migrating away)."""
+        return self._ram is not None
 
     # ------------------------------------------------------------------ creation
 
@@ -151,6 +165,37 @@ class HostGuest:
             definition, guest_dir=guest_dir, socket_path=socket_path, firmware=firmware, handle=handle,
             ram=ram, state=state, agent_command=agent_command,
         )
+
+    @classmethod
+    def restore(
+        cls, definition: GuestDefinition, *, guest_dir: Path, socket_path: Path, firmware: PspFirmware,
+        handle: int, state: GuestState, workload: WorkloadConfig,
+        agent_command: Sequence[str] = DEFAULT_COMMAND,
+    ) -> HostGuest:
+        """A guest reloaded from the journal after a restart: its RAM file is opened, not created.
+
+        ``state`` must be one without an agent (the previous daemon's agents are gone):
+        ``defined``/``stopped`` with RAM, or ``migrated`` without (nothing left here but the record).
+        """
+        if state in (GuestState.RUNNING, GuestState.PAUSED, GuestState.INCOMING):
+            raise GuestStateError(f"guest {definition.name}: a restored guest cannot be {state.value}")
+        ram = None
+        if state is not GuestState.MIGRATED:
+            ram_path = guest_dir / "ram"
+            guest_dir.mkdir(parents=True, exist_ok=True)
+            # A guest that is not running has no memory contents to keep (its next boot zeroes
+            # RAM, guest_vcpu FIRMWARE step), so a lost RAM file is recreated, sparse.
+            ram = GuestRam(ram_path, definition.npages, create=not ram_path.exists())
+        guest = cls(
+            definition, guest_dir=guest_dir, socket_path=socket_path, firmware=firmware, handle=handle,
+            ram=ram, state=state, agent_command=agent_command,
+        )
+        guest.workload = workload
+        if ram is None:
+            # The source side of a committed hand-off: whatever the crash left (RAM file, a
+            # context SEND_FINISH had not yet forgotten) goes, as mark_migrated would have done.
+            guest._release_memory()
+        return guest
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -268,13 +313,21 @@ class HostGuest:
         self.state = GuestState.MIGRATED
         self._release_memory()
 
+    def release(self) -> None:
+        """Remove RAM file, key and directory of a guest that never had an agent (nothing to stop)."""
+        if self.agent is not None:
+            raise GuestStateError(f"guest {self.name} has an agent; use destroy()")
+        self._release_memory()
+
     async def destroy(self) -> None:
         """Remove every trace of the guest on this host (agent, channel, RAM file, key)."""
         await self._teardown_agent()
         self._release_memory()
 
     def _release_memory(self) -> None:
-        self.ram.close()
+        ram, self._ram = self._ram, None
+        if ram is not None:
+            ram.close()
         with contextlib.suppress(MigdError):
             self.firmware.decommission(self.handle)
         shutil.rmtree(self.guest_dir, ignore_errors=True)

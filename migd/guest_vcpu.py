@@ -288,6 +288,11 @@ class GuestVcpu:
         workload = self.workload
         if not self.booted or workload is None or not workload.active:
             return MAX_SLEEP
+        if workload.populating:
+            await workload.populate_step(self._notify)
+            if not workload.populating:
+                workload.restart_clock(asyncio.get_running_loop().time())  # no catch-up burst
+            return 0.0
         now = asyncio.get_running_loop().time()
         if workload.convert_due(now):
             await workload.convert_step(now, self._notify)
@@ -521,8 +526,7 @@ class GuestVcpu:
         self.controls = collections.deque(controls)
         self.hypercall_errors = hypercall_errors
         self._expected_digest = digest
-        if workload is not None:
-            self._throttle = workload.throttle_percent
+        self._throttle = 0  # a host throttle never travels: the destination runs the guest at full speed
         self._state_ready.set()
 
     async def _resume_incoming(self) -> None:

@@ -1,4 +1,10 @@
-"""This host's guests and migrations: the registry the daemon, the engine and the CLI share."""
+"""This host's guests and migrations: the registry the daemon, the engine and the CLI share.
+
+With a :class:`~migd.journal.Journal` every change of the registry is recorded as it happens
+(guests created, started, stopped, deleted; migrations registered, each status transition,
+the destination's commit record), so a restarted daemon can rebuild it
+(:mod:`migd.recovery`). Without one (engine tests) it is memory only.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +17,12 @@ from pathlib import Path
 from migd.agent_launcher import DEFAULT_COMMAND
 from migd.errors import MigdError
 from migd.guest import INCOMING_MARKER, GuestDefinition, GuestState, GuestStateError, HostGuest
+from migd.journal import GuestRecord, Journal, JournalError
+from migd.migration_state import MigrationStatus
 from migd.progress import MigrationProgress
 from migd.psp import PspFirmware
+from migd.recovery import process_start_ticks
+from migd.workload import WorkloadConfig
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +36,7 @@ class UnknownGuest(MigdError):
 
 
 class Host:
-    """Guests live under ``state_dir/guests/NAME``; channel sockets under ``runtime_dir``."""
+    """Guests live under ``guests_dir/NAME`` (default ``state_dir/guests``); channel sockets under ``runtime_dir``."""
 
     def __init__(
         self,
@@ -35,29 +45,57 @@ class Host:
         *,
         runtime_dir: str | os.PathLike[str] | None = None,
         agent_command: Sequence[str] = DEFAULT_COMMAND,
+        journal: Journal | None = None,
+        guests_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
+        #: Guest directories (RAM file, incoming marker): best on tmpfs, like a VMM's guest RAM.
+        self.guests_dir = Path(guests_dir) if guests_dir is not None else self.state_dir / "guests"
         self.runtime_dir = Path(runtime_dir) if runtime_dir is not None else self.state_dir / "run"
         self.firmware = firmware
         self.agent_command = tuple(agent_command)
         self.guests: dict[str, HostGuest] = {}
         self.migrations: dict[str, MigrationProgress] = {}
-        (self.state_dir / "guests").mkdir(parents=True, exist_ok=True)
+        self.journal = journal
+        self.guests_dir.mkdir(parents=True, exist_ok=True)
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
-        self.removed_partial = self._remove_partial_incoming()
+        committed = self._committed_incoming() if journal is not None else frozenset()
+        self.removed_partial = self._remove_partial_incoming(committed)
 
-    def _remove_partial_incoming(self) -> list[str]:
-        """Delete guests left half-received by a crash before their migration committed."""
+    def _committed_incoming(self) -> frozenset[str]:
+        """Guests whose newest journaled migration is an incoming one with a commit record."""
+        assert self.journal is not None
+        latest: dict[str, tuple[str, bool]] = {}
+        for record in self.journal.migrations():  # oldest first
+            latest[record.guest] = (record.role, record.committed)
+        return frozenset(name for name, (role, committed) in latest.items() if role == "destination" and committed)
+
+    def _remove_partial_incoming(self, committed: frozenset[str] = frozenset()) -> list[str]:
+        """Delete guests left half-received by a crash before their migration committed.
+
+        A guest whose commit record is in the journal is kept (the crash came between the
+        record and the marker's removal): the source has given it up, this copy is the guest.
+        """
         removed = []
-        for guest_dir in sorted((self.state_dir / "guests").iterdir()):
-            if (guest_dir / INCOMING_MARKER).exists():
-                log.warning("removing partial incoming guest %s (its migration never committed)", guest_dir.name)
-                shutil.rmtree(guest_dir, ignore_errors=True)
-                removed.append(guest_dir.name)
+        for guest_dir in sorted(self.guests_dir.iterdir()):
+            marker = guest_dir / INCOMING_MARKER
+            if not marker.exists():
+                continue
+            if guest_dir.name in committed:
+                log.warning("keeping incoming guest %s: its commit record is in the journal", guest_dir.name)
+                marker.unlink()
+                continue
+            log.warning("removing partial incoming guest %s (its migration never committed)", guest_dir.name)
+            shutil.rmtree(guest_dir, ignore_errors=True)
+            removed.append(guest_dir.name)
         return removed
 
+    def guest_dir(self, name: str) -> Path:
+        """Where guest ``name`` keeps its RAM file (and, while incoming, its marker)."""
+        return self._paths(name)[0]
+
     def _paths(self, name: str) -> tuple[Path, Path]:
-        return self.state_dir / "guests" / name, self.runtime_dir / f"{name}.sock"
+        return self.guests_dir / name, self.runtime_dir / f"{name}.sock"
 
     def _check_free(self, name: str) -> None:
         if name in self.guests:
@@ -73,6 +111,13 @@ class Host:
             definition, guest_dir=guest_dir, socket_path=socket_path, firmware=self.firmware,
             agent_command=self.agent_command,
         )
+        if self.journal is not None:
+            try:
+                self.journal.save_guest(self._record(guest))
+            except JournalError:
+                # A guest the journal does not know would be an orphan after a restart.
+                guest.release()
+                raise
         self.guests[definition.name] = guest
         return guest
 
@@ -85,6 +130,7 @@ class Host:
             agent_command=self.agent_command,
         )
         self.guests[definition.name] = guest
+        self.journal_guest(guest)  # state incoming: removed at a restart unless the commit record follows
         return guest
 
     def get(self, name: str) -> HostGuest:
@@ -101,12 +147,14 @@ class Host:
             raise GuestStateError(f"guest {name} is {guest.state.value}; stop it first")
         await guest.destroy()
         del self.guests[name]
+        self._forget(name)
 
     async def discard(self, name: str) -> None:
         """Remove every trace of a guest whatever its state (failed incoming migration)."""
         guest = self.guests.pop(name, None)
         if guest is not None:
             await guest.destroy()
+            self._forget(name)
 
     async def close(self) -> None:
         """Stop every running guest (RAM files stay) and drop half-received ones."""
@@ -115,3 +163,107 @@ class Host:
                 await self.discard(guest.name)
             elif guest.state in (GuestState.RUNNING, GuestState.PAUSED):
                 await guest.stop()
+                self.journal_guest(guest)
+
+    # ------------------------------------------------------------------ migrations and the journal
+
+    def add_migration(self, progress: MigrationProgress) -> None:
+        """Register a migration (either role); with a journal, record it and every transition."""
+        self.migrations[progress.id] = progress
+        if self.journal is None:
+            return
+        progress.phase.listeners.append(lambda status: self._migration_changed(progress, status))
+        self._save_migration(progress)
+
+    def incoming_committed(self, progress: MigrationProgress) -> None:
+        """COMMIT arrived for an incoming migration: its commit record, durable, before the guest starts.
+
+        A journal failure is logged, not raised: the source has committed already, so the guest
+        is ours whatever happens (and the marker's removal still records the commit on disk).
+        """
+        if self.journal is None:
+            return
+        try:
+            self.journal.record_commit(progress)
+        except JournalError as exc:
+            log.error("journal: %s (the guest is kept; the removed incoming marker records the commit)", exc)
+
+    def _migration_changed(self, progress: MigrationProgress, status: MigrationStatus) -> None:
+        self._save_migration(progress)
+        if not status.finished:
+            return
+        guest = self.guests.get(progress.guest)
+        if guest is not None and not (progress.role == "destination" and not progress.phase.committed):
+            state = GuestState.MIGRATED if progress.role == "source" and progress.phase.committed else None
+            self.journal_guest(guest, state=state)
+
+    def _save_migration(self, progress: MigrationProgress) -> None:
+        assert self.journal is not None
+        try:
+            self.journal.save_migration(progress)
+        except JournalError as exc:
+            log.error("journal: %s", exc)
+
+    def journal_guest(self, guest: HostGuest, *, state: GuestState | None = None) -> None:
+        """Record a registered guest's current row (``state`` overrides the in-memory one)."""
+        if self.journal is None or self.guests.get(guest.name) is not guest:
+            return
+        try:
+            self.journal.save_guest(self._record(guest, state))
+        except JournalError as exc:
+            log.error("journal: %s", exc)
+
+    def _forget(self, name: str) -> None:
+        if self.journal is not None:
+            try:
+                self.journal.delete_guest(name)
+            except JournalError as exc:
+                log.error("journal: %s", exc)
+
+    @staticmethod
+    def _record(guest: HostGuest, state: GuestState | None = None) -> GuestRecord:
+        d = guest.definition
+        agent = guest.agent
+        pid = agent.pid if agent is not None and agent.poll() is None else None
+        return GuestRecord(
+            name=d.name, memory_mib=d.memory_mib, policy=d.policy, efi=d.efi,
+            uefi_live_migration=d.uefi_live_migration, state=(state or guest.state).value,
+            handle=guest.handle if guest.has_memory else None, workload=guest.workload.to_dict(),
+            agent_pid=pid, agent_start=None if pid is None else process_start_ticks(pid),
+        )
+
+    # ------------------------------------------------------------------ restart recovery
+
+    def restore_guest(self, record: GuestRecord, state: GuestState) -> HostGuest:
+        """Register a guest reloaded from the journal (no agent) in ``state``.
+
+        A guest that keeps its memory needs its firmware context: the PSP store brings it back
+        with the same handle. If it is missing (the store was lost) a new context is launched —
+        the guest is not running, and its next boot starts from zeroed memory anyway.
+        """
+        definition = GuestDefinition(record.name, record.memory_mib, record.policy, record.efi,
+                                     record.uefi_live_migration)
+        handle = record.handle or 0
+        relaunched = state is not GuestState.MIGRATED and handle not in self.firmware.guest_handles()
+        if relaunched:
+            log.error("guest %s: firmware context %s is gone; launching a new one", record.name, record.handle)
+            handle = self.firmware.launch(definition.policy)
+        guest_dir, socket_path = self._paths(record.name)
+        try:
+            guest = HostGuest.restore(
+                definition, guest_dir=guest_dir, socket_path=socket_path, firmware=self.firmware, handle=handle,
+                state=state, workload=WorkloadConfig.from_dict(record.workload), agent_command=self.agent_command,
+            )
+        except BaseException:
+            if relaunched:
+                self.firmware.decommission(handle)
+            raise
+        self.guests[record.name] = guest
+        return guest
+
+    def remove_leftover(self, name: str, handle: int | None) -> None:
+        """Remove what an uncommitted incoming guest left: its directory and firmware context."""
+        shutil.rmtree(self._paths(name)[0], ignore_errors=True)
+        if handle is not None and handle in self.firmware.guest_handles():
+            # RECEIVE_FINISH (at PREPARE, before COMMIT) had made the context RUNNING, so stored.
+            self.firmware.decommission(handle)

@@ -8,6 +8,7 @@ when the stream is a pipe or a log file, where control characters would be noise
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Mapping
 from typing import Any, TextIO
@@ -16,6 +17,7 @@ from migd.abi import PAGE_SIZE
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 _BAR_WIDTH = 24
+_MIN_BAR_WIDTH = 8
 
 
 def format_bytes(n: float) -> str:
@@ -52,17 +54,23 @@ def percent_done(migration: Mapping[str, Any]) -> float:
     return 100.0 * (total - remaining) / total
 
 
-def progress_line(migration: Mapping[str, Any], *, bar_width: int = _BAR_WIDTH) -> str:
-    """One line: guest → destination, status, round, bar, percent, throughput, expected downtime."""
+def progress_line(migration: Mapping[str, Any], *, width: int | None = None) -> str:
+    """One line: guest, status, round, bar, percent, throughput, expected downtime.
+
+    With ``width`` (terminal columns) the bar shrinks (down to 8 cells) so the line fits.
+    """
     percent = percent_done(migration)
-    filled = int(bar_width * percent / 100.0 + 1e-9)
-    bar = "#" * filled + "." * (bar_width - filled)
     expected = migration.get("expected_downtime_ms")
-    return (
-        f"{migration['guest']} -> {migration['destination']}  {migration['status']:<9}  "
-        f"round {migration['rounds']:>2}  [{bar}] {percent:5.1f}%  "
-        f"{migration['throughput_mib_s']:7.1f} MiB/s  expected downtime {format_ms(expected)}"
-    )
+    head = f"{migration['guest']} {migration['status']:<9} round {migration['rounds']:>2} "
+    downtime = format_ms(expected)
+    tail = f" {percent:5.1f}% {migration['throughput_mib_s']:6.1f} MiB/s  exp. downtime {downtime}"
+    bar_width = _BAR_WIDTH
+    if width is not None:
+        # Room for "999.9 ms" whatever the downtime says now, so the bar does not jitter.
+        reserved = len(tail) - len(downtime) + max(len(downtime), 8)
+        bar_width = max(_MIN_BAR_WIDTH, min(_BAR_WIDTH, width - len(head) - reserved - 2))
+    filled = int(bar_width * percent / 100.0 + 1e-9)
+    return f"{head}[{'#' * filled}{'.' * (bar_width - filled)}]{tail}"
 
 
 def page_breakdown(pages: Mapping[str, int]) -> str:
@@ -95,27 +103,37 @@ def summary_lines(migration: Mapping[str, Any]) -> list[str]:
 class ProgressDisplay:
     """Draws successive migration objects on ``stream`` (stderr in the CLI)."""
 
-    def __init__(self, stream: TextIO, *, tty: bool | None = None, plain_interval_s: float = 2.0) -> None:
+    def __init__(
+        self, stream: TextIO, *, tty: bool | None = None, plain_interval_s: float = 2.0, columns: int | None = None,
+    ) -> None:
         self.stream = stream
         self.tty = stream.isatty() if tty is None else tty
         self.plain_interval_s = plain_interval_s
+        self.columns = columns
         self._last_plain: float | None = None
         self._last_key: tuple[Any, ...] | None = None
-        self._drawn = False
+        self._open = False  # a bar is drawn on the terminal and its line not ended
 
     def _columns(self) -> int:
-        return shutil.get_terminal_size((100, 24)).columns
+        if self.columns is not None:
+            return self.columns
+        try:
+            # The size of *this* stream's terminal: stdout may be redirected while stderr is not.
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            return shutil.get_terminal_size((80, 24)).columns
 
     def update(self, migration: Mapping[str, Any], now: float) -> None:
         """Draw ``migration`` as of ``now`` (seconds, monotonic): redrawn in place, or a plain line
         when the status or round changed or ``plain_interval_s`` passed since the last one."""
-        line = progress_line(migration)
         if self.tty:
             # Longer than the terminal, the line would wrap and \r would redraw only its tail.
-            self.stream.write("\r" + line[: max(self._columns() - 1, 20)] + "\x1b[K")
+            columns = max(self._columns() - 1, 20)
+            self.stream.write("\r" + progress_line(migration, width=columns)[:columns] + "\x1b[K")
             self.stream.flush()
-            self._drawn = True
+            self._open = True
             return
+        line = progress_line(migration)
         key = (migration.get("status"), migration.get("rounds"))
         due = self._last_plain is None or now - self._last_plain >= self.plain_interval_s
         if key != self._last_key or due:
@@ -124,18 +142,25 @@ class ProgressDisplay:
             self._last_key, self._last_plain = key, now
 
     def finish(self, migration: Mapping[str, Any]) -> None:
-        """The final state of the bar, then the summary."""
+        """Draw the final state and end the line (the caller prints :func:`summary_lines`)."""
         if self.tty:
             self.update(migration, 0.0)
-            self.stream.write("\n")
+            self.end_line()
         elif self._last_key != (migration.get("status"), migration.get("rounds")):
             self.stream.write(progress_line(migration) + "\n")
-        self.stream.write("\n".join(summary_lines(migration)) + "\n")
         self.stream.flush()
 
     def message(self, text: str) -> None:
         """A line of its own (e.g. "cancelling ..."), without garbling an in-place bar."""
-        if self.tty and self._drawn:
+        if self._open:
             self.stream.write("\r\x1b[K")
+            self._open = False
         self.stream.write(text + "\n")
         self.stream.flush()
+
+    def end_line(self) -> None:
+        """Leave the bar as it is and move to a new line (before an error message, say)."""
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False

@@ -18,6 +18,13 @@ Differences from real firmware, on purpose:
 
 Daemon code never sees a VEK: only :meth:`PspFirmware.guest_key`, which stands for the key
 slot the CPU loads on ACTIVATE, hands it to the guest agent launcher.
+
+The PSP is hardware, so its guest contexts outlive the daemon: every context that enters
+RUNNING (LAUNCH_FINISH, RECEIVE_FINISH, SEND_CANCEL) is sealed to ``state_dir/psp``
+(:mod:`migd.psp_store`) before the command returns, and forgotten on SEND_FINISH and
+DECOMMISSION. A new ``PspFirmware`` on the same state directory finds them again under the same
+handles, all RUNNING: one that was mid-SEND is back as after SEND_CANCEL, one still in RECEIVE
+was never stored (its partial guest is gone).
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 
@@ -37,6 +45,7 @@ from migd import identity
 from migd.abi import PAGE_SIZE, FirmwareStatus, GuestPolicy, POLICY_API_MAJOR_SHIFT, POLICY_API_MINOR_SHIFT
 from migd.errors import CertificateError, FirmwareError, GuestMemoryError, IntegrityError, TransportError
 from migd.memory import GuestRam, MemoryEncryption, new_vek
+from migd.psp_store import ContextStore, StoredContext
 from migd.sev_transport import (
     CTX_DATA,
     CTX_VMSA,
@@ -51,6 +60,7 @@ from migd.sev_transport import (
 )
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: The SEV API version this emulated firmware reports (policy API fields are checked against it).
 API_MAJOR = 0
@@ -114,8 +124,19 @@ class PspFirmware:
         self.pdh_cert_pem: bytes = identity.certificate_pem(pdh_cert)
         self._anchors = list(trust_anchors)
         self.transport_mode = TransportMode(transport_mode)
-        self._guests: dict[int, _GuestContext] = {}
-        self._next_handle = 1
+        store_dir = Path(state_dir) / "psp"
+        try:
+            self._store = ContextStore(store_dir)
+            stored, self._next_handle = self._store.load()  # SealedStoreError names a bad file
+        except OSError as exc:
+            message = f"cannot use the PSP store {store_dir}: {exc}"
+            raise FirmwareError(FirmwareStatus.HWERROR_PLATFORM, message) from exc
+        self._guests: dict[int, _GuestContext] = {
+            c.handle: _GuestContext(c.handle, c.policy, c.vek, GuestState.RUNNING, MemoryEncryption(c.vek))
+            for c in stored
+        }
+        if stored:
+            log.info("PSP restored guest contexts handles=%s", ",".join(str(c.handle) for c in stored))
         self._lock = threading.Lock()
 
     @classmethod
@@ -157,11 +178,34 @@ class PspFirmware:
             if len(self._guests) >= MAX_GUESTS:
                 raise FirmwareError(FirmwareStatus.RESOURCE_LIMIT, f"all {MAX_GUESTS} guest slots are in use")
             handle = self._next_handle
+            # Durable before use: a handle number is never handed out twice, even across restarts.
+            self._storage("record the next handle", self._store.save_next_handle, handle + 1)
             self._next_handle += 1
             vek = new_vek()
             ctx = _GuestContext(handle, policy, vek, state, MemoryEncryption(vek))
             self._guests[handle] = ctx
         return ctx
+
+    @staticmethod
+    def _storage(what: str, action: Callable[[_T], None], arg: _T) -> None:
+        """Run a store write; an I/O failure is the platform's hardware error, as on a real PSP."""
+        try:
+            action(arg)
+        except OSError as exc:
+            raise FirmwareError(FirmwareStatus.HWERROR_PLATFORM, f"cannot {what}: {exc}") from exc
+
+    def _persist_running(self, ctx: _GuestContext) -> None:
+        """Seal the context before it is RUNNING: a restart then finds it (and its key) again."""
+        stored = StoredContext(ctx.handle, ctx.policy, ctx.vek)
+        self._storage(f"seal guest context {ctx.handle}", self._store.save, stored)
+
+    def _forget(self, handle: int) -> None:
+        # Never fails the command: a leftover file only brings the context back RUNNING after a
+        # restart, where the journal's commit record decides (the daemon's recovery).
+        try:
+            self._store.remove(handle)
+        except OSError as exc:
+            log.error("PSP could not remove the sealed context handle=%d: %s", handle, exc)
 
     def _peer_shared_secret(self, peer_pdh_cert_pem: bytes) -> bytes:
         try:
@@ -208,6 +252,7 @@ class PspFirmware:
     def launch_finish(self, handle: int) -> None:
         """LAUNCH_FINISH: LSECRET → RUNNING."""
         ctx = self._context(handle, GuestState.LSECRET)
+        self._persist_running(ctx)
         ctx.state = GuestState.RUNNING
 
     def launch(self, policy: int) -> int:
@@ -257,7 +302,10 @@ class PspFirmware:
         raw = self._checked_range(ram, gpa, npages)
         assert ctx.sender is not None
         plaintext = ctx.engine.decrypt(gpa, raw)
-        header, ciphertext = ctx.sender.seal(CTX_DATA, plaintext, gpa=gpa, npages=npages, out=out)
+        # CTR in place over the scratch plaintext: one buffer per run, not two.
+        header, ciphertext = ctx.sender.seal(
+            CTX_DATA, plaintext, gpa=gpa, npages=npages, out=plaintext if out is None else out
+        )
         return header.pack(), ciphertext
 
     def send_update_vmsa(self, handle: int, vcpu_id: int, vmsa: bytes) -> tuple[bytes, memoryview]:
@@ -273,12 +321,15 @@ class PspFirmware:
     def send_finish(self, handle: int) -> None:
         """SEND_FINISH: SUPDATE → SENT; the guest may no longer run here."""
         ctx = self._context(handle, GuestState.SUPDATE)
+        self._forget(handle)
         ctx.sender = None
         ctx.state = GuestState.SENT
 
     def send_cancel(self, handle: int) -> None:
         """SEND_CANCEL: abandon the outgoing session; the guest runs on (→ RUNNING)."""
         ctx = self._context(handle, GuestState.SUPDATE, GuestState.SENT)
+        if ctx.state is GuestState.SENT:  # SEND_FINISH forgot it; SUPDATE is still stored as RUNNING
+            self._persist_running(ctx)
         ctx.sender = None
         ctx.state = GuestState.RUNNING
 
@@ -322,7 +373,9 @@ class PspFirmware:
         assert ctx.receiver is not None
         try:
             packet = PacketHeader.unpack(header)
-            plaintext = ctx.receiver.open(CTX_DATA, packet, ciphertext, gpa=gpa, npages=npages)
+            # The MAC is verified before anything is written; then CTR-decrypt straight into the
+            # target pages and XEX-encrypt them there in place (no scratch buffer per run).
+            plaintext = ctx.receiver.open(CTX_DATA, packet, ciphertext, gpa=gpa, npages=npages, out=target)
         except IntegrityError as exc:
             raise FirmwareError(FirmwareStatus.BAD_MEASUREMENT, f"packet at gpa {gpa:#x}: {exc}") from exc
         except TransportError as exc:
@@ -350,6 +403,7 @@ class PspFirmware:
     def receive_finish(self, handle: int) -> None:
         """RECEIVE_FINISH: RUPDATE → RUNNING; the guest may now run here."""
         ctx = self._context(handle, GuestState.RUPDATE)
+        self._persist_running(ctx)
         ctx.receiver = None
         ctx.state = GuestState.RUNNING
 
@@ -382,6 +436,7 @@ class PspFirmware:
         with self._lock:
             if self._guests.pop(handle, None) is None:
                 raise FirmwareError(FirmwareStatus.INVALID_GUEST, f"no guest context with handle {handle}")
+            self._forget(handle)
 
     def guest_handles(self) -> list[int]:
         """Handles of every live guest context."""

@@ -376,6 +376,7 @@ class OutgoingMigration:
             return
         progress.downtime_ms = (time.monotonic() - paused_at) * 1000.0
         progress.remaining_pages = 0
+        guest.state = GuestState.MIGRATED  # before "completed" is visible to any poller
         phase.advance(S.COMPLETED, time.monotonic())
         await guest.mark_migrated()
         log.info(

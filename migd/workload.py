@@ -210,28 +210,48 @@ class WorkloadConfig:
     dirty_rate_mib_s: float = 0.0
     convert_rate_hz: float = 0.0
     seed: int = 0
+    #: Share of the data area written once right after the first boot (a populated guest), and
+    #: the share of those pages made shared first (benchmarks: mixes of private and shared).
+    populate_fraction: float = 0.0
+    shared_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("dirty_rate_mib_s", "convert_rate_hz"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"workload {name} must be a finite number >= 0, got {value!r}")
+        for name in ("populate_fraction", "shared_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"workload {name} must be a number in [0, 1], got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"workload seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain form (REST body, vCPU state)."""
-        return {"dirty_rate_mib_s": self.dirty_rate_mib_s, "convert_rate_hz": self.convert_rate_hz, "seed": self.seed}
+        out: dict[str, Any] = {
+            "dirty_rate_mib_s": self.dirty_rate_mib_s, "convert_rate_hz": self.convert_rate_hz, "seed": self.seed,
+        }
+        if self.populate_fraction:
+            out.update(populate_fraction=self.populate_fraction, shared_fraction=self.shared_fraction)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkloadConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        unknown = set(data) - {"dirty_rate_mib_s", "convert_rate_hz", "seed"}
+        unknown = set(data) - {"dirty_rate_mib_s", "convert_rate_hz", "seed", "populate_fraction", "shared_fraction"}
         if unknown:
             raise ConfigError(f"unknown workload keys: {sorted(unknown)}")
-        return cls(
-            float(data.get("dirty_rate_mib_s", 0.0)), float(data.get("convert_rate_hz", 0.0)), data.get("seed", 0)
-        )
+        numbers = {}
+        for key in ("dirty_rate_mib_s", "convert_rate_hz", "populate_fraction", "shared_fraction"):
+            value = data.get(key, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"workload {key} must be a number, got {value!r}")
+            try:
+                numbers[key] = float(value)
+            except OverflowError:
+                raise ConfigError(f"workload {key} is out of range: {value!r}") from None
+        return cls(seed=data.get("seed", 0), **numbers)
 
 
 def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
@@ -284,15 +304,21 @@ class Workload:
         self._next_convert: float | None = None
         self.steps = 0
         self.conversions = 0
+        self.populate_target = int(self.data_pages * config.populate_fraction)
+        self.populated = 0
 
     def state(self) -> dict[str, Any]:
-        """What must travel with the vCPU: config, RNG state, counters."""
+        """What must travel with the vCPU: config, RNG state, counters.
+
+        Not the throttle: auto-converge is the source host's brake (QEMU's cpu-throttle),
+        and the destination never inherits it.
+        """
         return {
             "config": self.config.to_dict(),
             "rng": _rng_state(self.rng),
-            "throttle_percent": self.throttle_percent,
             "steps": self.steps,
             "conversions": self.conversions,
+            "populated": self.populated,
         }
 
     @classmethod
@@ -300,9 +326,9 @@ class Workload:
         """Rebuild a workload exported with :meth:`state` (destination)."""
         try:
             workload = cls(memory, WorkloadConfig.from_dict(dict(state["config"])), rng_state=dict(state["rng"]))
-            workload.set_throttle(int(state["throttle_percent"]))
             workload.steps = int(state["steps"])
             workload.conversions = int(state["conversions"])
+            workload.populated = int(state.get("populated", workload.populate_target))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad workload state: {exc}") from exc
         return workload
@@ -310,7 +336,31 @@ class Workload:
     @property
     def active(self) -> bool:
         """Whether the workload does anything at all."""
-        return self.pages_per_second > 0 or self.config.convert_rate_hz > 0
+        return self.populating or self.pages_per_second > 0 or self.config.convert_rate_hz > 0
+
+    @property
+    def populating(self) -> bool:
+        """Whether the one-time fill of the data area after the first boot is still going."""
+        return self.populated < self.populate_target
+
+    def _run_at(self, index: int, max_pages: int) -> tuple[int, int]:
+        """The run of data pages starting at data-area index ``index``, within one data range."""
+        which = int(np.searchsorted(self._data_offsets, index, side="right")) - 1
+        pfn = int(self._data_starts[which]) + index - int(self._data_offsets[which])
+        return pfn, min(max_pages, int(self._data_ends[which]) - pfn)
+
+    async def populate_step(self, notify: Notify) -> int:
+        """Fill the next run of the data area: its first ``shared_fraction`` made shared
+        (view, MAP_GPA_RANGE, like a driver's bounce buffers), the rest private. Returns pages."""
+        pfn, npages = self._run_at(self.populated, min(MAX_WRITE_RUN_PAGES, self.populate_target - self.populated))
+        shared = round(npages * self.config.shared_fraction)
+        if shared:
+            self.memory.set_view(pfn, shared, True)
+            await notify(pfn, shared, True)
+        self.memory.write_pages(pfn, npages)
+        self.populated += npages
+        self.steps += 1
+        return npages
 
     def set_throttle(self, percent: int) -> None:
         """Auto-converge: the vCPU runs only ``100 - percent`` % of the time (0..99)."""
@@ -326,11 +376,7 @@ class Workload:
 
     def _pick_run(self, max_pages: int) -> tuple[int, int]:
         """A random run of data pages inside one data range (start uniform over the data area)."""
-        index = int(self.rng.integers(self.data_pages))
-        which = int(np.searchsorted(self._data_offsets, index, side="right")) - 1
-        pfn = int(self._data_starts[which]) + index - int(self._data_offsets[which])
-        npages = min(max_pages, int(self._data_ends[which]) - pfn)
-        return pfn, npages
+        return self._run_at(int(self.rng.integers(self.data_pages)), max_pages)
 
     def _accrue(self, now: float) -> None:
         if self._last is None:

@@ -58,7 +58,7 @@ async def serve(root: Path, name: str) -> None:
             elif op == "guests":
                 reply({"guests": [g.to_json() for g in host.guests.values()]})
             elif op == "dirs":
-                reply({"dirs": sorted(p.name for p in (state / "guests").iterdir())})
+                reply({"dirs": sorted(p.name for p in host.guests_dir.iterdir())})
             elif op == "wait_check":
                 report = await host.get(cmd["name"]).wait_check(60)
                 reply(vars(report))

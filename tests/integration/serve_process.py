@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -57,6 +58,17 @@ def write_config(root: Path, name: str, *, api_port: int, migration_port: int, t
     return config
 
 
+def runtime_dir(root: Path, name: str) -> Path:
+    """The host's RUNTIME_DIRECTORY (channel sockets, guest RAM): the same across restarts,
+    like systemd's /run/migd with RuntimeDirectoryPreserve=, and short enough for sockets."""
+    path = root / f"run-{name}"
+    if len(os.fsencode(path)) > 80:
+        digest = hashlib.sha256(os.fsencode(root)).hexdigest()[:12]
+        path = Path(tempfile.gettempdir()) / f"migd-{digest}-{name}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
 class ServeProcess:
     """One ``migd serve`` child process."""
 
@@ -73,7 +85,7 @@ class ServeProcess:
         api_port = api_port or free_port()
         migration_port = migration_port or free_port()
         config = write_config(root, name, api_port=api_port, migration_port=migration_port, **config_kw)
-        runtime = Path(tempfile.mkdtemp(prefix=f"migd-{name}-"))
+        runtime = runtime_dir(root, name)
         log_path = root / f"{name}.log"
         environment = {**os.environ, "RUNTIME_DIRECTORY": str(runtime), **(env or {})}
         with open(log_path, "ab") as log:

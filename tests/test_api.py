@@ -1,0 +1,682 @@
+"""The REST API (migd/api.py) over a real socket around a real Daemon: every route of DESIGN.md §7
+with its success and error answers, auth on every route, strict bodies, and the OpenAPI document.
+
+Every answer any test receives is checked against the OpenAPI document (:meth:`Api.call`):
+the documented schema for that route and status, or the error schema for unrouted requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import shutil
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from migd import __version__, identity, openapi
+from migd.api import MAX_BODY_BYTES, build_app
+from migd.config import parse_config
+from migd.daemon import Daemon
+from migd.errors import ConfigError
+
+TOKEN = "c0ffee" * 6
+GUEST_PAGES_16MIB = 16 * 256
+_NO_BODY = object()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (a destination that refuses connections)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_daemon(root: Path, name: str) -> Daemon:
+    """A Daemon from a validated config: identity under root/ca, token file, ephemeral ports."""
+    state = root / name
+    identity.init_host(state, root / "ca", common_name=name)
+    token_file = state / "api.token"
+    token_file.write_text(TOKEN + "\n")
+    raw = {
+        "state_dir": str(state),
+        "api": {"listen": "127.0.0.1:0", "token_file": str(token_file)},
+        "migration": {"listen": "127.0.0.1:0", "downtime_limit_ms": 300},
+        "sev": {"trusted_roots": [str(root / "ca" / identity.CA_CERT)]},
+    }
+    return Daemon(parse_config(raw, base=root))
+
+
+# ---------------------------------------------------------------------- checking answers
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    return re.compile(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)))
+
+
+_TEMPLATES = [(_template_regex(t), t) for t in openapi.PATHS]
+
+
+def documented_response(method: str, path: str, status: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(operation, response object) the document gives for this answer; operation None if unrouted."""
+    for regex, template in _TEMPLATES:
+        if regex.fullmatch(path):
+            operation = openapi.PATHS[template].get(method.lower())
+            if operation is None:
+                break
+            responses = operation["responses"]
+            if str(status) in responses:
+                return operation, responses[str(status)]
+            assert status >= 400, f"{method} {path} answered {status}, which the document does not list"
+            return operation, responses["default"]
+    assert status >= 400, f"unrouted {method} {path} answered {status}"
+    return None, {"content": {"application/json": {"schema": openapi.ref("Error")}}}
+
+
+def check_against_document(method: str, path: str, status: int, content_type: str, body: Any) -> None:
+    _, response = documented_response(method, path, status)
+    assert response is not None
+    if method == "HEAD":
+        assert body is None
+        return
+    content = response.get("content")
+    if content is None:
+        assert body is None, f"{method} {path} {status} must have no body, got {body!r}"
+        return
+    ((media, spec),) = content.items()
+    assert content_type.split(";")[0] == media.split(";")[0], (method, path, content_type, media)
+    openapi.check(body, spec["schema"])
+
+
+@dataclass
+class Answer:
+    status: int
+    body: Any
+    headers: dict[str, str]
+
+    @property
+    def detail(self) -> str:
+        assert isinstance(self.body, dict) and "detail" in self.body, self.body
+        return str(self.body["detail"])
+
+
+@dataclass
+class Api:
+    client: TestClient
+    daemon: Daemon
+
+    @property
+    def app(self) -> web.Application:
+        return self.client.server.app  # type: ignore[no-any-return]
+
+    async def call(self, method: str, path: str, body: Any = _NO_BODY, *, token: str | None = TOKEN,
+                   raw: bytes | None = None, authorization: str | None = None) -> Answer:
+        """One request; the answer is checked against the OpenAPI document before it is returned."""
+        headers = {"Content-Type": "application/json"}
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        elif token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (None if body is _NO_BODY else json.dumps(body).encode())
+        async with self.client.request(method, path, data=data, headers=headers) as resp:
+            payload = await resp.read()
+            content_type = resp.headers.get("Content-Type", "")
+            if not payload:
+                decoded: Any = None
+            elif content_type.startswith("application/json"):
+                decoded = json.loads(payload)
+            else:
+                decoded = payload.decode()
+            answer = Answer(resp.status, decoded, dict(resp.headers))
+        check_against_document(method, path, answer.status, content_type, decoded)
+        return answer
+
+    async def ok(self, method: str, path: str, body: Any = _NO_BODY, status: int = 200) -> Any:
+        answer = await self.call(method, path, body)
+        assert answer.status == status, (method, path, answer)
+        return answer.body
+
+    async def poll(self, path: str, predicate: Callable[[Any], bool], timeout: float = 20.0) -> Any:
+        """GET ``path`` until ``predicate(body)``; bounded."""
+        async with asyncio.timeout(timeout):
+            while True:
+                body = await self.ok("GET", path)
+                if predicate(body):
+                    return body
+                await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def serving(root: Path, name: str = "hostA") -> AsyncIterator[Api]:
+    """A started Daemon behind build_app on 127.0.0.1 (ephemeral port); everything stopped after."""
+    daemon = make_daemon(root, name)
+    await daemon.start()
+    client = TestClient(TestServer(build_app(daemon, TOKEN), host="127.0.0.1", port=0))
+    try:
+        await client.start_server()
+        yield Api(client, daemon)
+    finally:
+        await client.close()
+        await daemon.shutdown()
+        shutil.rmtree(daemon.host.runtime_dir, ignore_errors=True)
+
+
+def run(main: Callable[[], Awaitable[None]], timeout: float = 60.0) -> None:
+    asyncio.run(asyncio.wait_for(main(), timeout))
+
+
+def routes_of(app: web.Application) -> set[tuple[str, str]]:
+    """(METHOD, path template) of every route the app's router serves."""
+    out = set()
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        out.add((route.method, info.get("formatter") or info.get("path")))
+    return out
+
+
+def routes_of_document(document: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(method.upper(), path) for path, ops in document["paths"].items() for method in ops}
+
+
+WORKLOAD = {"dirty_rate_mib_s": 2, "convert_rate_hz": 5, "seed": 3}
+
+
+# ---------------------------------------------------------------------- health, auth, routing
+
+
+def test_health_needs_no_token_and_reports_the_version(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as api:
+            for token in (None, "wrong-token-wrong-token"):
+                answer = await api.call("GET", "/v1/health", token=token)
+                assert answer.status == 200
+                assert answer.body == {"status": "ok", "version": __version__}
+
+    run(main)
+
+
+def test_every_route_but_health_answers_401_without_the_right_token(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as api:
+            routes = sorted(routes_of(api.app))
+            assert len(routes) == 15  # every route of §7 plus the OpenAPI document
+            bad: list[dict[str, Any]] = [
+                {"token": None},
+                {"token": "f" * len(TOKEN)},
+                {"token": TOKEN[:-1]},
+                {"token": TOKEN + "x"},
+                {"authorization": f"Basic {TOKEN}"},
+                {"authorization": "Bearer"},
+                {"authorization": "Bearer    "},
+                {"token": "t\u00f6ken-\u2603"},  # non-ASCII: compared as bytes, never a 500
+            ]
+            for method, template in routes:
+                path = template.replace("{name}", "g1").replace("{id}", "m1")
+                if template == "/v1/health":
+                    continue
+                for kwargs in bad:
+                    answer = await api.call(method, path, {}, **kwargs)
+                    assert answer.status == 401, (method, path, kwargs, answer)
+                    assert answer.body["error"] == "unauthorized"
+                    challenge = answer.headers["WWW-Authenticate"]
+                    assert challenge.startswith('Bearer realm="migd"'), challenge
+                    if "token" in kwargs and kwargs["token"] is not None:
+                        assert 'error="invalid_token"' in challenge
+                # Negative control: the right token gets past the gate (whatever the route says next).
+                assert (await api.call(method, path, {})).status != 401, (method, path)
+            # The scheme name is case-insensitive (RFC 7235 §2.1).
+            assert (await api.call("GET", "/v1/guests", authorization=f"bearer {TOKEN}")).status == 200
+            # Unknown routes are behind the gate too: nothing about the URL space leaks without a token.
+            assert (await api.call("GET", "/v1/secret", token=None)).status == 401
+
+    run(main)
+
+
+def test_unknown_routes_and_methods_answer_json(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as api:
+            for path in ("/v1/nope", "/v1/guests/", "/v2/guests", "/v1/guests/g1/explode"):
+                answer = await api.call("GET", path)
+                assert answer.status == 404 and answer.body["error"] == "not_found", (path, answer)
+                assert path in answer.detail
+            for method, path, allowed in (
+                ("PUT", "/v1/guests", {"GET", "POST"}),
+                ("DELETE", "/v1/migrations", {"GET"}),
+                ("GET", "/v1/guests/g1/start", {"POST"}),
+                ("POST", "/v1/health", {"GET"}),
+                ("HEAD", "/v1/guests", {"GET", "POST"}),
+            ):
+                answer = await api.call(method, path)
+                assert answer.status == 405, (method, path, answer)
+                assert set(answer.headers["Allow"].split(",")) == allowed
+                if method != "HEAD":
+                    assert answer.body["error"] == "method_not_allowed" and method in answer.detail
+
+    run(main)
+
+
+# ---------------------------------------------------------------------- guests
+
+
+def test_guest_lifecycle_with_every_guest_route(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as api:
+            answer = await api.call("POST", "/v1/guests", {"name": "g1", "memory_mib": 16})
+            assert answer.status == 201 and answer.headers["Location"] == "/v1/guests/g1"
+            created = answer.body
+            assert created["state"] == "defined" and created["memory_mib"] == 16 and created["policy"] == 0
+            assert created["pages"] == {"total": GUEST_PAGES_16MIB, "private": GUEST_PAGES_16MIB, "shared": 0}
+            assert created["migration_control"] == {"feature": True, "msr": 0, "ready": False}
+
+            again = await api.call("POST", "/v1/guests", {"name": "g1", "memory_mib": 32})
+            assert again.status == 409 and "already exists" in again.detail
+            assert await api.ok("GET", "/v1/guests") == {"guests": [created]}
+            assert await api.ok("GET", "/v1/guests/g1") == created
+            for action in ("stop", "reboot", "kexec"):  # not running yet
+                answer = await api.call("POST", f"/v1/guests/g1/{action}")
+                assert answer.status == 409 and "defined" in answer.detail, (action, answer)
+
+            running = await api.ok("POST", "/v1/guests/g1/start", {"workload": WORKLOAD})
+            assert running["state"] == "running"
+            assert api.daemon.guest("g1").workload.seed == 3  # the workload reached the guest
+            ready = await api.poll("/v1/guests/g1", lambda g: g["migration_control"]["ready"])
+            assert ready["migration_control"]["msr"] == 1 and ready["pages"]["shared"] > 0
+
+            twice = await api.call("POST", "/v1/guests/g1/start", {})
+            assert twice.status == 409 and "running" in twice.detail
+            busy = await api.call("DELETE", "/v1/guests/g1")
+            assert busy.status == 409 and "stop it first" in busy.detail
+            assert (await api.ok("GET", "/v1/guests/g1"))["state"] == "running"
+
+            for action in ("reboot", "kexec"):
+                assert (await api.ok("POST", f"/v1/guests/g1/{action}", {}))["state"] == "running"
+                await api.poll("/v1/guests/g1", lambda g: g["migration_control"]["ready"])
+
+            stopped = await api.ok("POST", "/v1/guests/g1/stop")
+            assert stopped["state"] == "stopped" and stopped["migration_control"]["msr"] == 0
+            assert (await api.call("POST", "/v1/guests/g1/stop")).status == 409
+            # A stopped guest starts again; without a body it runs idle.
+            assert (await api.ok("POST", "/v1/guests/g1/start"))["state"] == "running"
+            await api.ok("POST", "/v1/guests/g1/stop", {})
+
+            deleted = await api.call("DELETE", "/v1/guests/g1")
+            assert deleted.status == 204 and deleted.body is None
+            assert (await api.call("GET", "/v1/guests/g1")).status == 404
+            assert (await api.call("DELETE", "/v1/guests/g1")).status == 404
+            assert await api.ok("GET", "/v1/guests") == {"guests": []}
+            assert not (tmp_path / "hostA" / "guests" / "g1").exists()
+
+    run(main)
+
+
+def test_unknown_guest_or_migration_is_404_on_every_route_that_names_one(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as api:
+            valid_body = {"migrate": {"destination": "127.0.0.1:4444"}, "start": {"workload": WORKLOAD}}
+            checked = 0
+            for method, template in sorted(routes_of(api.app)):
+                if "{name}" not in template and "{id}" not in template:
+                    continue
+                path = template.replace("{name}", "ghost").replace("{id}", "0123456789abcdef")
+                body = valid_body.get(template.rsplit("/", 1)[-1], {})
+                answer = await api.call(method, path, body)
+                assert answer.status == 404 and answer.body["error"] == "not_found", (method, path, answer)
+                assert "ghost" in answer.detail or "0123456789abcdef" in answer.detail
+                checked += 1
+            assert checked == 9
+
+    run(main)
+
+
+def test_invalid_bodies_are_400_with_a_reason_naming_the_field(tmp_path: Path) -> None:
+    create: list[tuple[Any, str]] = [
+        (b"not json", "not valid JSON"),
+        (b"", "empty body"),
+        (b"[1, 2]", "body: expected object, got array"),
+        (b'"g1"', "body: expected object, got string"),
+        (b"null", "body: expected object, got null"),
+        ({"name": "g1", "memory_mib": 16, "colour": "red"}, "unknown key 'colour'"),
+        ({"name": "g1"}, "missing required key 'memory_mib'"),
+        ({"memory_mib": 16}, "missing required key 'name'"),
+        ({"name": "g1", "memory_mib": True}, "memory_mib: expected integer, got boolean"),
+        ({"name": "g1", "memory_mib": "16"}, "memory_mib: expected integer, got string"),
+        ({"name": "g1", "memory_mib": 16.5}, "memory_mib: expected integer, got number"),
+        ({"name": "g1", "memory_mib": 0}, "memory_mib: must be >= 1"),
+        ({"name": "g1", "memory_mib": 10**9}, "memory_mib: must be <="),
+        ({"name": "../etc", "memory_mib": 16}, "name: must match"),
+        ({"name": "g1\n", "memory_mib": 16}, "name: must match"),
+        ({"name": "", "memory_mib": 16}, "name: must match"),
+        ({"name": 7, "memory_mib": 16}, "name: expected string"),
+        ({"name": "g1", "memory_mib": 16, "policy": -1}, "policy: must be >= 0"),
+        ({"name": "g1", "memory_mib": 16, "policy": False}, "policy: expected integer, got boolean"),
+        ({"name": "g1", "memory_mib": 16, "efi": 1}, "efi: expected boolean, got integer"),
+        ({"name": "g1", "memory_mib": 16, "uefi_live_migration": "yes"},
+         "uefi_live_migration: expected boolean or null"),
+        ({"name": "g1", "memory_mib": 16, "uefi_live_migration": False}, "only meaningful with efi: true"),
+        (b'{"name": "g1", "memory_mib": NaN}', "NaN is not a JSON number"),
+        (b'{"name": "g1", "memory_mib": -Infinity}', "-Infinity is not a JSON number"),
+        (b'{"name": "g1", "memory_mib": 1e400}', "out of range"),
+        (b'{"name": "g1", "memory_mib": 1' + b"0" * 40 + b"}", "out of range"),
+        (b'{"name": "g1", "name": "g2", "memory_mib": 16}', "duplicate key 'name'"),
+        (b'{"name": "g\xff", "memory_mib": 16}', "not UTF-8"),
+        (b"[" * 50_000, "nested too deeply"),
+    ]
+    start: list[tuple[Any, str]] = [
+        ({"workload": {"seed": True}}, "workload.seed: expected integer, got boolean"),
+        ({"workload": {"seed": -1}}, "workload.seed: must be >= 0"),
+        ({"workload": {"dirty_rate_mib_s": -1}}, "workload.dirty_rate_mib_s: must be >= 0"),
+        ({"workload": {"dirty_rate_mib_s": "fast"}}, "workload.dirty_rate_mib_s: expected number"),
+        ({"workload": {"convert_rate_hz": 1e300}}, "workload.convert_rate_hz: must be <="),
+        ({"workload": {"speed": 1}}, "workload: unknown key 'speed'"),
+        ({"workload": [1]}, "workload: expected object or null"),
+        ({"workloads": {}}, "unknown key 'workloads'"),
+    ]
+    migrate: list[tuple[Any, str]] = [
+        ({}, "missing required key 'destination'"),
+        (b"", "empty body"),
+        ({"destination": 4444}, "destination: expected string"),
+        ({"destination": ""}, "destination: must be at least 1"),
+        ({"destination": "nowhere"}, "expected HOST:PORT"),
+        ({"destination": "127.0.0.1:0"}, "port must be 1..65535"),
+        ({"destination": "127.0.0.1:99999"}, "port must be in 0..65535"),
+        ({"destination": "bad host!:1"}, "neither an IP address nor a host name"),
+        ({"destination": "127.0.0.1:4444", "downtime_limit_ms": 0}, "downtime_limit_ms: must be > 0"),
+        ({"destination": "127.0.0.1:4444", "downtime_limit_ms": True}, "downtime_limit_ms: expected number or null"),
+        ({"destination": "127.0.0.1:4444", "max_bandwidth_mib_s": -5}, "max_bandwidth_mib_s: must be >= 0"),
+        ({"destination": "127.0.0.1:4444", "max_bandwidth_mib_s": 10**18}, "max_bandwidth_mib_s: must be <="),
+        ({"destination": "127.0.0.1:4444", "to": "x"}, "unknown key 'to'"),
+    ]
+    empty: list[tuple[Any, str]] = [({"force": True}, "unknown key 'force'"), (b"[]", "expected object")]
+
+    async def main() -> None:
+        async with serving(tmp_path) as api:
+            await api.ok("POST", "/v1/guests", {"name": "g0", "memory_mib": 16}, status=201)
+            cases = [("/v1/guests", body, why) for body, why in create]
+            cases += [("/v1/guests/g0/start", body, why) for body, why in start]
+            cases += [("/v1/guests/g0/migrate", body, why) for body, why in migrate]
+            for route in ("stop", "reboot", "kexec"):
+                cases += [(f"/v1/guests/g0/{route}", body, why) for body, why in empty]
+            cases += [("/v1/migrations/0123456789abcdef/cancel", body, why) for body, why in empty]
+            for path, body, why in cases:
+                raw = body if isinstance(body, bytes) else None
+                answer = await api.call("POST", path, body, raw=raw)
+                assert answer.status == 400, (path, body, answer)
+                assert answer.body["error"] == "bad_request"
+                assert why in answer.detail, (path, body, answer.detail)
+            # Nothing happened: no guest g1, g0 still defined.
+            assert [g["name"] for g in (await api.ok("GET", "/v1/guests"))["guests"]] == ["g0"]
+            assert (await api.ok("GET", "/v1/guests/g0"))["state"] == "defined"
+
+            too_big = await api.call("POST", "/v1/guests", raw=b" " * (MAX_BODY_BYTES + 1))
+            assert too_big.status == 413 and too_big.body["error"] == "payload_too_large"
+
+            # Negative controls: the same routes take valid bodies (null = the documented default).
+            g1 = await api.ok("POST", "/v1/guests", {"name": "g1", "memory_mib": 16, "policy": 1, "efi": False,
+                                                      "uefi_live_migration": None}, status=201)
+            assert g1["policy"] == 1
+            started = await api.ok("POST", "/v1/guests/g0/start", {"workload": None})
+            assert started["state"] == "running"
+            await api.ok("POST", "/v1/guests/g0/stop", {})
+
+    run(main)
+
+
+def test_migrate_is_409_while_the_msr_is_not_ready_and_the_reason_is_in_the_answer(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as api:
+            destination = f"127.0.0.1:{free_port()}"
+            defined = await api.ok("POST", "/v1/guests", {"name": "idle", "memory_mib": 16}, status=201)
+            answer = await api.call("POST", "/v1/guests/idle/migrate", {"destination": destination})
+            assert answer.status == 409 and "only a running guest can migrate" in answer.detail
+            assert defined["state"] == "defined"
+
+            # EFI guests whose SevLiveMigrationEnabled is false or absent never write READY (DESIGN.md §3).
+            for name, variable in (("efi-off", False), ("efi-absent", None)):
+                await api.ok("POST", "/v1/guests", {"name": name, "memory_mib": 16, "efi": True,
+                                                     "uefi_live_migration": variable}, status=201)
+                guest = await api.ok("POST", f"/v1/guests/{name}/start", {"workload": WORKLOAD})
+                assert guest["state"] == "running"
+                assert guest["migration_control"] == {"feature": True, "msr": 0, "ready": False}
+                answer = await api.call("POST", f"/v1/guests/{name}/migrate", {"destination": destination})
+                assert answer.status == 409 and answer.body["error"] == "conflict", answer
+                assert "MSR_KVM_MIGRATION_CONTROL = 0x0" in answer.detail
+                assert "SevLiveMigrationEnabled" in answer.detail
+                assert (await api.ok("GET", "/v1/migrations")) == {"migrations": []}
+
+            # Negative control: an EFI guest with the default (variable true) becomes READY and the
+            # same request is accepted; the destination refuses the connection, so it fails cleanly.
+            await api.ok("POST", "/v1/guests", {"name": "efi-on", "memory_mib": 16, "efi": True}, status=201)
+            await api.ok("POST", "/v1/guests/efi-on/start", {"workload": WORKLOAD})
+            await api.poll("/v1/guests/efi-on", lambda g: g["migration_control"]["ready"])
+            accepted = await api.call("POST", "/v1/guests/efi-on/migrate",
+                                      {"destination": destination, "downtime_limit_ms": 50, "max_bandwidth_mib_s": 0})
+            assert accepted.status == 202, accepted
+            migration = accepted.body
+            assert accepted.headers["Location"] == f"/v1/migrations/{migration['id']}"
+            assert migration["guest"] == "efi-on" and migration["role"] == "source"
+            assert migration["destination"] == destination
+            failed = await api.poll(f"/v1/migrations/{migration['id']}", lambda m: m["status"] == "failed")
+            assert "refused" in failed["error"].lower() or "connect" in failed["error"].lower(), failed
+            assert (await api.ok("GET", "/v1/migrations"))["migrations"] == [failed]
+            assert (await api.ok("GET", "/v1/guests/efi-on"))["state"] == "running"  # nothing lost
+
+            late = await api.call("POST", f"/v1/migrations/{migration['id']}/cancel")
+            assert late.status == 409 and "too late to cancel" in late.detail, late
+
+    run(main)
+
+
+# ---------------------------------------------------------------------- migrations between two daemons
+
+
+def test_migration_cancel_and_completion_between_two_daemons(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path, "hostA") as a, serving(tmp_path, "hostB") as b:
+            destination = f"127.0.0.1:{b.daemon.migration_port}"
+            await a.ok("POST", "/v1/guests", {"name": "g1", "memory_mib": 16}, status=201)
+            await a.ok("POST", "/v1/guests/g1/start", {"workload": WORKLOAD})
+            await a.poll("/v1/guests/g1", lambda g: g["migration_control"]["ready"])
+
+            # 1 MiB/s for 16 MiB: still in pre-copy when the cancel arrives.
+            slow = await a.ok("POST", "/v1/guests/g1/migrate", {"destination": destination, "max_bandwidth_mib_s": 1},
+                              status=202)
+            await a.poll(f"/v1/migrations/{slow['id']}", lambda m: m["status"] == "active")
+            busy = await a.call("POST", "/v1/guests/g1/stop")
+            assert busy.status == 409 and "migrating" in busy.detail
+            again = await a.call("POST", "/v1/guests/g1/migrate", {"destination": destination})
+            assert again.status == 409 and "migrating" in again.detail
+            cancelling = await a.call("POST", f"/v1/migrations/{slow['id']}/cancel", {})
+            assert cancelling.status == 202 and cancelling.body["id"] == slow["id"]
+            cancelled = await a.poll(f"/v1/migrations/{slow['id']}", lambda m: m["status"] == "cancelled")
+            assert cancelled["error"] == "cancelled by the operator"
+            assert (await a.ok("GET", "/v1/guests/g1"))["state"] == "running"
+            incoming = await b.poll("/v1/migrations", lambda body: any(
+                m["status"] in ("failed", "cancelled") for m in body["migrations"]))
+            (record,) = incoming["migrations"]
+            assert record["id"] == slow["id"] and record["role"] == "destination"
+            assert await b.ok("GET", "/v1/guests") == {"guests": []}  # no half-created guest
+            refused = await b.call("POST", f"/v1/migrations/{slow['id']}/cancel")
+            assert refused.status == 409 and "incoming here" in refused.detail
+
+            fast = await a.ok("POST", "/v1/guests/g1/migrate", {"destination": destination}, status=202)
+            done = await a.poll(f"/v1/migrations/{fast['id']}", lambda m: m["status"] in ("completed", "failed"))
+            assert done["status"] == "completed", done
+            assert done["downtime_ms"] is not None and done["rounds"] >= 2 and done["bytes"]["transferred"] > 0
+            # The source marks its guest migrated once its agent has stopped, just after "completed".
+            await a.poll("/v1/guests/g1", lambda g: g["state"] == "migrated", timeout=10)
+            arrived = await b.poll("/v1/guests/g1", lambda g: g["check"]["pages_verified"] > 0)
+            assert arrived["state"] == "running"
+            assert arrived["check"] == {"pages_verified": GUEST_PAGES_16MIB, "errors": 0, "last_error": None}
+            dest_record = await b.ok("GET", f"/v1/migrations/{fast['id']}")
+            assert dest_record["role"] == "destination" and dest_record["status"] == "completed"
+
+            finished = await a.call("POST", f"/v1/migrations/{fast['id']}/cancel")
+            assert finished.status == 409 and "committed" in finished.detail
+            metrics = (await a.call("GET", "/metrics")).body
+            assert 'migd_migrations{role="source",status="completed"} 1' in metrics
+            assert 'migd_migrations{role="source",status="cancelled"} 1' in metrics
+            assert 'migd_migration_downtime_seconds_count 1' in metrics
+            assert (await a.call("DELETE", "/v1/guests/g1")).status == 204  # the migrated husk goes
+            await b.ok("POST", "/v1/guests/g1/stop")
+
+    run(main, timeout=90)
+
+
+# ---------------------------------------------------------------------- metrics, failures, document
+
+
+def _sample(text: str, series: str) -> float:
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{series} not in the exposition"
+    return float(match.group(1))
+
+
+def test_metrics_route_serves_the_exposition_and_counters_survive_deletion(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as api:
+            answer = await api.call("GET", "/metrics")
+            assert answer.status == 200
+            assert answer.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+            assert _sample(answer.body, 'migd_hypercalls_total{result="ok"}') == 0
+
+            # g1 lives and goes between two scrapes: DELETE itself must fold its counts in.
+            await api.ok("POST", "/v1/guests", {"name": "g1", "memory_mib": 16}, status=201)
+            await api.ok("POST", "/v1/guests/g1/start", {"workload": WORKLOAD})
+            await api.poll("/v1/guests/g1", lambda g: g["migration_control"]["ready"])
+            await api.ok("POST", "/v1/guests/g1/stop")
+            gone = api.daemon.guest("g1").vm.hypercall_counts["ok"]
+            assert gone > 0
+            assert (await api.call("DELETE", "/v1/guests/g1")).status == 204
+            assert api.daemon.host.guests == {}
+            text = (await api.call("GET", "/metrics")).body
+            assert _sample(text, 'migd_hypercalls_total{result="ok"}') == gone
+
+            await api.ok("POST", "/v1/guests", {"name": "g2", "memory_mib": 16}, status=201)
+            await api.ok("POST", "/v1/guests/g2/start")
+            await api.poll("/v1/guests/g2", lambda g: g["migration_control"]["ready"])
+            text = (await api.call("GET", "/metrics")).body
+            assert _sample(text, 'migd_guests{state="running"}') == 1
+            assert _sample(text, 'migd_guests{state="defined"}') == 0
+            live = api.daemon.guest("g2").vm.hypercall_counts["ok"]
+            assert _sample(text, 'migd_hypercalls_total{result="ok"}') == gone + live
+
+    run(main)
+
+
+def test_an_unexpected_exception_is_a_json_500_with_the_traceback_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as api:
+            real = api.daemon.migrations
+
+            def broken() -> list[Any]:
+                raise RuntimeError("injected fault")
+
+            api.daemon.migrations = broken  # type: ignore[method-assign]
+            with caplog.at_level(logging.ERROR, logger="migd.api"):
+                answer = await api.call("GET", "/v1/migrations")
+            assert answer.status == 500 and answer.body["error"] == "internal_error"
+            assert "RuntimeError: injected fault" in answer.detail
+            (record,) = [r for r in caplog.records if r.name == "migd.api"]
+            assert record.exc_info is not None and "injected fault" in str(record.exc_info[1])
+            api.daemon.migrations = real  # type: ignore[method-assign]
+            assert (await api.call("GET", "/v1/migrations")).status == 200  # the daemon lives on
+
+    run(main)
+
+
+def test_the_openapi_document_is_served_and_true_to_the_routes(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as api:
+            served = await api.ok("GET", "/v1/openapi.json")
+            assert served == json.loads(json.dumps(openapi.DOCUMENT))
+            assert served["openapi"] == "3.1.0" and served["info"]["version"] == __version__
+            assert routes_of(api.app) == routes_of_document(served)
+            assert (await api.call("GET", "/v1/openapi.json", token=None)).status == 401
+
+            # Negative control: a route the document lacks, or a documented one the app lacks, shows.
+            extra = build_app(api.daemon, TOKEN)
+
+            async def hidden(request: web.Request) -> web.Response:
+                return web.json_response({})
+
+            extra.router.add_get("/v1/hidden", hidden, allow_head=False)
+            assert routes_of(extra) - routes_of_document(served) == {("GET", "/v1/hidden")}
+            trimmed = json.loads(json.dumps(served))
+            del trimmed["paths"]["/v1/guests/{name}/kexec"]
+            assert routes_of(api.app) - routes_of_document(trimmed) == {("POST", "/v1/guests/{name}/kexec")}
+
+    run(main)
+
+
+def schema_nodes(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """A schema and every subschema it holds (properties, items, additionalProperties)."""
+    nodes = [schema]
+    for sub in schema.get("properties", {}).values():
+        nodes += schema_nodes(sub)
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            nodes += schema_nodes(schema[key])
+    return nodes
+
+
+def test_the_document_is_well_formed() -> None:
+    doc = openapi.DOCUMENT
+    roots = list(doc["components"]["schemas"].values())
+    for path, operations in doc["paths"].items():
+        for method, op in operations.items():
+            responses = op["responses"]
+            assert any(code.startswith("2") for code in responses), (method, path)
+            assert ("401" in responses) == (path != "/v1/health"), (method, path)
+            assert ("security" in op) == (path == "/v1/health"), (method, path)
+            params = re.findall(r"\{(\w+)\}", path)
+            assert [p["name"] for p in op.get("parameters", [])] == params, (method, path)
+            if "requestBody" in op:
+                assert "400" in responses and "413" in responses
+                roots += [c["schema"] for c in op["requestBody"]["content"].values()]
+            for response in responses.values():
+                roots += [c["schema"] for c in response.get("content", {}).values()]
+    nodes = [node for root in roots for node in schema_nodes(root)]
+    assert len(nodes) > 80
+    for node in nodes:
+        # check() implements exactly these, so every schema means what it says to the checker too.
+        assert set(node) <= openapi.SUPPORTED_KEYWORDS, node
+        if "$ref" in node:
+            assert node["$ref"].removeprefix("#/components/schemas/") in doc["components"]["schemas"], node
+    with pytest.raises(ValueError, match="does not implement"):
+        openapi.check(1, {"type": "integer", "multipleOf": 2})
+
+
+def test_the_schema_checker_rejects_what_it_must() -> None:
+    guest = {
+        "name": "g1", "state": "running", "memory_mib": 16, "policy": 0,
+        "migration_control": {"feature": True, "msr": 1, "ready": True},
+        "pages": {"total": 4096, "private": 4000, "shared": 96},
+        "check": {"pages_verified": 0, "errors": 0, "last_error": None},
+    }
+    openapi.check(guest, openapi.ref("Guest"))
+    bad = [
+        ({**guest, "state": "exploded"}, "state: expected one of"),
+        ({**guest, "memory_mib": True}, "memory_mib: expected integer, got boolean"),
+        ({**guest, "extra": 1}, "unknown key 'extra'"),
+        ({k: v for k, v in guest.items() if k != "check"}, "missing required key 'check'"),
+        ({**guest, "migration_control": {"feature": 1, "msr": 1, "ready": True}}, "migration_control.feature"),
+        ({**guest, "check": {"pages_verified": -1, "errors": 0, "last_error": None}}, "check.pages_verified"),
+    ]
+    for value, why in bad:
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            openapi.check(value, openapi.ref("Guest"))
+    with pytest.raises(ConfigError, match=r"guests\[1\]: expected object"):
+        openapi.check({"guests": [guest, 5]}, openapi.ref("GuestList"))
+    with pytest.raises(ConfigError, match="expected number"):
+        openapi.check(float("nan"), {"type": "number"})

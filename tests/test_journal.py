@@ -1,0 +1,337 @@
+"""The SQLite journal, the restart decision table, and recovery of a Host from a journal (no agents)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from migd.abi import PAGE_SIZE
+from migd.guest import INCOMING_MARKER, GuestDefinition, GuestState
+from migd.host import Host
+from migd.journal import JOURNAL_FILE, GuestRecord, Journal, JournalError, MigrationRecord, restore_progress
+from migd.memory import MemoryEncryption
+from migd.migration_state import MigrationStatus
+from migd.page_runs import PageKind
+from migd.progress import MigrationProgress
+from migd.psp import PspFirmware
+from migd.recovery import (
+    RESTART_ERROR,
+    Fate,
+    final_status,
+    guest_fate,
+    kill_stale_agent,
+    process_start_ticks,
+    recover,
+)
+
+S = MigrationStatus
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _guest(name: str = "g1", state: str = "running", handle: int | None = 3) -> GuestRecord:
+    return GuestRecord(name, 16, 0x2, True, None, state, handle, {"dirty_rate_mib_s": 1.0, "seed": 4})
+
+
+def _progress(guest: str = "g1", role: str = "source", status: MigrationStatus = S.ACTIVE) -> MigrationProgress:
+    progress = MigrationProgress(guest, role, "10.0.0.2:4444", 4096)
+    now = time.monotonic()
+    for step in (S.ACTIVE, S.STOP_COPY, S.COMPLETED):
+        if progress.status is status:
+            break
+        progress.phase.advance(step if step is not S.COMPLETED or status is S.COMPLETED else status, now)
+    return progress
+
+
+# ---------------------------------------------------------------------- the journal
+
+
+def test_guest_rows_round_trip_update_and_delete(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path)
+    journal.save_guest(_guest("a", "defined"))
+    journal.save_guest(_guest("b", "running"))
+    (first, _) = journal.guests()
+    journal.save_guest(_guest("a", "stopped", handle=9))
+    rows = {r.name: r for r in journal.guests()}
+    assert [r.name for r in journal.guests()] == ["a", "b"]  # creation order survives the update
+    assert rows["a"].state == "stopped" and rows["a"].handle == 9 and rows["a"].created_at == first.created_at
+    assert rows["a"].efi is True and rows["a"].uefi_live_migration is None and rows["a"].policy == 0x2
+    assert rows["a"].workload == {"dirty_rate_mib_s": 1.0, "seed": 4}
+    journal.delete_guest("a")
+    journal.close()
+    assert [r.name for r in Journal.open(tmp_path).guests()] == ["b"]  # on disk, not just in memory
+
+
+def test_journal_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
+    Journal.open(tmp_path).close()
+    path = tmp_path / JOURNAL_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_migration_rows_and_the_commit_record(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path)
+    progress = _progress(status=S.STOP_COPY)
+    journal.save_migration(progress)
+    (row,) = journal.migrations()
+    assert (row.status, row.committed, row.committed_at, row.role, row.peer) == (
+        S.STOP_COPY, False, None, "source", "10.0.0.2:4444")
+
+    statements: list[str] = []
+    journal._db.set_trace_callback(statements.append)  # what SQLite really executes, in order
+    journal.record_commit(progress)  # the source calls this before phase.commit()
+    journal._db.set_trace_callback(None)
+    full = statements.index("PRAGMA synchronous=FULL")
+    write = next(i for i, s in enumerate(statements) if s.lstrip().startswith("INSERT INTO migrations"))
+    assert full < write < statements.index("PRAGMA synchronous=NORMAL")
+    assert journal._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL again
+
+    (row,) = journal.migrations()
+    assert row.committed and row.committed_at is not None
+    journal.save_migration(progress)  # a later save (phase.committed still False) keeps the record
+    (again,) = journal.migrations()
+    assert again.committed and again.committed_at == row.committed_at
+
+
+def test_restored_progress_renders_like_the_original(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path)
+    progress = _progress(status=S.STOP_COPY)
+    progress.phase.started_at -= 2.0  # a migration that took two seconds
+    progress.rounds, progress.downtime_ms, progress.expected_downtime_ms = 4, 12.5, 40.0
+    progress.count_run(PageKind.PRIVATE, 100, 100 * PAGE_SIZE + 52)
+    progress.count_run(PageKind.ZERO, 7, 0)
+    progress.shared_bitmap_sha256 = "ab" * 32
+    progress.phase.commit()
+    progress.phase.advance(S.COMPLETED, time.monotonic())
+    journal.save_migration(progress)
+    (record,) = journal.migrations()
+    restored = restore_progress(record)
+    original, again = progress.to_json(), restored.to_json()
+    assert abs(original.pop("total_time_ms") - again.pop("total_time_ms")) < 50
+    assert again.pop("throughput_mib_s") == pytest.approx(original.pop("throughput_mib_s"), rel=0.02)
+    assert again == original
+    assert restored.bytes_by_kind == progress.bytes_by_kind and restored.phase.committed
+    assert restored.shared_bitmap_sha256 == progress.shared_bitmap_sha256
+
+
+def test_finish_and_prune(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path)
+    running = _progress("live")
+    journal.save_migration(running)
+    for i in range(5):
+        journal.save_migration(_progress(f"old{i}", status=S.FAILED))
+    assert journal.prune(keep=2) == 3
+    assert sorted(r.guest for r in journal.migrations()) == ["live", "old3", "old4"]  # unfinished never pruned
+    journal.finish_migration(running.id, S.FAILED, RESTART_ERROR)
+    (live,) = [r for r in journal.migrations() if r.guest == "live"]
+    assert (live.status, live.error) == (S.FAILED, RESTART_ERROR) and live.finished_at is not None
+    with pytest.raises(ValueError):
+        journal.finish_migration(running.id, S.ACTIVE, "no")
+
+
+def test_a_commit_record_survives_sigkill_and_an_open_transaction_does_not(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from migd.journal import Journal
+        from migd.migration_state import MigrationStatus
+        from migd.progress import MigrationProgress
+        import time
+        journal = Journal.open({str(tmp_path)!r})
+        p = MigrationProgress("g1", "source", "peer:1", 16)
+        p.phase.advance(MigrationStatus.ACTIVE, time.monotonic())
+        p.phase.advance(MigrationStatus.STOP_COPY, time.monotonic())
+        journal.save_migration(p)
+        journal.record_commit(p)
+        journal._db.execute("BEGIN IMMEDIATE")  # a write the process never commits
+        journal._db.execute("DELETE FROM migrations")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    (row,) = Journal.open(tmp_path).migrations()
+    assert row.committed and row.status is S.STOP_COPY
+
+
+def test_bad_journal_files_are_clear_errors(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_FILE
+    path.write_bytes(b"this is not a database, just bytes " * 200)
+    with pytest.raises(JournalError, match=str(path)):
+        Journal.open(tmp_path)
+    path.unlink()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version=99")
+    with pytest.raises(JournalError, match="schema version 99"):
+        Journal.open(tmp_path)
+
+
+# ---------------------------------------------------------------------- the decision table
+
+
+def _record(role: str, committed: bool, status: MigrationStatus = S.ACTIVE) -> MigrationRecord:
+    return MigrationRecord("m1", "g1", role, "peer", 16, status, committed, None, None, 0.0, 0.0, None, {})
+
+
+def test_final_status_of_a_migration_in_flight() -> None:
+    assert final_status(_record("source", False)) == (S.FAILED, RESTART_ERROR)
+    assert final_status(_record("destination", False)) == (S.FAILED, RESTART_ERROR)
+    status, error = final_status(_record("source", True, S.STOP_COPY))
+    assert status is S.COMPLETED and error.startswith(RESTART_ERROR) and "destination owns" in error
+    status, error = final_status(_record("destination", True, S.STOP_COPY))
+    assert status is S.COMPLETED and "kept here" in error
+
+
+@pytest.mark.parametrize(
+    ("state", "latest", "dir_exists", "marker", "fate"),
+    [
+        ("defined", None, True, False, Fate.KEEP),
+        ("stopped", None, True, False, Fate.KEEP),
+        ("running", None, True, False, Fate.STOPPED),
+        ("paused", _record("source", False), True, False, Fate.STOPPED),  # mid stop-copy, no commit: stays
+        ("paused", _record("source", True), True, False, Fate.MIGRATED),  # committed: the destination's
+        ("running", _record("source", True, S.COMPLETED), False, False, Fate.MIGRATED),
+        ("migrated", None, False, False, Fate.MIGRATED),
+        ("incoming", _record("destination", False), True, True, Fate.REMOVE),
+        ("incoming", _record("destination", False), False, False, Fate.REMOVE),  # the host removed the dir
+        ("incoming", _record("destination", True), True, False, Fate.STOPPED),
+        ("incoming", _record("destination", False), True, False, Fate.STOPPED),  # COMMIT came; record lost
+        ("running", _record("destination", True, S.COMPLETED), True, False, Fate.STOPPED),
+        ("stopped", _record("destination", True, S.COMPLETED), True, False, Fate.KEEP),
+        ("running", _record("source", False, S.FAILED), True, False, Fate.STOPPED),
+    ],
+)
+def test_guest_fate(state: str, latest: MigrationRecord | None, dir_exists: bool, marker: bool, fate: Fate) -> None:
+    assert guest_fate(state, latest, dir_exists=dir_exists, marker=marker) is fate
+
+
+# ---------------------------------------------------------------------- stale agents
+
+
+def test_process_start_ticks_identifies_a_process() -> None:
+    assert process_start_ticks(os.getpid()) == process_start_ticks(os.getpid()) is not None
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert process_start_ticks(proc.pid) is None
+
+
+def test_only_the_recorded_process_is_killed() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ticks = process_start_ticks(proc.pid)
+        assert ticks is not None
+        # Same pid, other start time: a reused pid belongs to someone else and is left alone.
+        assert not asyncio.run(kill_stale_agent(proc.pid, ticks + 1))
+        assert proc.poll() is None
+        assert not asyncio.run(kill_stale_agent(proc.pid, None))
+        assert proc.poll() is None
+        assert asyncio.run(kill_stale_agent(proc.pid, ticks))
+        assert proc.wait(5) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------------------- a Host recovered from its journal
+
+
+def _host(tmp_path: Path, make_firmware: Callable[..., PspFirmware]) -> tuple[Host, Journal]:
+    """A host with its firmware (the PSP store reloads) and journal, as a daemon start builds them."""
+    firmware = make_firmware("hostA")
+    journal = Journal.open(tmp_path / "hostA")
+    return Host(tmp_path / "hostA", firmware, runtime_dir=tmp_path / "run", journal=journal), journal
+
+
+def test_host_recovery_after_a_crash(tmp_path: Path, make_firmware: Callable[..., PspFirmware]) -> None:
+    host, journal = _host(tmp_path, make_firmware)
+    fw = host.firmware
+    kept = host.create_guest(GuestDefinition("kept", 1))
+    running = host.create_guest(GuestDefinition("running", 1))
+    gone = host.create_guest(GuestDefinition("gone", 1))
+    partial = host.create_incoming(GuestDefinition("partial", 1), fw.launch(0))
+    arrived = host.create_incoming(GuestDefinition("arrived", 1), fw.launch(0))
+    # "running" has private data the restart must not lose.
+    secret = os.urandom(PAGE_SIZE)
+    MemoryEncryption(fw.guest_key(running.handle)).write_private(running.ram, 0, secret)
+    running.state = GuestState.RUNNING
+    host.journal_guest(running)
+    # "gone" was mid stop-copy and committed; "running" was mid-migration without a commit.
+    out_committed = _progress("gone", status=S.STOP_COPY)
+    out_open = _progress("running", status=S.ACTIVE)
+    in_open = _progress("partial", "destination", status=S.STOP_COPY)  # PREPARED: RECEIVE_FINISH done
+    in_committed = _progress("arrived", "destination", status=S.STOP_COPY)
+    for progress in (out_committed, out_open, in_open, in_committed):
+        host.add_migration(progress)
+    journal.record_commit(out_committed)
+    in_committed.phase.commit()
+    host.incoming_committed(in_committed)
+    handles = {g.name: g.handle for g in (kept, running, gone, partial, arrived)}
+    journal.close()  # the crash: nothing is shut down, files stay as they are
+
+    host, journal = _host(tmp_path, make_firmware)
+    assert host.removed_partial == ["partial"]  # the marker decides at once, the journal keeps "arrived"
+    report = asyncio.run(recover(host, journal))
+
+    assert set(host.guests) == {"kept", "running", "gone", "arrived"}
+    assert host.get("kept").state is GuestState.DEFINED
+    assert host.get("running").state is GuestState.STOPPED
+    assert host.get("arrived").state is GuestState.STOPPED
+    assert not (host.guest_dir("arrived") / INCOMING_MARKER).exists()
+    assert host.get("gone").state is GuestState.MIGRATED and not host.get("gone").has_memory
+    assert not host.guest_dir("gone").exists() and not host.guest_dir("partial").exists()
+    # Firmware: contexts of kept guests are back under their handles, the others are gone.
+    assert set(host.firmware.guest_handles()) == {handles["kept"], handles["running"], handles["arrived"]}
+    restored = host.get("running")
+    assert restored.handle == handles["running"]
+    assert bytes(MemoryEncryption(host.firmware.guest_key(restored.handle)).read_private(restored.ram, 0, 1)) \
+        == secret
+    # Migrations in flight are over, per their commit records.
+    statuses = {m.guest: (m.status, m.phase.error) for m in host.migrations.values()}
+    assert statuses["running"] == (S.FAILED, RESTART_ERROR)
+    assert statuses["partial"] == (S.FAILED, RESTART_ERROR)
+    assert statuses["gone"][0] is S.COMPLETED and "destination owns" in statuses["gone"][1]
+    assert statuses["arrived"][0] is S.COMPLETED and "kept here" in statuses["arrived"][1]
+    assert set(report.stopped) == {"running", "arrived"} and report.removed == ("partial",)
+    assert report.migrated == ("gone",) and len(report.ended_migrations) == 4
+    # The journal now says the same, so a second restart changes nothing.
+    assert {r.name: r.state for r in journal.guests()} == {
+        "kept": "defined", "running": "stopped", "gone": "migrated", "arrived": "stopped"}
+    for guest in host.guests.values():
+        if guest.has_memory:
+            guest.ram.close()
+    journal.close()
+    host, journal = _host(tmp_path, make_firmware)
+    again = asyncio.run(recover(host, journal))
+    assert again.ended_migrations == () and again.stopped == () and set(again.guests) == set(report.guests)
+
+
+def test_recovery_relaunches_a_lost_context_and_reports_unloadable_guests(
+    tmp_path: Path, make_firmware: Callable[..., PspFirmware]
+) -> None:
+    host, journal = _host(tmp_path, make_firmware)
+    lost = host.create_guest(GuestDefinition("lost", 1))
+    broken = host.create_guest(GuestDefinition("broken", 1))
+    host.firmware.decommission(lost.handle)  # the PSP store lost it
+    lost.ram.close()
+    broken.ram.close()
+    (host.guest_dir("broken") / "ram").write_bytes(b"short")  # RAM file of the wrong size
+    host.firmware.decommission(broken.handle)  # and no context: none may leak from the failed reload
+    journal.close()
+
+    host, journal = _host(tmp_path, make_firmware)
+    report = asyncio.run(recover(host, journal))
+    assert report.unrecoverable == ("broken",) and "broken" not in host.guests
+    assert "broken" in {r.name for r in journal.guests()}  # kept for the operator, not silently dropped
+    relaunched = host.get("lost")
+    assert relaunched.handle != lost.handle and host.firmware.guest_handles() == [relaunched.handle]
+    assert journal.guests()[0].handle == relaunched.handle
