@@ -9,6 +9,7 @@ then +10 % a step, at most 99 %).
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 AUTO_CONVERGE_INITIAL = 20
@@ -23,17 +24,21 @@ class BandwidthMeter:
 
     def __init__(self, window_s: float = 1.0) -> None:
         self._window = window_s
-        self._samples: list[tuple[float, int]] = []
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+        self._window_bytes = 0  # bytes of every sample but the oldest (the interval's left edge)
         self.total_bytes = 0
 
     def record(self, now: float, nbytes: int) -> None:
         """``nbytes`` finished sending at ``now``."""
         self.total_bytes += nbytes
+        if self._samples:
+            self._window_bytes += nbytes
         self._samples.append((now, nbytes))
         cutoff = now - self._window
-        # Keep one sample older than the window as the interval's left edge.
+        # Keep one sample older than the window as the interval's left edge; O(1) per record.
         while len(self._samples) > 2 and self._samples[1][0] < cutoff:
-            self._samples.pop(0)
+            self._samples.popleft()
+            self._window_bytes -= self._samples[0][1]
 
     def rate(self, now: float) -> float:
         """Bytes/s over the window; 0 until two samples span some time."""
@@ -42,7 +47,7 @@ class BandwidthMeter:
         span = max(now, self._samples[-1][0]) - self._samples[0][0]
         if span <= 0:
             return 0.0
-        return sum(n for _, n in self._samples[1:]) / span
+        return self._window_bytes / span
 
 
 def expected_downtime_ms(remaining_bytes: int, bandwidth_bps: float) -> float | None:

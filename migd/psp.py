@@ -102,6 +102,13 @@ class _GuestContext:
     sender: TransportSender | None = None
     receiver: TransportReceiver | None = None
     vmsa: dict[int, bytes] = field(default_factory=dict)
+    _scratch: bytearray = field(default_factory=bytearray, repr=False)
+
+    def scratch(self, nbytes: int) -> memoryview:
+        """A reusable work buffer for one RECEIVE run (commands on a context run one at a time)."""
+        if len(self._scratch) < nbytes:
+            self._scratch = bytearray(nbytes)
+        return memoryview(self._scratch)[:nbytes]
 
 
 def _policy_api(policy: int) -> tuple[int, int]:
@@ -364,7 +371,7 @@ class PspFirmware:
         The MAC is checked before anything is decrypted, so a rejected packet writes nothing.
         """
         ctx = self._context(handle, GuestState.RUPDATE)
-        target = self._checked_range(ram, gpa, npages)
+        self._checked_range(ram, gpa, npages)
         if len(ciphertext) != npages * PAGE_SIZE:
             raise FirmwareError(
                 FirmwareStatus.INVALID_LEN,
@@ -373,14 +380,16 @@ class PspFirmware:
         assert ctx.receiver is not None
         try:
             packet = PacketHeader.unpack(header)
-            # The MAC is verified before anything is written; then CTR-decrypt straight into the
-            # target pages and XEX-encrypt them there in place (no scratch buffer per run).
-            plaintext = ctx.receiver.open(CTX_DATA, packet, ciphertext, gpa=gpa, npages=npages, out=target)
+            # The MAC is verified before anything is written. The run is decrypted and
+            # re-encrypted in a per-context scratch buffer, then stored with one write
+            # (GuestRam.write: pwrite, no page fault per page of the new guest).
+            scratch = ctx.scratch(len(ciphertext))
+            plaintext = ctx.receiver.open(CTX_DATA, packet, ciphertext, gpa=gpa, npages=npages, out=scratch)
         except IntegrityError as exc:
             raise FirmwareError(FirmwareStatus.BAD_MEASUREMENT, f"packet at gpa {gpa:#x}: {exc}") from exc
         except TransportError as exc:
             raise FirmwareError(FirmwareStatus.INVALID_PARAM, f"packet at gpa {gpa:#x}: {exc}") from exc
-        ctx.engine.encrypt(gpa, plaintext, out=target)
+        ram.write(gpa, ctx.engine.encrypt(gpa, plaintext, out=plaintext))
 
     def receive_update_vmsa(
         self, handle: int, vcpu_id: int, header: bytes | memoryview, ciphertext: bytes | memoryview

@@ -33,6 +33,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def __init__(self, on_pages: PageHandler | None = None) -> None:
         self._decoder = wire.FrameDecoder()
+        self._encoder = wire.FrameEncoder()
         self._on_pages = on_pages
         self._queue: asyncio.Queue[wire.Message | BaseException] = asyncio.Queue()
         self._transport: asyncio.Transport | None = None
@@ -112,7 +113,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if self._close_reason is not None:
             raise StreamClosed(f"cannot send {msg.TYPE.name}: {self._close_reason}")
         assert self._transport is not None
-        parts = wire.encode(msg)
+        parts = self._encoder.encode(msg)
         self._transport.writelines(parts)
         nbytes = sum(len(p) for p in parts)
         self.bytes_sent += nbytes

@@ -17,11 +17,17 @@ Two kinds of faults:
 * **frame faults** (:class:`CutBeforeFrame`, :class:`DropFrame`, :class:`DuplicateFrame`,
   :class:`ReplayFrame`, :class:`RollbackFrame`, :class:`SwapFrames`, :class:`FlipFrameBit`) parse the direction's
   stream into frames and act on whole frames. With ``Framing.MIGD`` the frames are migd's
-  (``u32 length | u8 type | u16 meta_len | meta | payload``, :mod:`migd.wire`); with
+  (``u32 length | u8 type | u16 meta_len | meta | payload | u32 crc``, :mod:`migd.wire`); with
   ``Framing.TLS`` they are TLS records (``u8 type | u16 version | u16 length | fragment``), so
   the same faults can be aimed at a mutual-TLS stream whose frames the proxy cannot read.
   A :class:`FrameSelector` picks frames by type; its ``index`` counts the frames *the sender
   sent* that match it (0-based), whatever earlier faults did to them.
+
+Two models of who breaks the stream. By default the proxy is an *accident* (a bad link, a bad
+NIC): whatever it changes keeps the frames' CRC32 trailers as the sender wrote them, so the
+receiver's CRC check sees the damage. With ``reseal=True`` (migd framing) it is an *attacker* on
+the path: it renumbers and recomputes the unkeyed CRC of every frame it forwards, so only what
+is keyed — the SEV transport's MAC, mutual TLS — can still notice a frame fault.
 
 Faults apply to every connection the proxy accepts, each with fresh offsets and counters
 (``FaultRecord.connection`` tells them apart). A frame whose length field announces more
@@ -38,12 +44,15 @@ import enum
 import ipaddress
 import logging
 import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Union
 
 import msgpack
+
+from migd import wire
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,9 @@ DEFAULT_MAX_FRAME = 64 << 20  # migd frames are at most ~8.5 MiB (a 256 GiB gues
 DEFAULT_ROLLBACK_STORE = 64 << 20  # bytes of first-seen frames RollbackFrame may keep
 
 _MIGD_PREFIX = struct.Struct(">IBH")  # length (bytes after this field), type, meta_len
+_MIGD_CRC = struct.Struct(">I")  # trailer: CRC32 of (frame number as u64 LE || type .. payload)
+_MIGD_SEQ = struct.Struct("<Q")
+assert _MIGD_PREFIX.size == wire.PREFIX_SIZE and _MIGD_CRC.size == wire.CRC_SIZE
 _TLS_HEADER = struct.Struct(">BHH")  # content type, legacy version, fragment length
 TLS_APPLICATION_DATA = 23
 
@@ -76,6 +88,7 @@ class Region(str, enum.Enum):
     PREFIX = "prefix"  # migd: the 7-byte length/type/meta_len prefix; TLS: the 5-byte record header
     META = "meta"  # migd: the msgpack metadata (TLS records have none)
     PAYLOAD = "payload"  # migd: the payload after the metadata; TLS: the encrypted fragment
+    TRAILER = "trailer"  # migd: the CRC32 (TLS records have none)
 
 
 @dataclass(frozen=True)
@@ -88,12 +101,13 @@ class FrameInfo:
     length: int  # total bytes, prefix included
     prefix_len: int
     meta_len: int
+    trailer_len: int = 0
     gpa: int | None = None  # migd page frames: from the metadata
     npages: int | None = None
 
     @property
     def payload_len(self) -> int:
-        return self.length - self.prefix_len - self.meta_len
+        return self.length - self.prefix_len - self.meta_len - self.trailer_len
 
 
 @dataclass(frozen=True)
@@ -195,10 +209,14 @@ class RollbackFrame:
     """Replay attack on page state (migd framing only): keep the first copy of every page
     frame of ``types``; when a later frame of those types overlaps its guest-physical range
     (the pages were re-sent with newer content), forward the kept older copy right after it,
-    so those pages roll back. ``occurrence`` picks which overlap (0 = the first) triggers it."""
+    so those pages roll back. ``occurrence`` picks which overlap (0 = the first) triggers it.
+    With ``before_type`` the older copy is held back and forwarded right before the first
+    later frame of that type instead (e.g. SHARED_BITMAP: after the last page was sent, so no
+    later re-send can repair the rollback)."""
 
     types: frozenset[int]
     occurrence: int = 0
+    before_type: int | None = None
     direction: Direction = Direction.UPSTREAM
 
 
@@ -250,17 +268,26 @@ class FaultRecord:
 # ---------------------------------------------------------------------- framing
 
 
-def _parse_header(framing: Framing, buf: bytearray) -> tuple[int, int, int, int] | None:
-    """(total length, type, prefix length, meta length) of the frame at the start of ``buf``."""
+def _parse_header(framing: Framing, buf: bytearray) -> tuple[int, int, int, int, int] | None:
+    """(total length, type, prefix length, meta length, trailer length) of the frame at the start of ``buf``."""
     if framing is Framing.MIGD:
         if len(buf) < _MIGD_PREFIX.size:
             return None
         length, ftype, meta_len = _MIGD_PREFIX.unpack_from(buf)
-        return 4 + length, ftype, _MIGD_PREFIX.size, min(meta_len, max(length - 3, 0))
+        trailer = min(_MIGD_CRC.size, max(length - 3, 0))  # a corrupt length may leave no room
+        return 4 + length, ftype, _MIGD_PREFIX.size, min(meta_len, max(length - 3 - trailer, 0)), trailer
     if len(buf) < _TLS_HEADER.size:
         return None
     ctype, _, length = _TLS_HEADER.unpack_from(buf)
-    return _TLS_HEADER.size + length, ctype, _TLS_HEADER.size, 0
+    return _TLS_HEADER.size + length, ctype, _TLS_HEADER.size, 0, 0
+
+
+def reseal(frame: bytes, sequence: int) -> bytes:
+    """``frame`` with the CRC32 trailer a sender would write for it as frame ``sequence``
+    (the unkeyed checksum anyone on the path can recompute, :mod:`migd.wire`)."""
+    body = memoryview(frame)[4 : len(frame) - _MIGD_CRC.size]
+    crc = zlib.crc32(body, zlib.crc32(_MIGD_SEQ.pack(sequence)))
+    return frame[: len(frame) - _MIGD_CRC.size] + _MIGD_CRC.pack(crc)
 
 
 def _page_range(framing: Framing, frame: bytes, prefix_len: int, meta_len: int) -> tuple[int | None, int | None]:
@@ -329,7 +356,8 @@ class _FrameFaultState:
         self.count = 0  # matching frames seen so far
         self.done = False
         self.held: tuple[bytes, FrameInfo] | None = None  # swap
-        self.saved: tuple[bytes, FrameInfo] | None = None  # replay
+        self.saved: tuple[bytes, FrameInfo] | None = None  # replay; rollback with before_type
+        self.partner: FrameInfo | None = None  # rollback with before_type: the newer copy
         self.store: list[tuple[int, int, bytes, FrameInfo]] = []  # rollback: first copies
         self.stored_bytes = 0
         self.overlaps = 0
@@ -415,6 +443,7 @@ class _FrameFaultState:
             Region.PREFIX: (0, info.prefix_len),
             Region.META: (info.prefix_len, info.meta_len),
             Region.PAYLOAD: (info.prefix_len + info.meta_len, info.payload_len),
+            Region.TRAILER: (info.length - info.trailer_len, info.trailer_len),
         }[fault.region]
         offset = fault.offset if fault.offset >= 0 else size + fault.offset
         if not 0 <= offset < size or not 0 <= fault.bit < 8:
@@ -446,6 +475,11 @@ class _FrameFaultState:
     def _rollback(self, raw: bytes, info: FrameInfo, emit: list[bytes]) -> list[bytes]:
         fault = self.fault
         assert isinstance(fault, RollbackFrame)
+        if self.saved is not None and info.type == fault.before_type:
+            (old_raw, old_info), self.saved = self.saved, None
+            self.conn.record(FaultRecord("rollback", self.direction, self.conn.number, old_info.offset,
+                                         old_info, partner=self.partner))
+            return [old_raw] + emit
         if self.done or info.type not in fault.types or info.gpa is None or info.npages is None:
             return emit
         first, end = info.gpa, info.gpa + info.npages * 4096
@@ -454,6 +488,9 @@ class _FrameFaultState:
                 index, self.overlaps = self.overlaps, self.overlaps + 1
                 if index == fault.occurrence:
                     self.done = True
+                    if fault.before_type is not None:
+                        self.saved, self.partner = (old_raw, old_info), info  # forwarded later
+                        return emit
                     self.conn.record(FaultRecord("rollback", self.direction, self.conn.number, old_info.offset,
                                                  old_info, partner=info))
                     return emit + [old_raw]
@@ -475,16 +512,27 @@ class _FrameStage:
     """Cuts one direction into frames and runs them through that direction's frame faults."""
 
     def __init__(self, faults: Sequence[FrameFault], framing: Framing, conn: _Connection, direction: Direction,
-                 max_frame: int, observe: bool) -> None:
+                 max_frame: int, observe: bool, reseal: bool) -> None:
         self.framing = framing
         self.conn = conn
         self.direction = direction
         self.max_frame = max_frame
         self.states = [_FrameFaultState(f, framing, conn, direction) for f in faults]
-        self.active = bool(faults) or observe
+        self.reseal = reseal and framing is Framing.MIGD
+        self.active = bool(faults) or observe or self.reseal
         self.buf = bytearray()
         self.offset = 0  # sender-stream offset of buf[0]
         self.ordinal = 0
+        self.out_sequence = 0  # frames forwarded (reseal: the number the receiver expects next)
+
+    def _sealed(self, frames: list[bytes]) -> list[bytes]:
+        if not self.reseal:
+            return frames
+        out = []
+        for frame in frames:
+            out.append(reseal(frame, self.out_sequence))
+            self.out_sequence += 1
+        return out
 
     def feed(self, data: bytes) -> list[bytes]:
         if not self.active:
@@ -492,12 +540,12 @@ class _FrameStage:
         self.buf += data
         out: list[bytes] = []
         while (header := _parse_header(self.framing, self.buf)) is not None:
-            total, ftype, prefix_len, meta_len = header
+            total, ftype, prefix_len, meta_len, trailer_len = header
             if total > self.max_frame:
                 self.conn.record(FaultRecord("framing-lost", self.direction, self.conn.number, self.offset))
                 self.active = False
                 for state in self.states:
-                    out.extend(state.flush())
+                    out.extend(self._sealed(state.flush()))
                 out.append(bytes(self.buf))
                 self.buf.clear()
                 return out
@@ -506,7 +554,7 @@ class _FrameStage:
             raw = bytes(self.buf[:total])
             del self.buf[:total]
             gpa, npages = _page_range(self.framing, raw, prefix_len, meta_len)
-            info = FrameInfo(self.offset, self.ordinal, ftype, total, prefix_len, meta_len, gpa, npages)
+            info = FrameInfo(self.offset, self.ordinal, ftype, total, prefix_len, meta_len, trailer_len, gpa, npages)
             self.conn.proxy.frames_seen[(self.direction, ftype)] += 1
             self.offset += total
             self.ordinal += 1
@@ -516,13 +564,13 @@ class _FrameStage:
             if self.conn.cut_pending:
                 self.buf.clear()  # nothing from the cut frame on is forwarded
                 return out
-            out.extend(emit)
+            out.extend(self._sealed(emit))
         return out
 
     def flush(self) -> list[bytes]:
         out: list[bytes] = []
         for state in self.states:
-            out.extend(state.flush())
+            out.extend(self._sealed(state.flush()))
         if self.buf:
             out.append(bytes(self.buf))
             self.buf.clear()
@@ -616,6 +664,7 @@ class FaultProxy:
         *,
         framing: Framing = Framing.MIGD,
         observe: bool = False,
+        reseal: bool = False,
         max_frame: int = DEFAULT_MAX_FRAME,
         rollback_store: int = DEFAULT_ROLLBACK_STORE,
     ) -> None:
@@ -629,6 +678,9 @@ class FaultProxy:
         self.faults = tuple(faults)
         self.framing = framing
         self.observe = observe
+        if reseal and framing is not Framing.MIGD:
+            raise ValueError("reseal recomputes migd CRC32 trailers: it needs the migd framing")
+        self.reseal = reseal
         self.max_frame = max_frame
         self.rollback_store = rollback_store
         self.records: list[FaultRecord] = []
@@ -747,7 +799,7 @@ class FaultProxy:
     async def _pump(self, conn: _Connection, direction: Direction, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> None:
         frames = _FrameStage([f for f in self.faults if isinstance(f, _FRAME_FAULTS) and f.direction is direction],
-                             self.framing, conn, direction, self.max_frame, self.observe)
+                             self.framing, conn, direction, self.max_frame, self.observe, self.reseal)
         raw = _ByteStage([f for f in self.faults if isinstance(f, (Cut, Stall, FlipBit)) and f.direction is direction],
                          conn, direction)
         try:

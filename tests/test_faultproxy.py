@@ -19,6 +19,7 @@ import pytest
 
 from migd import wire
 from migd.abi import PAGE_SIZE
+from migd.errors import ProtocolError
 from migd.wire import FrameType
 
 from faultproxy import (
@@ -263,7 +264,14 @@ def _stream() -> list[wire.Message]:
 
 
 def _encode(msgs: Sequence[wire.Message]) -> bytes:
-    return b"".join(wire.encode_bytes(m) for m in msgs)
+    return wire.encode_stream(list(msgs))
+
+
+def _decode(frame: bytes) -> wire.Message:
+    """One raw migd frame's message, its CRC trailer not checked (the proxy may have moved it)."""
+    _, ftype, meta_len = struct.unpack_from(">IBH", frame)
+    view = memoryview(frame)
+    return wire._detached(wire.decode_frame(ftype, view[7 : 7 + meta_len], view[7 + meta_len : -wire.CRC_SIZE]))
 
 
 def _frames(data: bytes) -> list[bytes]:
@@ -326,8 +334,8 @@ async def test_rollback_replays_the_older_copy_after_the_newer() -> None:
     assert rollback.frame is not None and rollback.frame.gpa == 4 * PAGE_SIZE and rollback.frame.npages == 2
     assert rollback.partner is not None and rollback.partner.npages == 1
     assert got == sent[:11] + [sent[3]] + sent[11:]
-    decoded = wire.FrameDecoder().feed(b"".join(got))
-    assert isinstance(decoded[11], wire.PrivatePages) and bytes(decoded[11].payload[:1]) == b"\x02"
+    replayed = _decode(got[11])
+    assert isinstance(replayed, wire.PrivatePages) and bytes(replayed.payload[:1]) == b"\x02"
 
 
 @run
@@ -347,6 +355,15 @@ async def test_cut_before_a_frame() -> None:
     (cut,) = proxy.fired("cut")
     assert cut.frame is not None and cut.frame.ordinal == 9 and cut.offset == len(b"".join(sent[:9]))
     assert _frames(got) == sent[:9]  # everything before it arrived, nothing from it on
+
+
+@run
+async def test_rollback_deferred_to_a_later_frame_type() -> None:
+    sent, got, proxy = await _through([RollbackFrame(frozenset({P}), before_type=FrameType.PREPARE)])
+    (rollback,) = proxy.fired("rollback")
+    assert rollback.frame is not None and rollback.frame.ordinal == 3
+    assert rollback.partner is not None and rollback.partner.ordinal == 10
+    assert got == sent[:12] + [sent[3]] + sent[12:]  # right before PREPARE (ordinal 12)
 
 
 @run
@@ -377,7 +394,8 @@ async def test_swap_held_at_end_of_stream_is_released() -> None:
 
 @pytest.mark.parametrize(
     ("region", "offset", "where"),
-    [(Region.PREFIX, 4, lambda f: 4), (Region.META, 0, lambda f: 7), (Region.PAYLOAD, -1, lambda f: len(f) - 1)],
+    [(Region.PREFIX, 4, lambda f: 4), (Region.META, 0, lambda f: 7), (Region.PAYLOAD, -1, lambda f: len(f) - 5),
+     (Region.TRAILER, 0, lambda f: len(f) - 4)],
 )
 def test_flip_in_a_frame_region(region: Region, offset: int, where: Callable[[bytes], int]) -> None:
     @run
@@ -400,8 +418,8 @@ async def test_flip_a_metadata_field_moves_the_run() -> None:
     # index 1 among the frames that can take the flip: P0 (gpa 0, a fixint) does not count
     sent, got, proxy = await _through([FlipFrameBit(FrameSelector.of(P, index=1), field="gpa", bit=12)])
     (flip,) = proxy.fired("flip")
-    decoded = wire.FrameDecoder().feed(b"".join(got))
-    original = wire.FrameDecoder().feed(b"".join(sent))
+    decoded = [_decode(f) for f in got]
+    original = [_decode(f) for f in sent]
     assert isinstance(decoded[3], wire.PrivatePages) and isinstance(original[3], wire.PrivatePages)
     assert decoded[3].gpa == original[3].gpa ^ PAGE_SIZE  # gpa page 4 → page 5
     assert flip.frame is not None and flip.frame.gpa == original[3].gpa and flip.frame.ordinal == 3
@@ -424,6 +442,68 @@ async def test_oversized_length_field_stops_parsing_and_forwards_raw() -> None:
     assert got == data
     (lost,) = proxy.records
     assert lost.action == "framing-lost" and proxy.fired() == []
+
+
+# ---------------------------------------------------------------------- accident vs attacker (CRC trailers)
+
+
+@run
+async def test_frame_faults_keep_the_senders_crc_so_the_receiver_sees_them() -> None:
+    data = _encode(_stream())
+    got, _, _, proxy = await exchange([DropFrame(FrameSelector.of(P, index=1))], data)
+    assert proxy.fired("drop")
+    with pytest.raises(ProtocolError, match="CRC32"):
+        wire.FrameDecoder().feed(got)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        DropFrame(FrameSelector.of(P, index=1)),
+        DuplicateFrame(FrameSelector.of(SH)),
+        ReplayFrame(FrameSelector.of(P), after=2),
+        RollbackFrame(frozenset({P})),
+        SwapFrames(FrameSelector.of(P, index=1)),
+        FlipFrameBit(FrameSelector.of(SH), Region.PAYLOAD, 100, 0),
+    ],
+    ids=["drop", "duplicate", "replay", "rollback", "swap", "flip"],
+)
+def test_reseal_makes_every_frame_fault_pass_the_crc(fault: Fault) -> None:
+    """The attacker model: frames renumbered and re-checksummed, so the stream decodes cleanly."""
+
+    @run
+    async def main() -> None:
+        data = _encode(_stream())
+        echo = EchoServer()
+        port = await echo.start()
+        async with FaultProxy("127.0.0.1", port, [fault], reseal=True) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(data)
+            writer.write_eof()
+            async with asyncio.timeout(5):
+                while await reader.read(65536):
+                    pass
+            writer.close()
+        await echo.close()
+        assert proxy.fired()
+        got = bytes(echo.received[0])
+        assert got != data
+        messages = wire.FrameDecoder().feed(got)  # every CRC valid, in the receiver's numbering
+        assert len(messages) == len(_frames(got))
+
+    main()
+
+
+def test_reseal_of_an_untouched_stream_is_the_identity() -> None:
+    frames = _frames(_encode(_stream()))
+    from faultproxy import reseal
+
+    assert [reseal(f, i) for i, f in enumerate(frames)] == frames
+
+
+def test_reseal_needs_migd_framing() -> None:
+    with pytest.raises(ValueError, match="migd framing"):
+        FaultProxy("127.0.0.1", 4444, reseal=True, framing=Framing.TLS)
 
 
 # ---------------------------------------------------------------------- TLS record framing

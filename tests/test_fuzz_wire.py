@@ -4,14 +4,16 @@ Two layers, both against ``FrameDecoder`` (both receive paths) and ``decode_fram
 
 * a fast, seeded loop (``random.Random(SEED)``): valid frames of every type, then mutated
   (bit flips, boundary bytes, truncation, extension, splices, rewritten length/type/meta_len,
-  re-encoded metadata with fields of the wrong type or range) and wholly random headers;
+  re-encoded metadata with fields of the wrong type or range) and wholly random headers. Half
+  of the mutated frames get a valid CRC32 trailer again (a buggy or hostile peer computes it
+  too), so the checks behind the CRC — framing, msgpack, every field — see them;
 * hypothesis for structure: arbitrary msgpack metadata under every frame type, and valid
   streams cut at arbitrary points.
 
 The oracle for every input: nothing but ``ProtocolError`` escapes; a failed decoder stays
 failed; whatever decodes satisfies the documented bounds of its message; and the receive
 buffer — the only allocation a peer sizes — never exceeds ``PREFIX_SIZE + MAX_META +
-MAX_PAYLOAD`` (per type: ``PREFIX_SIZE + MAX_META + `` that type's payload limit).
+MAX_PAYLOAD + CRC_SIZE`` (per type: that type's payload limit instead of ``MAX_PAYLOAD``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import random
 import struct
 import time
 import tracemalloc
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -37,8 +40,9 @@ SEED = 0x6D696764  # "migd": a fixed seed, so a failure reproduces
 FAST_FRAMES = 110_000
 TIME_BUDGET_S = 20.0
 #: The documented receive-buffer bound (wire.py: every length is checked before allocation).
-BUFFER_BOUND = wire.PREFIX_SIZE + wire.MAX_META + wire.MAX_PAYLOAD
+BUFFER_BOUND = wire.PREFIX_SIZE + wire.MAX_META + wire.MAX_PAYLOAD + wire.CRC_SIZE
 _PREFIX = struct.Struct(">IBH")
+_CRC = struct.Struct(">I")
 _PAYLOAD_LIMIT = {
     FrameType.PRIVATE_PAGES: wire.MAX_RUN_PAGES * PAGE_SIZE,
     FrameType.SHARED_PAGES: wire.MAX_RUN_PAGES * PAGE_SIZE,
@@ -95,11 +99,26 @@ def decode_one(data: bytes, chunk: int) -> str:
     decoder = wire.FrameDecoder(initial=64)
     try:
         feed_all(decoder, data, chunk)
-    except ProtocolError:
+    except ProtocolError as exc:
         with pytest.raises(ProtocolError, match="already failed"):
             decoder.feed(b"\x00")  # a failed stream stays failed: nothing after it is trusted
-        return "refused"
+        return "crc" if "CRC32" in str(exc) else "refused"
     return "decoded" if decoder.pending_bytes == 0 else "incomplete"
+
+
+def frame(ftype: int, meta: bytes, payload: bytes = b"", sequence: int = 0) -> bytes:
+    """A frame with any content and a valid CRC32 trailer for frame number ``sequence``."""
+    body = struct.pack(">BH", ftype, len(meta)) + meta + payload
+    crc = zlib.crc32(body, zlib.crc32(struct.pack("<Q", sequence)))
+    return struct.pack(">I", len(body) + wire.CRC_SIZE) + body + _CRC.pack(crc)
+
+
+def reseal(data: bytes) -> bytes:
+    """``data`` with its CRC trailer recomputed, when it still is one frame of consistent length."""
+    if len(data) < wire.PREFIX_SIZE + wire.CRC_SIZE or struct.unpack_from(">I", data)[0] != len(data) - 4:
+        return data
+    crc = zlib.crc32(memoryview(data)[4:-wire.CRC_SIZE], zlib.crc32(struct.pack("<Q", 0)))
+    return data[: -wire.CRC_SIZE] + _CRC.pack(crc)
 
 
 # ---------------------------------------------------------------------- generators
@@ -139,11 +158,11 @@ _HOSTILE_VALUES: tuple[Any, ...] = (
 )
 
 
-def _mutate_meta(rng: random.Random, frame: bytes) -> bytes:
+def _mutate_meta(rng: random.Random, raw: bytes) -> bytes:
     """Re-encode the metadata with one field replaced, removed or added (valid framing)."""
-    length, ftype, meta_len = _PREFIX.unpack_from(frame)
-    meta = msgpack.unpackb(frame[7 : 7 + meta_len], raw=False)
-    payload = frame[7 + meta_len :]
+    length, ftype, meta_len = _PREFIX.unpack_from(raw)
+    meta = msgpack.unpackb(raw[7 : 7 + meta_len], raw=False)
+    payload = raw[7 + meta_len : -wire.CRC_SIZE]
     key = rng.choice(sorted(meta) + ["extra"]) if meta else "extra"
     action = rng.randrange(3)
     if action == 0 and key in meta:
@@ -154,12 +173,11 @@ def _mutate_meta(rng: random.Random, frame: bytes) -> bytes:
         inner[inner_key] = rng.choice(_HOSTILE_VALUES)
     else:
         meta[key] = rng.choice(_HOSTILE_VALUES)
-    packed = msgpack.packb(meta, use_bin_type=True)
-    return _PREFIX.pack(3 + len(packed) + len(payload), ftype, len(packed)) + packed + payload
+    return frame(ftype, msgpack.packb(meta, use_bin_type=True), payload)
 
 
-def _mutate(rng: random.Random, frame: bytes, others: list[bytes]) -> bytes:
-    data = bytearray(frame)
+def _mutate(rng: random.Random, raw: bytes, others: list[bytes]) -> bytes:
+    data = bytearray(raw)
     kind = rng.randrange(9)
     if kind == 0:  # a few bit flips anywhere
         for _ in range(rng.randint(1, 4)):
@@ -184,15 +202,16 @@ def _mutate(rng: random.Random, frame: bytes, others: list[bytes]) -> bytes:
         other = rng.choice(others)
         data = data[: rng.randrange(len(data) + 1)] + other[rng.randrange(len(other)) :]
     else:  # a field of the metadata replaced by a hostile value
-        return _mutate_meta(rng, frame)
-    return bytes(data)
+        return _mutate_meta(rng, raw)
+    return reseal(bytes(data)) if rng.random() < 0.5 else bytes(data)
 
 
 def _random_header(rng: random.Random) -> bytes:
-    """A wholly random prefix and a short random body."""
+    """A wholly random prefix and a short random body (half the time with a valid CRC)."""
     body = rng.randbytes(rng.randint(0, 96))
-    length = rng.choice([rng.getrandbits(32), 3 + len(body), rng.randint(0, 200)])
-    return _PREFIX.pack(length, rng.randrange(256), rng.randrange(1 << 16)) + body
+    length = rng.choice([rng.getrandbits(32), 3 + len(body) + wire.CRC_SIZE, rng.randint(0, 200)])
+    data = _PREFIX.pack(length, rng.randrange(256), rng.randrange(1 << 16)) + body + rng.randbytes(4)
+    return reseal(data) if rng.random() < 0.5 else data
 
 
 # ---------------------------------------------------------------------- the fast loop
@@ -201,13 +220,13 @@ def _random_header(rng: random.Random) -> bytes:
 def test_fuzz_frames_only_protocol_errors_escape() -> None:
     rng = random.Random(SEED)
     started = time.monotonic()
-    outcomes: dict[str, int] = {"refused": 0, "decoded": 0, "incomplete": 0}
+    outcomes: dict[str, int] = {"crc": 0, "refused": 0, "decoded": 0, "incomplete": 0}
     generated = 0
     while generated < FAST_FRAMES:
-        valid = [wire.encode_bytes(m) for m in _valid_messages(rng)]
-        for frame in valid:
+        valid = [wire.encode_bytes(m) for m in _valid_messages(rng)]  # each frame number 0
+        for raw in valid:
             for _ in range(8):
-                data = _random_header(rng) if rng.random() < 0.15 else _mutate(rng, frame, valid)
+                data = _random_header(rng) if rng.random() < 0.15 else _mutate(rng, raw, valid)
                 # Whole, in three pieces, in pages, or (small inputs) byte by byte: the prefix
                 # and the metadata then straddle every possible receive boundary.
                 size = len(data) or 1
@@ -217,7 +236,8 @@ def test_fuzz_frames_only_protocol_errors_escape() -> None:
     elapsed = time.monotonic() - started
     assert generated >= 100_000
     assert elapsed < TIME_BUDGET_S, f"{generated} frames took {elapsed:.1f} s"
-    # The mutations are neither all caught at the first byte nor all harmless: each class occurs.
+    # The mutations are neither all caught by the CRC nor all harmless: each outcome occurs, and
+    # the checks behind the CRC (framing, msgpack, fields) refuse thousands of resealed frames.
     assert all(n > 1000 for n in outcomes.values()), outcomes
 
 
@@ -225,7 +245,7 @@ def test_valid_stream_through_the_buffered_protocol_path() -> None:
     """Control: the generated valid frames decode back to the same messages through get_buffer."""
     rng = random.Random(SEED + 1)
     messages = [m for _ in range(50) for m in _valid_messages(rng)]
-    data = b"".join(wire.encode_bytes(m) for m in messages)
+    data = wire.encode_stream(messages)
     decoder = wire.FrameDecoder(initial=64)
     out: list[wire.Message] = []
     pos = 0
@@ -238,7 +258,7 @@ def test_valid_stream_through_the_buffered_protocol_path() -> None:
             check_message(msg)
             out.append(wire._detached(msg))  # views die at the next get_buffer
     assert [type(m) for m in out] == [type(m) for m in messages]
-    assert [wire.encode_bytes(m) for m in out] == [wire.encode_bytes(m) for m in messages]
+    assert wire.encode_stream(out) == data
 
 
 # ---------------------------------------------------------------------- allocation bounds
@@ -263,7 +283,7 @@ def test_length_field_never_allocates_past_the_type_bound(ftype: FrameType) -> N
     """A prefix claiming the largest frame its type allows may grow the buffer to exactly that;
     one byte more is refused from the 7-byte prefix alone, before any allocation."""
     limit = _PAYLOAD_LIMIT.get(ftype, 0)
-    largest = 3 + wire.MAX_META + limit
+    largest = 3 + wire.MAX_META + limit + wire.CRC_SIZE
     decoder = wire.FrameDecoder(initial=64)
     assert decoder.feed(_PREFIX.pack(largest, ftype, wire.MAX_META)) == []
     decoder.get_buffer(-1)
@@ -322,8 +342,7 @@ def test_any_metadata_under_any_type(ftype: int, meta: Any, payload: bytes) -> N
         return
     check_message(msg)
     if len(packed) <= wire.MAX_META:  # what decodes from a frame decodes the same from a stream
-        frame = _PREFIX.pack(3 + len(packed) + len(payload), ftype, len(packed)) + packed + payload
-        (again,) = wire.FrameDecoder(initial=64).feed(frame)
+        (again,) = wire.FrameDecoder(initial=64).feed(frame(ftype, packed, payload))
         assert type(again) is type(msg)
 
 
@@ -331,7 +350,7 @@ def test_any_metadata_under_any_type(ftype: int, meta: Any, payload: bytes) -> N
 def _streams(draw: st.DrawFn) -> tuple[bytes, list[int]]:
     rng = random.Random(draw(st.integers(0, 1 << 32)))
     messages = draw(st.lists(st.sampled_from(_valid_messages(rng)), min_size=1, max_size=12))
-    data = b"".join(wire.encode_bytes(m) for m in messages)
+    data = wire.encode_stream(messages)
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=8)))
     return data, cuts
 
@@ -340,7 +359,8 @@ def _streams(draw: st.DrawFn) -> tuple[bytes, list[int]]:
 @given(_streams(), st.integers(0, 1 << 16), st.integers(0, 7))
 def test_valid_stream_with_one_flipped_bit_at_any_cut(stream: tuple[bytes, list[int]], pos: int, bit: int) -> None:
     """A valid stream, delivered in arbitrary pieces, with one bit flipped: the clean copy decodes
-    fully whatever the pieces; the flipped copy is refused, or decodes to in-bound messages."""
+    fully whatever the pieces; the flipped copy is always refused (the CRC covers every byte
+    after the length field; a flipped length fails the framing or the CRC)."""
     data, cuts = stream
     pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
     decoder = wire.FrameDecoder(initial=64)
@@ -348,7 +368,7 @@ def test_valid_stream_with_one_flipped_bit_at_any_cut(stream: tuple[bytes, list[
     assert decoder.pending_bytes == 0 and got
     flipped = bytearray(data)
     flipped[pos % len(flipped)] ^= 1 << bit
-    decode_one(bytes(flipped), max(1, len(pieces[0])))
+    assert decode_one(bytes(flipped), max(1, len(pieces[0]))) in ("crc", "refused", "incomplete")
 
 
 @pytest.mark.parametrize(

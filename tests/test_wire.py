@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import zlib
 
 import msgpack
 import pytest
@@ -42,9 +43,12 @@ def _same(a: wire.Message, b: wire.Message) -> bool:
     return type(a) is type(b) and norm(a) == norm(b)
 
 
-def _frame(ftype: int, meta: object, payload: bytes = b"") -> bytes:
-    packed = msgpack.packb(meta, use_bin_type=True)
-    return struct.pack(">IBH", 3 + len(packed) + len(payload), ftype, len(packed)) + packed + payload
+def _frame(ftype: int, meta: object, payload: bytes = b"", sequence: int = 0) -> bytes:
+    """A hand-built frame (any meta, even a wrong one) with a valid CRC for ``sequence``."""
+    packed = meta if isinstance(meta, bytes) else msgpack.packb(meta, use_bin_type=True)
+    body = struct.pack(">BH", ftype, len(packed)) + packed + payload
+    crc = zlib.crc32(body, zlib.crc32(struct.pack("<Q", sequence)))
+    return struct.pack(">I", len(body) + 4) + body + struct.pack(">I", crc)
 
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
@@ -54,7 +58,7 @@ def test_round_trip(msg: wire.Message) -> None:
 
 
 def test_stream_split_at_every_byte_boundary() -> None:
-    data = b"".join(wire.encode_bytes(m) for m in SAMPLES)
+    data = wire.encode_stream(SAMPLES)
     for cut in range(0, len(data), 97):
         dec = wire.FrameDecoder(initial=64)
         got = dec.feed(data[:cut]) + dec.feed(data[cut:])
@@ -113,8 +117,9 @@ def test_control_frame_with_payload_rejected() -> None:
     "frame, match",
     [
         (_frame(99, {}), "unknown frame type"),
-        (struct.pack(">IBH", 3, wire.FrameType.COMMIT, 5), "shorter than its metadata"),
-        (struct.pack(">IBH", 5, wire.FrameType.COMMIT, 2) + b"\xc1\xc1", "not valid msgpack"),
+        (struct.pack(">IBH", 7, wire.FrameType.COMMIT, 5), "shorter than its metadata"),
+        (_frame(wire.FrameType.COMMIT, b"\xc1\xc1"), "not valid msgpack"),
+        (_frame(wire.FrameType.COMMIT, {})[:-1] + b"\x00", "CRC32"),
         (_frame(wire.FrameType.COMMIT, [1, 2]), "must be a map"),
         (_frame(wire.FrameType.SHARED_PAGES, {"gpa": 0}, bytes(PAGE_SIZE)), "missing field 'n'"),
         (_frame(wire.FrameType.SHARED_PAGES, {"gpa": "0", "n": 1}, bytes(PAGE_SIZE)), "type str"),
@@ -169,3 +174,53 @@ def test_mutated_valid_frames_only_raise_protocol_error(msg: wire.Message, pos: 
         wire.FrameDecoder(initial=64).feed(bytes(data))
     except ProtocolError:
         pass
+
+
+STREAM = [wire.Hello("m", GUEST, "bound"), wire.SharedPages(0, 1, b"\x01" * PAGE_SIZE),
+          wire.SharedPages(PAGE_SIZE, 1, b"\x02" * PAGE_SIZE), wire.ZeroPages(2 * PAGE_SIZE, 4), wire.Commit()]
+
+
+def _frames(messages: list[wire.Message]) -> list[bytes]:
+    encoder = wire.FrameEncoder()
+    return [encoder.encode_bytes(m) for m in messages]
+
+
+def _decode_all(frames: list[bytes]) -> list[wire.Message]:
+    return wire.FrameDecoder().feed(b"".join(frames))
+
+
+def test_intact_stream_decodes_in_order() -> None:
+    """Negative control for the integrity tests below."""
+    assert [type(m) for m in _decode_all(_frames(STREAM))] == [type(m) for m in STREAM]
+
+
+@pytest.mark.parametrize("offset", [4, 5, 7, 20, 200, -5, -1])
+def test_a_flipped_bit_anywhere_fails_the_crc(offset: int) -> None:
+    frames = _frames(STREAM)
+    damaged = bytearray(frames[1])
+    damaged[offset] ^= 0x10
+    frames[1] = bytes(damaged)
+    with pytest.raises(ProtocolError):
+        _decode_all(frames)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda f: f[:1] + f[2:], id="drop"),
+        pytest.param(lambda f: f[:2] + [f[1]] + f[2:], id="duplicate"),
+        pytest.param(lambda f: f[:3] + [f[1]] + f[3:], id="replay"),
+        pytest.param(lambda f: [f[0], f[2], f[1], *f[3:]], id="swap"),
+    ],
+)
+def test_dropped_duplicated_replayed_or_swapped_frames_fail_the_crc(mutate: object) -> None:
+    frames = mutate(_frames(STREAM))  # type: ignore[operator]
+    with pytest.raises(ProtocolError, match="CRC32"):
+        _decode_all(frames)
+
+
+def test_each_direction_counts_its_own_frames() -> None:
+    """A fresh decoder expects frame 0: a stream cannot be spliced in mid-way."""
+    frames = _frames(STREAM)
+    with pytest.raises(ProtocolError, match="frame 0"):
+        wire.FrameDecoder().feed(frames[2])
