@@ -83,7 +83,7 @@ class Daemon:
             t = config.tls
             self._server_tls = tls_server_context(t.ca, t.cert, t.key)
             self._client_tls = tls_client_context(t.ca, t.cert, t.key)
-        self.listener = MigrationListener(self.host, ssl_context=self._server_tls)
+        self.listener = MigrationListener(self.host, ssl_context=self._server_tls, client_ssl=self._client_tls)
         self.migration_port: int | None = None
         self.accepting = True
 
@@ -196,7 +196,8 @@ class Daemon:
         # on_commit: the journal's commit record, durable before COMMIT goes out; if it cannot be
         # written the migration rolls back and the guest runs on here.
         migration = OutgoingMigration(guest, address.host, address.port, params, ssl_context=self._client_tls,
-                                      on_commit=self.journal.record_commit)
+                                      on_commit=self.journal.record_commit,
+                                      resolve_port=self.migration_port or 0)
         task = migration.start()  # raises MigrationRefused (409) with the reason
         self.outgoing[migration.progress.id] = migration
         self.host.add_migration(migration.progress)

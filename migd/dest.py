@@ -30,7 +30,7 @@ from migd.migration_state import MigrationStatus
 from migd.page_runs import PageKind
 from migd.progress import MigrationProgress
 from migd.source import unpack_vmsa
-from migd.stream import FrameProtocol
+from migd.stream import FrameProtocol, StreamClosed, StreamTimeout, open_stream
 
 log = logging.getLogger(__name__)
 S = MigrationStatus
@@ -53,6 +53,8 @@ class IncomingMigration:
         handshake_timeout_s: float = 15.0,
         idle_timeout_s: float = 120.0,
         start_timeout_s: float = 120.0,
+        resolve_timeout_s: float = 60.0,
+        client_ssl: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.proto = proto
@@ -60,6 +62,9 @@ class IncomingMigration:
         self.handshake_timeout_s = handshake_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.start_timeout_s = start_timeout_s
+        self.resolve_timeout_s = resolve_timeout_s
+        self.client_ssl = client_ssl
+        self._in_doubt = False
         self.progress: MigrationProgress | None = None
         self.guest: HostGuest | None = None
         self._handle: int | None = None
@@ -85,7 +90,17 @@ class IncomingMigration:
 
     async def _receive(self) -> None:
         proto, host = self.proto, self.host
-        hello: wire.Hello = await proto.expect(wire.Hello, self.handshake_timeout_s)
+        first = await proto.receive(self.handshake_timeout_s)
+        if isinstance(first, wire.Resolve):
+            # Not a migration: a destination in doubt asks how one of ours ended.
+            outcome = resolution(host, first.migration_id)
+            log.info("RESOLVE migration=%s from=%s: %s", first.migration_id, self.peer, outcome)
+            proto.write(wire.Resolved(first.migration_id, outcome))
+            await proto.drain()
+            return
+        if not isinstance(first, wire.Hello):
+            raise ProtocolError(f"expected Hello, peer sent {type(first).__name__}")
+        hello = first
         definition = self._accept(hello)
         self.progress = progress = MigrationProgress(definition.name, "destination", self.peer, definition.npages)
         progress.id = hello.migration_id
@@ -126,13 +141,20 @@ class IncomingMigration:
 
         await self._agent_ready  # a destination that cannot start the guest must not say PREPARED
         proto.write(wire.Prepared(self._received.count()))
-        await proto.expect(wire.Commit, self.start_timeout_s)
+        try:
+            await proto.expect(wire.Commit, self.start_timeout_s)
+        except (StreamClosed, StreamTimeout, ProtocolError) as exc:
+            # In doubt: the source may have committed and lost only the COMMIT frame. Ask it
+            # before throwing away what may now be the only copy of the guest.
+            if await self._resolve_in_doubt(hello, exc) != "committed":
+                raise
         self._committed = True
         progress.phase.commit()
         host.incoming_committed(progress)  # the journal's commit record, durable, before the guest starts
         assert self.guest is not None and self._vcpu_state is not None
         await self.guest.start_incoming(self._vcpu_state)
-        proto.write(wire.Started())
+        if proto.close_reason is None:  # after a RESOLVE the source may be gone: the guest runs regardless
+            proto.write(wire.Started())
         progress.remaining_pages = 0
         progress.phase.advance(S.COMPLETED, time.monotonic())
         report = await self.guest.wait_check(self.start_timeout_s)
@@ -140,6 +162,34 @@ class IncomingMigration:
             "incoming migration completed guest=%s pages_verified=%d errors=%d first_error=%s",
             definition.name, report.pages_verified, report.errors, report.first_error,
         )
+
+    async def _resolve_in_doubt(self, hello: wire.Hello, cause: BaseException) -> str:
+        """Ask the source's listener whether the migration committed (bounded retries)."""
+        host_part = self.peer.rpartition(":")[0] if self.peer else ""
+        if not hello.resolve_port or not host_part:
+            return "unknown"
+        log.warning("migration %s in doubt after PREPARED (%s): asking %s:%d",
+                    hello.migration_id, cause, host_part, hello.resolve_port)
+        deadline = time.monotonic() + self.resolve_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ask = await open_stream(host_part, hello.resolve_port, ssl_context=self.client_ssl, timeout=5.0)
+                try:
+                    ask.write(wire.Resolve(hello.migration_id))
+                    answer: wire.Resolved = await ask.expect(wire.Resolved, 10.0)
+                finally:
+                    ask.close()
+            except (MigdError, OSError, TimeoutError) as exc:
+                log.info("RESOLVE %s: source not reachable yet (%s)", hello.migration_id, exc)
+            else:
+                if answer.migration_id == hello.migration_id and answer.outcome != "pending":
+                    log.warning("migration %s resolved by the source: %s", hello.migration_id, answer.outcome)
+                    return answer.outcome
+            await asyncio.sleep(1.0)
+        # No answer: the source may have committed. Keep the prepared guest (never started,
+        # never discarded) for the operator rather than risk losing the only copy.
+        self._in_doubt = True
+        return "unreachable"
 
     def _accept(self, hello: wire.Hello) -> GuestDefinition:
         if hello.version != wire.PROTOCOL_VERSION:
@@ -219,6 +269,12 @@ class IncomingMigration:
             except MigdError:
                 pass
         progress = self.progress
+        if self._in_doubt:
+            log.error("migration %s: source unreachable after PREPARED; guest %s kept (not started) for the "
+                      "operator", progress.id if progress else "?", self.guest.name if self.guest else "?")
+            if progress is not None and not progress.status.finished:
+                progress.phase.advance(S.FAILED, time.monotonic(), error=f"in doubt, guest kept: {reason}")
+            return
         if self._committed:
             # The source has committed: the guest is ours now; keep it for the operator.
             if progress is not None:
@@ -240,12 +296,29 @@ class IncomingMigration:
             progress.phase.advance(S.FAILED, time.monotonic(), error=reason)
 
 
+def resolution(host: Host, migration_id: str) -> str:
+    """How an outgoing migration of this host ended, for a destination in doubt."""
+    progress = host.migrations.get(migration_id)
+    if progress is not None and progress.role == "source":
+        if progress.phase.committed:
+            return "committed"
+        return "aborted" if progress.status.finished else "pending"
+    if host.journal is not None:
+        for record in host.journal.migrations():
+            if record.id == migration_id and record.role == "source":
+                return "committed" if record.committed else "aborted"
+    return "unknown"
+
+
 class MigrationListener:
     """The standing listener for incoming migrations (TCP, optionally mutual TLS)."""
 
-    def __init__(self, host: Host, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, host: Host, *, ssl_context: ssl.SSLContext | None = None, client_ssl: ssl.SSLContext | None = None
+    ) -> None:
         self.host = host
         self._ssl = ssl_context
+        self._client_ssl = client_ssl  # to RESOLVE an in-doubt migration with its source
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[MigrationProgress | None]] = set()
 
@@ -262,7 +335,7 @@ class MigrationListener:
         async def serve() -> MigrationProgress | None:
             await proto.connected.wait()
             peer = proto.peer or "unknown"
-            return await IncomingMigration(self.host, proto, peer).run()
+            return await IncomingMigration(self.host, proto, peer, client_ssl=self._client_ssl).run()
 
         task = loop.create_task(serve())
         self._tasks.add(task)

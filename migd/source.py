@@ -108,12 +108,14 @@ class OutgoingMigration:
         *,
         ssl_context: ssl.SSLContext | None = None,
         on_commit: CommitHook | None = None,
+        resolve_port: int = 0,
     ) -> None:
         self.guest = guest
         self.host, self.port = host, port
         self.params = params or MigrationParams()
         self._ssl = ssl_context
         self._on_commit = on_commit
+        self._resolve_port = resolve_port  # our listener: a destination in doubt asks it (RESOLVE)
         self.progress = MigrationProgress(guest.name, "source", f"{host}:{port}", guest.definition.npages)
         self._proto: FrameProtocol | None = None
         self._meter = BandwidthMeter()
@@ -214,7 +216,8 @@ class OutgoingMigration:
         )
         d = self.guest.definition
         spec = wire.GuestSpec(d.name, d.npages, d.policy, d.efi, d.uefi_live_migration)
-        proto.write(wire.Hello(self.progress.id, spec, self.guest.firmware.transport_mode.value))
+        proto.write(wire.Hello(self.progress.id, spec, self.guest.firmware.transport_mode.value,
+                               resolve_port=self._resolve_port))
         try:
             welcome: wire.Welcome = await proto.expect(wire.Welcome, p.handshake_timeout_s)
         except StreamClosed as exc:

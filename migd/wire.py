@@ -76,6 +76,8 @@ class FrameType(enum.IntEnum):
     COMMIT = 13  # source → destination: the source has committed; start the guest
     STARTED = 14  # destination → source: the guest runs here
     ABORT = 15  # either way: the migration is over, with a reason
+    RESOLVE = 16  # destination → source listener, on a new stream: did migration ID commit?
+    RESOLVED = 17  # source → destination: committed | aborted | pending | unknown
 
 
 # ---------------------------------------------------------------- field checks
@@ -169,6 +171,8 @@ class Hello:
     transport_mode: str
     version: int = PROTOCOL_VERSION
     capabilities: tuple[str, ...] = CAPABILITIES
+    #: The source's migration listener port, where a destination in doubt sends RESOLVE (0: none).
+    resolve_port: int = 0
     TYPE: ClassVar[FrameType] = FrameType.HELLO
 
 
@@ -268,9 +272,27 @@ class Abort:
     TYPE: ClassVar[FrameType] = FrameType.ABORT
 
 
+RESOLUTIONS = ("committed", "aborted", "pending", "unknown")
+
+
+@dataclass(frozen=True)
+class Resolve:
+    """A destination that lost the stream between PREPARED and COMMIT asks the source."""
+
+    migration_id: str
+    TYPE: ClassVar[FrameType] = FrameType.RESOLVE
+
+
+@dataclass(frozen=True)
+class Resolved:
+    migration_id: str
+    outcome: str  # one of RESOLUTIONS
+    TYPE: ClassVar[FrameType] = FrameType.RESOLVED
+
+
 Message = Union[
     Hello, Welcome, Session, SessionAck, PrivatePages, SharedPages, ZeroPages, RoundEnd,
-    SharedBitmap, VcpuState, Prepare, Prepared, Commit, Started, Abort,
+    SharedBitmap, VcpuState, Prepare, Prepared, Commit, Started, Abort, Resolve, Resolved,
 ]
 
 #: Largest payload each frame type may carry: checked from the length prefix, before buffering.
@@ -296,6 +318,7 @@ def _meta_of(msg: Message) -> dict[str, Any]:
             "id": msg.migration_id,
             "guest": msg.guest.to_meta(),
             "transport": msg.transport_mode,
+            "resolve_port": msg.resolve_port,
         }
     if isinstance(msg, Welcome):
         return {"version": msg.version, "caps": list(msg.capabilities), "pdh": msg.pdh_cert}
@@ -315,6 +338,10 @@ def _meta_of(msg: Message) -> dict[str, Any]:
         return {"pages": msg.pages_received}
     if isinstance(msg, Abort):
         return {"reason": msg.reason[:1024]}
+    if isinstance(msg, Resolve):
+        return {"id": msg.migration_id}
+    if isinstance(msg, Resolved):
+        return {"id": msg.migration_id, "outcome": msg.outcome}
     return {}
 
 
@@ -432,6 +459,7 @@ def decode_frame(ftype: int, meta_bytes: memoryview, payload: memoryview) -> Mes
             transport_mode=_str(meta, "transport", what, 32),
             version=_int(meta, "version", what, 0, 0xFFFF),
             capabilities=_capabilities(meta, what),
+            resolve_port=_int(meta, "resolve_port", what, 0, 65535) if "resolve_port" in meta else 0,
         )
     if frame_type is FrameType.WELCOME:
         return Welcome(
@@ -457,6 +485,13 @@ def decode_frame(ftype: int, meta_bytes: memoryview, payload: memoryview) -> Mes
         return SessionAck()
     if frame_type is FrameType.COMMIT:
         return Commit()
+    if frame_type is FrameType.RESOLVE:
+        return Resolve(_str(meta, "id", what, 64))
+    if frame_type is FrameType.RESOLVED:
+        outcome = _str(meta, "outcome", what, 16)
+        if outcome not in RESOLUTIONS:
+            raise ProtocolError(f"{what}: outcome must be one of {RESOLUTIONS}, got {outcome!r}")
+        return Resolved(_str(meta, "id", what, 64), outcome)
     return Started()
 
 

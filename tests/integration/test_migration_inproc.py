@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
+
+import pytest
 
 from migd import identity
 from migd.abi import GuestPolicy
@@ -14,7 +17,7 @@ from migd.migration_state import MigrationStatus
 from migd.pki_verify import tls_client_context, tls_server_context
 from migd.progress import MigrationProgress
 from migd.sev_transport import TransportMode
-from migd.source import OutgoingMigration
+from migd.source import MigrationParams, OutgoingMigration
 
 from .hosts import closing, make_host, running_guest
 
@@ -127,6 +130,85 @@ def test_destination_refuses_an_existing_guest_name(tmp_path: Path) -> None:
             assert "already exists on the destination" in (progress.phase.error or "")
             assert guest.state is GuestState.RUNNING and (await guest.check()).errors == 0
             assert b.get("g1").state is GuestState.DEFINED  # untouched
+            await listener.close()
+
+    asyncio.run(main())
+
+
+def test_lost_commit_is_resolved_with_the_source_and_the_guest_runs_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT is lost after PREPARED: the destination asks the source's listener (RESOLVE)
+    whether the migration committed, learns it did, and starts the guest — exactly one copy."""
+    from faultproxy import DropFrame, FaultProxy, FrameSelector
+
+    from migd import dest as dest_module
+    from migd.wire import FrameType
+
+    monkeypatch.setattr(dest_module, "IncomingMigration",
+                        functools.partial(dest_module.IncomingMigration, start_timeout_s=3.0, resolve_timeout_s=20.0))
+
+    async def main() -> None:
+        a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")
+        source_listener, dest_listener = MigrationListener(a), MigrationListener(b)
+        resolve_port = await source_listener.start("127.0.0.1", 0)
+        port = await dest_listener.start("127.0.0.1", 0)
+        try:
+            async with closing(a, b), FaultProxy(
+                "127.0.0.1", port, [DropFrame(FrameSelector.of(FrameType.COMMIT))]
+            ) as proxy:
+                guest = await running_guest(a)
+                params = MigrationParams(handoff_timeout_s=2.0)
+                migration = OutgoingMigration(guest, "127.0.0.1", proxy.port, params, resolve_port=resolve_port)
+                a.add_migration(migration.progress)  # what the daemon does: the listener answers from it
+                progress = await migration.run()
+                assert proxy.fired("drop")  # the fault really happened
+                assert progress.phase.committed and guest.state is GuestState.MIGRATED
+                async with asyncio.timeout(30):
+                    while "g1" not in b.guests or b.get("g1").state is not GuestState.RUNNING:
+                        await asyncio.sleep(0.05)
+                check = await b.get("g1").wait_check(60)
+                assert check.errors == 0 and check.pages_verified == guest.definition.npages
+                # The source never resumed it: its copy stays paused (kept for the operator).
+                before = dict(guest.vm.hypercall_counts)
+                await asyncio.sleep(0.5)
+                assert guest.state is GuestState.MIGRATED and guest.vm.hypercall_counts == before
+        finally:
+            await source_listener.close()
+            await dest_listener.close()
+
+    asyncio.run(main())
+
+
+def test_lost_commit_without_a_resolve_address_discards_the_prepared_guest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Negative control: with no RESOLVE address the destination cannot learn the outcome."""
+    from faultproxy import DropFrame, FaultProxy, FrameSelector
+
+    from migd import dest as dest_module
+    from migd.wire import FrameType
+
+    monkeypatch.setattr(dest_module, "IncomingMigration",
+                        functools.partial(dest_module.IncomingMigration, start_timeout_s=3.0))
+
+    async def main() -> None:
+        a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")
+        listener = MigrationListener(b)
+        port = await listener.start("127.0.0.1", 0)
+        try:
+            async with closing(a, b), FaultProxy(
+                "127.0.0.1", port, [DropFrame(FrameSelector.of(FrameType.COMMIT))]
+            ) as proxy:
+                guest = await running_guest(a)
+                progress = await OutgoingMigration(guest, "127.0.0.1", proxy.port,
+                                                   MigrationParams(handoff_timeout_s=2.0)).run()
+                assert proxy.fired("drop") and progress.phase.committed
+                async with asyncio.timeout(30):
+                    while b.guests:
+                        await asyncio.sleep(0.05)
+                assert guest.state is GuestState.MIGRATED  # the source kept its paused copy
+        finally:
             await listener.close()
 
     asyncio.run(main())
