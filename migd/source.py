@@ -129,6 +129,7 @@ class OutgoingMigration:
         self._pages_sent = 0
         self._running = False
         self._msr_dropped = False
+        self._bytes_left = 0  # bytes that have left the transport buffer so far
 
     # ------------------------------------------------------------------ control
 
@@ -245,8 +246,10 @@ class OutgoingMigration:
             self._write(wire.RoundEnd(progress.rounds - 1, remaining))
             now = time.monotonic()
             bandwidth = self._bandwidth(now)
-            progress.expected_downtime_ms = expected_downtime_ms(remaining * PAGE_SIZE, bandwidth)
-            if should_switch_over(remaining * PAGE_SIZE, bandwidth, p.downtime_limit_ms):
+            # Bytes still queued behind a slow or stalled link are part of what stop-and-copy waits for.
+            queued = self._stream().write_buffer_size()
+            progress.expected_downtime_ms = expected_downtime_ms(remaining * PAGE_SIZE + queued, bandwidth)
+            if should_switch_over(remaining * PAGE_SIZE + queued, bandwidth, p.downtime_limit_ms):
                 return dirty
             if now - started > p.converge_timeout_s:
                 if p.force_switchover:
@@ -302,9 +305,15 @@ class OutgoingMigration:
         self.progress.count_run(kind, count, nbytes)
 
     def _write(self, msg: wire.Message) -> int:
-        nbytes = self._stream().write(msg)
-        self._meter.record(time.monotonic(), nbytes)
-        self.progress.throughput_bps = self._meter.rate(time.monotonic())
+        proto = self._stream()
+        nbytes = proto.write(msg)
+        # Measure what left for the peer, not what was queued: bytes still in the transport's
+        # buffer (a stalled link) must not look like bandwidth.
+        left = proto.bytes_sent - proto.write_buffer_size()
+        now = time.monotonic()
+        self._meter.record(now, max(0, left - self._bytes_left))
+        self._bytes_left = max(self._bytes_left, left)
+        self.progress.throughput_bps = self._meter.rate(now)
         return nbytes
 
     def _bandwidth(self, now: float) -> float:

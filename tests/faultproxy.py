@@ -372,8 +372,10 @@ class _FrameFaultState:
             return False
         return select.matches(info)
 
-    def _record(self, action: str, frame: FrameInfo, **kw: object) -> None:
-        self.conn.record(FaultRecord(action, self.direction, self.conn.number, frame.offset, frame, **kw))  # type: ignore[arg-type]
+    def _record(self, action: str, frame: FrameInfo, *, partner: FrameInfo | None = None, old: int | None = None,
+                new: int | None = None, bit: int | None = None) -> None:
+        self.conn.record(FaultRecord(action, self.direction, self.conn.number, frame.offset, frame, partner=partner,
+                                     old=old, new=new, bit=bit))
 
     def on_frame(self, raw: bytes, info: FrameInfo, emit: list[bytes]) -> list[bytes]:
         """Transform the output ``emit`` of the frame ``raw`` (as sent: ``info``)."""

@@ -284,7 +284,9 @@ def _frames(data: bytes) -> list[bytes]:
     return out
 
 
-async def _through(faults: Sequence[Fault], msgs: Sequence[wire.Message] | None = None) -> tuple[list[bytes], list[bytes], FaultProxy]:
+async def _through(
+    faults: Sequence[Fault], msgs: Sequence[wire.Message] | None = None
+) -> tuple[list[bytes], list[bytes], FaultProxy]:
     sent = _encode(msgs if msgs is not None else _stream())
     got, back, _, proxy = await exchange(faults, sent)
     assert back == got

@@ -41,7 +41,14 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from migd import source as source_module
 from migd.channel import CheckReport, GuestChannel
@@ -203,7 +210,8 @@ class InterleavingMachine(RuleBasedStateMachine):
         self.migration = OutgoingMigration(self.guest, "127.0.0.1", self.ports[1 - self.here], PARAMS)
         self.task = self.migration.start()
         assert await self._until(lambda: self.migration.progress.status is not S.SETUP), "handshake hung"
-        assert self.migration.progress.status is S.ACTIVE, self.migration.progress.phase.error
+        # A kexec or reboot queued just before may already have dropped the MSR: blackout is fine.
+        assert self.migration.progress.status in (S.ACTIVE, S.BLACKOUT), self.migration.progress.phase.error
         STATS["migrations started"] += 1
 
     @rule(ms=st.integers(20, 300))
@@ -261,9 +269,11 @@ class InterleavingMachine(RuleBasedStateMachine):
         progress = self.migration.progress
         if progress.status is S.BLACKOUT:
             STATS["blackouts waited out"] += 1
-            if self.held:
-                await self._release()
-            assert await self._until(lambda: progress.status is not S.BLACKOUT), "blackout did not end"
+            async with asyncio.timeout(WAIT):
+                while progress.status is S.BLACKOUT:
+                    if self.held:  # also a hold that a queued kexec put back after the last release
+                        await self._release()
+                    await asyncio.sleep(0.01)
 
     @precondition(lambda self: self.migrating())
     @rule()
