@@ -20,8 +20,9 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from migd import __version__, openapi
+from migd.channel import GuestChannelError
 from migd.daemon import CannotCancel, Daemon, UnknownMigration
-from migd.errors import ConfigError
+from migd.errors import ConfigError, FirmwareError
 from migd.guest import GuestDefinition, GuestStateError
 from migd.host import GuestExists, UnknownGuest
 from migd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -52,6 +53,8 @@ ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
     (GuestStateError, 409),
     (MigrationRefused, 409),
     (CannotCancel, 409),
+    (GuestChannelError, 409),  # the guest's agent is gone or not answering: the guest is not running
+    (FirmwareError, 409),  # the (emulated) PSP refused the command in this state
 )
 
 routes = web.RouteTableDef()

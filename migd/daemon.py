@@ -17,10 +17,11 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from migd import identity
+from migd.abi import FirmwareStatus
 from migd.agent_launcher import DEFAULT_COMMAND
 from migd.config import Config, parse_address
 from migd.dest import MigrationListener
-from migd.errors import ConfigError, MigdError
+from migd.errors import ConfigError, FirmwareError, MigdError
 from migd.guest import GuestDefinition, GuestState, GuestStateError, HostGuest
 from migd.host import Host
 from migd.journal import Journal
@@ -120,7 +121,12 @@ class Daemon:
     def create_guest(self, definition: GuestDefinition) -> HostGuest:
         """Define a guest (RAM file and firmware launch)."""
         self._require_accepting()
-        return self.host.create_guest(definition)
+        try:
+            return self.host.create_guest(definition)
+        except FirmwareError as exc:
+            if exc.status in (FirmwareStatus.POLICY_FAILURE, FirmwareStatus.INVALID_PARAM):
+                raise ConfigError(f"policy {definition.policy:#x} refused by the firmware: {exc}") from exc
+            raise
 
     def guest(self, name: str) -> HostGuest:
         """The named guest (UnknownGuest otherwise)."""

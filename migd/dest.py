@@ -121,7 +121,14 @@ class IncomingMigration:
         log.info("incoming migration guest=%s from=%s id=%s", definition.name, self.peer, progress.id)
 
         while True:
-            msg = await proto.receive(self.idle_timeout_s)
+            try:
+                msg = await proto.receive(self.idle_timeout_s)
+            except TimeoutError:
+                # Page frames do not go through the queue: only real silence is idleness.
+                idle = time.monotonic() - proto.last_activity
+                if idle < self.idle_timeout_s:
+                    continue
+                raise IncomingRefused(f"no data from the source for {idle:.0f} s") from None
             if isinstance(msg, wire.RoundEnd):
                 progress.rounds = msg.round + 1
                 progress.remaining_pages = msg.dirty_pages

@@ -111,6 +111,7 @@ class HostGuest:
         self._last_check: CheckReport | None = None
         #: Serialises lifecycle operations (start/stop/reboot/kexec/delete) on this guest.
         self.busy = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -213,9 +214,25 @@ class HostGuest:
             efi=self.definition.efi, incoming=incoming, workload=self.workload,
             unsafe_kexec_keep_msr=unsafe_kexec_keep_msr,
         )
-        self.agent = launch_agent(spec, self.firmware.guest_key(self.handle), command=self._agent_command)
+        self.agent = agent = launch_agent(spec, self.firmware.guest_key(self.handle), command=self._agent_command)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_agent(agent))
         await channel.wait_connected(BOOT_TIMEOUT_S)
         return channel
+
+    async def _watch_agent(self, agent: AgentProcess) -> None:
+        """Notice an agent that dies on its own (a crashed VM): reap it, the guest is stopped."""
+        code = await agent.wait_async(None)
+        if self.agent is not agent:
+            return  # a stop or teardown we asked for
+        log.error("guest %s: agent pid %d exited unexpectedly (status %s); the guest is stopped",
+                  self.name, agent.pid, code)
+        self.agent = None
+        if self.state in (GuestState.RUNNING, GuestState.PAUSED):
+            self.state = GuestState.STOPPED  # before the MSR reset: listeners see a stopped guest
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            await channel.close()
+        self.vm.vcpu_reset()  # a dead vCPU has no migration-control MSR
 
     async def start(
         self, workload: WorkloadConfig | None = None, *, timeout: float = BOOT_TIMEOUT_S,
@@ -296,6 +313,9 @@ class HostGuest:
 
     async def _teardown_agent(self, timeout: float = 5.0) -> None:
         agent, self.agent = self.agent, None
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
         if agent is not None:
             agent.terminate()
             try:

@@ -193,7 +193,8 @@ class OutgoingMigration:
             if phase.committed:
                 self._after_commit_failure(exc)
             else:
-                await self._roll_back(S.FAILED, _reason(exc))
+                peer = self._proto.peer_abort if self._proto is not None else None
+                await self._roll_back(S.FAILED, f"destination aborted: {peer}" if peer else _reason(exc))
         finally:
             self.guest.vm.on_migration_control_change = None
             if self._proto is not None:
@@ -281,6 +282,7 @@ class OutgoingMigration:
                 await asyncio.sleep(delay)
             else:
                 await asyncio.sleep(0)  # let hypercalls and REST run between chunks
+            self._check_agent()
             if self._msr_dropped or not guest.vm.migration_ready:
                 await self._blackout()
             # Classify and read in one synchronous step: routing is the bitmap's at read time.
@@ -297,7 +299,10 @@ class OutgoingMigration:
         if kind is PageKind.ZERO:
             msg: wire.Message = wire.ZeroPages(gpa, count)
         elif kind is PageKind.SHARED:
-            msg = wire.SharedPages(gpa, count, self.guest.ram.view(gpa, count))
+            # A copy, not a view of guest RAM: the event loop (uvloop) may send a queued view
+            # later, after the guest rewrote the page, and the bytes sent must be the bytes
+            # classified and checksummed now (one memcpy per run, ~0.1 ms per MiB).
+            msg = wire.SharedPages(gpa, count, self.guest.ram.read(gpa, count))
         else:
             header, ciphertext = self.guest.firmware.send_update_data(self.guest.handle, self.guest.ram, gpa, count)
             msg = wire.PrivatePages(gpa, count, header, ciphertext)
@@ -332,8 +337,12 @@ class OutgoingMigration:
         try:
             async with asyncio.timeout(self.params.blackout_timeout_s):
                 while not self.guest.vm.migration_ready:
+                    self._check_agent()
                     self._msr_ready.clear()
-                    await self._msr_ready.wait()
+                    try:
+                        await asyncio.wait_for(self._msr_ready.wait(), 0.5)
+                    except TimeoutError:
+                        continue
         except TimeoutError:
             raise MigrationFailed(
                 f"guest {self.guest.name} did not re-enable migration (MSR READY) within "
@@ -346,6 +355,7 @@ class OutgoingMigration:
         guest, channel, proto, p = self.guest, self._channel(), self._stream(), self.params
         phase, progress = self.progress.phase, self.progress
         while True:
+            self._check_agent()
             self._paused = True  # before the await: a cancel during it must still resume the guest
             await channel.pause()
             paused_at = time.monotonic()
@@ -432,6 +442,12 @@ class OutgoingMigration:
         if self.guest.state is GuestState.PAUSED:
             self.guest.state = GuestState.RUNNING
         self.progress.phase.advance(status, time.monotonic(), error=reason)
+
+    def _check_agent(self) -> None:
+        """A guest whose agent died (a crashed VM) cannot be migrated: fail with that reason."""
+        if self.guest.agent is None or self.guest.state is GuestState.STOPPED:
+            raise MigrationFailed(f"the agent of guest {self.guest.name} exited during the migration "
+                                  f"(the guest crashed); nothing was committed")
 
     def _channel(self) -> GuestChannel:
         if self.guest.channel is None:

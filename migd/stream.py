@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._close_reason: BaseException | None = None
         self.bytes_sent = 0
         self.peer: str | None = None
+        self.last_activity = time.monotonic()  # when bytes last arrived (idle timeouts)
+        self.peer_abort: str | None = None  # the peer's reason, if it sent ABORT
         self.connected = asyncio.Event()
 
     # -- asyncio callbacks
@@ -60,6 +63,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         return self._decoder.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.last_activity = time.monotonic()
         try:
             messages = self._decoder.buffer_updated(nbytes)
             for msg in messages:
@@ -68,10 +72,18 @@ class FrameProtocol(asyncio.BufferedProtocol):
                         raise ProtocolError(f"unexpected {msg.TYPE.name} frame on this side of the stream")
                     self._on_pages(msg)
                 else:
+                    if isinstance(msg, wire.Abort):
+                        self.peer_abort = msg.reason  # kept even if a later write fails first
                     self._queue.put_nowait(msg)
         except MigdError as exc:
-            # The handler refused a frame (protocol, firmware or memory error): the stream is over.
-            self._fail(exc)
+            # The handler refused a frame (protocol, firmware or memory error): the stream is
+            # over. Tell the peer why before closing, so both ends report the real reason.
+            if self._close_reason is None and self._transport is not None:
+                try:
+                    self.write(wire.Abort(str(exc)))
+                except MigdError:
+                    pass
+            self._fail(exc, graceful=True)
 
     def eof_received(self) -> bool:
         self._fail(StreamClosed("peer closed the migration stream"))
@@ -92,13 +104,16 @@ class FrameProtocol(asyncio.BufferedProtocol):
         """Install the synchronous consumer of page frames (destination side)."""
         self._on_pages = on_pages
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, *, graceful: bool = False) -> None:
         if self._close_reason is None:
             self._close_reason = exc
             self._queue.put_nowait(exc)
             self._closed.set()
             if self._transport is not None and not isinstance(exc, StreamClosed):
-                self._transport.abort()
+                if graceful:
+                    self._transport.close()  # flushes the ABORT frame written just before
+                else:
+                    self._transport.abort()
 
     @property
     def close_reason(self) -> BaseException | None:

@@ -74,7 +74,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """``serving`` on its own event loop thread for the whole module (one daemon, one guest g1)."""
+    """``serving`` on its own event loop thread for the whole module (one daemon, guest g1 running)."""
     root = tmp_path_factory.mktemp("fuzz")
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -98,6 +98,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         srv.document = document
         status, _, guest, _ = srv.request("POST", "/v1/guests", json.dumps({"name": "g1", "memory_mib": 16}).encode())
         assert status == 201, guest
+        # Running and READY, so schema-valid migrate/stop/reboot/kexec requests reach the engine.
+        status, _, guest, _ = srv.request("POST", "/v1/guests/g1/start", b"{}")
+        assert status == 200, guest
+        asyncio.run_coroutine_threadsafe(api.poll("/v1/guests/g1", lambda g: g["migration_control"]["ready"]),
+                                         loop).result(timeout=30)
         yield srv
     finally:
         loop.call_soon_threadsafe(done.set)
@@ -153,7 +158,8 @@ def valid(schema: dict[str, Any], key: str = "") -> st.SearchStrategy[Any]:
             if "pattern" in schema:
                 options.append(st.from_regex(openapi._ecma_pattern(schema["pattern"]), fullmatch=True))
             else:
-                options.append(st.text(min_size=schema.get("minLength", 0), max_size=min(schema.get("maxLength", 40), 40)))
+                longest = min(schema.get("maxLength", 40), 40)
+                options.append(st.text(min_size=schema.get("minLength", 0), max_size=longest))
         elif kind == "object":
             options.append(valid_object(schema))
     return st.one_of(options)
@@ -170,8 +176,14 @@ def valid_object(draw: st.DrawFn, schema: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-JSON_LEAF = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30)
-ANY_JSON = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+JSON_LEAF = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+             | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30))
+ANY_JSON = st.recursive(
+    JSON_LEAF, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+#: Deeply nested arrays (json.dumps itself stops near 1000 levels; deeper ones are raw bytes).
+DEEP = st.integers(1, 500).map(lambda depth: json.loads("[" * depth + "]" * depth))
 HUGE = st.sampled_from([2**63, 2**64 - 1, -(2**64 - 1), 10**19, 1e308, -1e308, 1e-320, 5e-324])
 
 
@@ -198,7 +210,7 @@ def invalid_body(draw: st.DrawFn, schema_name: str) -> Any:
         key = draw(st.text(min_size=1, max_size=20).filter(lambda k: k not in properties))
         body[key] = draw(ANY_JSON)
     elif mutation == "not an object":
-        return draw(ANY_JSON.filter(lambda v: not isinstance(v, dict)) | st.recursive(st.lists(st.none(), max_size=1), lambda x: st.lists(x, max_size=1), max_leaves=60))
+        return draw(ANY_JSON.filter(lambda v: not isinstance(v, dict)) | DEEP)
     elif mutation == "missing key":
         body.pop(draw(st.sampled_from(schema["required"])))
     elif mutation == "wrong type":
@@ -281,7 +293,7 @@ def requests(draw: st.DrawFn, ops: list[Operation]) -> tuple[Operation, str, str
 # ---------------------------------------------------------------------- the property
 
 
-def check_answer(server: Server, op: Operation, path: str, kind: str, body: Any, sent: bytes | None) -> int:
+def check_answer(server: Server, op: Operation, path: str, kind: str, sent: bytes | None) -> int:
     status, content_type, decoded, raw = server.request(op.method, path, sent)
     where = (op.method, path, kind, sent[:200] if sent else sent, status, raw[:500])
     assert status < 500, where
@@ -290,7 +302,11 @@ def check_answer(server: Server, op: Operation, path: str, kind: str, body: Any,
         openapi.check(decoded, openapi.schema("Error"))
         assert decoded["detail"].strip(), where
     if kind == "invalid":
-        assert status == 400, where
+        # 400 before anything else; but aiohttp's {name} never matches "{" or "}", so such a
+        # name is an unrouted 404 before any handler reads the body.
+        braces = any(c in urllib.parse.unquote(path) for c in "{}")
+        unrouted = status == 404 and decoded["detail"].startswith("no route") and braces
+        assert status == 400 or unrouted, where
     if status < 400:
         check_against_document(op.method, path, status, content_type, decoded)
     return status
@@ -327,8 +343,8 @@ def test_every_documented_operation_survives_generated_requests(server: Server) 
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(request=requests(ops))
     def answers(request: tuple[Operation, str, str, Any, bytes | None]) -> None:
-        op, path, kind, body, sent = request
-        status = check_answer(server, op, path, kind, body, sent)
+        op, path, kind, _, sent = request
+        status = check_answer(server, op, path, kind, sent)
         seen.setdefault((op.method, op.template), set()).add(status)
 
     before = server.requests
@@ -342,12 +358,6 @@ def test_every_documented_operation_survives_generated_requests(server: Server) 
     assert server.request("GET", "/v1/health", None)[0] == 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DEFECT: POST /v1/guests with a schema-valid policy whose API-version bits (16..31) exceed the "
-    "emulated firmware's 0.24, e.g. {\"name\": \"p1\", \"memory_mib\": 16, \"policy\": 4294967295}, answers "
-    "500 internal_error 'FirmwareError: firmware status POLICY_FAILURE: policy needs firmware API >= "
-    "255.255, this firmware is 0.24' (FirmwareError is not in migd/api.py ERROR_STATUS); bad input "
-    "must be a 4xx with the reason (DESIGN.md §5, invariant 7)"))
 def test_a_policy_the_firmware_refuses_is_not_a_5xx(server: Server) -> None:
     body = {"name": "p1", "memory_mib": 16, "policy": 0xFFFFFFFF}
     openapi.check(body, openapi.schema("CreateGuest"))  # valid by the document

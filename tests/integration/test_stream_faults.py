@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 
 import msgpack
 import pytest
+import uvloop
 
 from faultproxy import (
     Cut,
@@ -170,6 +172,7 @@ def migrate_through(
     dest_timeouts: dict[str, float] | None = None,
     reseal: bool = False,
     workload: WorkloadConfig = WORKLOAD,
+    use_uvloop: bool = False,
 ) -> Outcome:
     """One migration of a 16 MiB guest under write/convert load through a FaultProxy
     (``reseal``: the proxy is an attacker who recomputes the frames' CRC32)."""
@@ -217,8 +220,10 @@ def migrate_through(
         finally:
             await listener.close()
             await source_listener.close()
+            for host in (a, b):  # make_host's short socket directory under /tmp
+                shutil.rmtree(host.runtime_dir, ignore_errors=True)
 
-    return asyncio.run(main())
+    return uvloop.run(main()) if use_uvloop else asyncio.run(main())
 
 
 def page_sel(*types: int, index: int = 0, later: bool = False) -> FrameSelector:
@@ -368,13 +373,30 @@ def test_short_stall_while_active(tmp_path: Path) -> None:
     assert downtime < 3 * PARAMS.downtime_limit_ms
 
 
+def test_guest_writes_shared_pages_behind_a_slow_link_under_uvloop(tmp_path: Path) -> None:
+    """No corruption at all: the daemon's loop (uvloop) queues page payloads zero-copy when the
+    link is slow (a 1 s stall), while the guest keeps writing its shared pages.
+
+    KNOWN DEFECT (reported): ``FrameEncoder`` computes a shared run's CRC32 over a *view of guest
+    RAM* when the frame is queued; uvloop sends the view's bytes later, after the guest changed
+    them, and the destination fails the stream ("frame N (SHARED_PAGES) failed its CRC32 check").
+    Changed pages are dirty and would be re-sent anyway; the CRC must cover the bytes sent."""
+    heavy = WorkloadConfig(dirty_rate_mib_s=16, convert_rate_hz=100, seed=3)
+    outcome = migrate_through(tmp_path, [Stall(1 << 20, 1.0)], workload=heavy, settle=1.0, use_uvloop=True)
+    assert outcome.fired("stall")
+    if outcome.status is S.FAILED and dest_saw(outcome, "(SHARED_PAGES) failed its CRC32"):
+        outcome.assert_rolled_back()  # safely, at least
+        pytest.xfail(f"KNOWN DEFECT: a benign stall failed the stream: {outcome.dest_error}")
+    outcome.assert_moved_intact()
+
+
 def test_stall_past_the_destination_idle_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The page stream stops for longer than the destination waits: it gives up, the source rolls back."""
     timeouts = {**DEST_TIMEOUTS, "idle_timeout_s": 1.0}
     outcome = migrate_through(tmp_path, [Stall(2 << 20, 6.0)], monkeypatch=monkeypatch, dest_timeouts=timeouts)
     assert outcome.fired("stall")
     outcome.assert_rolled_back()
-    assert dest_saw(outcome, "TimeoutError", "within")  # a bare "TimeoutError" today: reported
+    assert dest_saw(outcome, "no data from the source")
 
 
 def test_destination_idle_timeout_while_pages_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -428,10 +450,10 @@ def test_flipped_bit(tmp_path: Path, select: FrameSelector, region: Region, offs
 @pytest.mark.parametrize(
     ("ftype", "direction", "offset", "source_says", "dest_says"),
     [
-        # refused before the destination keeps any record; the source is not told why (reported)
-        (F.HELLO, UP, -1, "closed the stream during the handshake", ""),
-        (F.WELCOME, DOWN, 200, "CRC32", "closed the migration stream"),  # the source checks WELCOME
-        (F.SESSION, UP, -20, "closed the migration stream", "CRC32"),
+        # The side that detects the damage sends ABORT with its reason: both ends report it.
+        (F.HELLO, UP, -1, "CRC32", ""),
+        (F.WELCOME, DOWN, 200, "CRC32", "CRC32"),  # the source checks WELCOME
+        (F.SESSION, UP, -20, "CRC32", "CRC32"),
     ],
     ids=["hello", "welcome", "session"],
 )
