@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -74,7 +75,10 @@ class Daemon:
         anchors = identity.load_trust_anchors(config.trusted_roots)
         self.firmware = PspFirmware(config.state_dir, anchors, transport_mode=config.transport)
         self.journal = Journal.open(config.state_dir)
-        self.host = Host(config.state_dir, self.firmware, runtime_dir=runtime_dir_for(config),
+        runtime_dir = runtime_dir_for(config)
+        #: A temporary runtime dir (no RUNTIME_DIRECTORY) is ours to remove at shutdown.
+        self._own_runtime_dir = runtime_dir if not os.environ.get("RUNTIME_DIRECTORY") else None
+        self.host = Host(config.state_dir, self.firmware, runtime_dir=runtime_dir,
                          agent_command=self.agent_command, journal=self.journal,
                          guests_dir=guests_dir_for(config))
         self.recovery: RecoveryReport | None = None
@@ -111,6 +115,8 @@ class Daemon:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self.host.close()
         self.journal.close()
+        if self._own_runtime_dir is not None:  # only channel sockets live there (guests_dir_for)
+            shutil.rmtree(self._own_runtime_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ guests
 

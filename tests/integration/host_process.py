@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +39,10 @@ async def serve(root: Path, name: str) -> None:
     state = root / name
     identity.init_host(state, root / "ca", common_name=name)
     firmware = PspFirmware.from_state_dir(state, [root / "ca" / identity.CA_CERT])
-    host = Host(state, firmware, runtime_dir=tempfile.mkdtemp(prefix=f"migd-{name}-"))
+    runtime = root / f"run-{name}"  # reused across restarts of this host, removed with tmp_path
+    if len(os.fsencode(runtime)) > 80:  # unix socket paths are short
+        runtime = Path(tempfile.mkdtemp(prefix=f"migd-{name}-"))
+    host = Host(state, firmware, runtime_dir=runtime)
     listener = MigrationListener(host)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -48,3 +49,5 @@ async def closing(*hosts: Host) -> AsyncIterator[None]:
             for guest in list(host.guests.values()):
                 with contextlib.suppress(Exception):
                     await guest.destroy()
+            # make_host's runtime dir lives outside the test's tmp_path: remove it here.
+            shutil.rmtree(host.runtime_dir, ignore_errors=True)
