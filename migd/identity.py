@@ -31,7 +31,6 @@ import logging
 import os
 import re
 import socket
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from migd.errors import CertificateError, ConfigError
+from migd.fileio import atomic_write
 from migd.pki_verify import (
     MAX_PDH_CERT_PEM,
     MAX_PEM_FILE,
@@ -346,23 +346,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 def _write_new_unchecked(path: Path, data: bytes, mode: int) -> None:
     if path.exists():  # callers check under the lock; this keeps "never overwrite" local
         raise FileExistsError(errno.EEXIST, "refusing to overwrite an existing file", str(path))
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            os.fchmod(tmp.fileno(), mode)  # mkstemp makes 0600; certificates are public
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.rename(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, data, mode)  # mkstemp makes 0600; certificates are public
 
 
 def _load_or_create_key(

@@ -20,13 +20,11 @@ RUNNING and is gone (its partial guest is removed by the host).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import stat
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -35,6 +33,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from migd.errors import IntegrityError
+from migd.fileio import TEMP_SUFFIX, atomic_write, fsync_dir  # noqa: F401  (re-exported)
 from migd.memory import VEK_SIZE
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ _TAG_SIZE: Final = 16
 _CONTEXT: Final = struct.Struct(f"<II{VEK_SIZE}s")  # handle, policy, VEK
 _COUNTER: Final = struct.Struct("<I")
 _CONTEXT_FILE: Final = re.compile(r"^guest-([0-9]{1,10})\.ctx$")
-_TEMP_SUFFIX: Final = ".tmp"
+_TEMP_SUFFIX: Final = TEMP_SUFFIX
 MAX_HANDLE: Final = 0xFFFFFFFF
 
 
@@ -82,32 +81,6 @@ def _aad(label: bytes, handle: int) -> bytes:
     # The file's identity is authenticated: a context renamed to another handle's file name,
     # or the counter file swapped for a context, fails to unseal.
     return _MAGIC + label + _COUNTER.pack(handle)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename, fsync dir)."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """fsync a directory so a rename or unlink in it is durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ContextStore:
