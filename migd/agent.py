@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of the data area written once after the first boot")
     parser.add_argument("--shared-fraction", type=float, default=0.0,
                         help="share of the populated pages made shared (bounce buffers)")
+    parser.add_argument("--kexec-after-s", type=float, default=0.0, help="kexec once, this long after boot")
+    parser.add_argument("--reboot-after-s", type=float, default=0.0, help="reboot once, this long after boot")
+    parser.add_argument("--boot-time-s", type=float, default=0.0, help="how long a kexec/reboot keeps the guest down")
     parser.add_argument("--unsafe-kexec-keep-msr", action="store_true",
                         help="do not clear the migration-control MSR before kexec (reproduces the seed race)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -280,7 +283,8 @@ def parse_options(argv: Sequence[str]) -> AgentOptions:
         incoming=args.incoming,
         firmware_shared=tuple(args.firmware_shared) if args.firmware_shared else None,
         workload=WorkloadConfig(args.dirty_rate_mib_s, args.convert_rate_hz, args.seed,
-                                args.populate_fraction, args.shared_fraction),
+                                args.populate_fraction, args.shared_fraction, args.kexec_after_s,
+                                args.reboot_after_s, args.boot_time_s),
         unsafe_kexec_keep_msr=args.unsafe_kexec_keep_msr,
     )
     return AgentOptions(args.socket, args.ram, args.key_fd, guest, args.verbose)

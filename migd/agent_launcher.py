@@ -61,6 +61,9 @@ class AgentSpec:
             "--seed", str(self.workload.seed),
             "--populate-fraction", repr(float(self.workload.populate_fraction)),
             "--shared-fraction", repr(float(self.workload.shared_fraction)),
+            "--kexec-after-s", repr(float(self.workload.kexec_after_s)),
+            "--reboot-after-s", repr(float(self.workload.reboot_after_s)),
+            "--boot-time-s", repr(float(self.workload.boot_time_s)),
         ]
         if self.efi:
             args.append("--efi")

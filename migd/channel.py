@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -61,6 +62,8 @@ MAX_STATE_BYTES: Final = 1 << 20  # vCPU + agent state is KiBs (spec); never RAM
 DEFAULT_REQUEST_TIMEOUT: Final = 10.0
 DEFAULT_HELLO_TIMEOUT: Final = 10.0
 _STALE_IDS: Final = 256  # ids of timed-out requests whose late answers are ignored
+#: Round trips remembered per request kind (the switch-over's probe of the hand-off's cost).
+ROUND_TRIP_SAMPLES: Final = 8
 
 #: Event names a guest may report (spec "report" kind "event", plus the kexec hold hook).
 GUEST_EVENTS: Final = frozenset({"booted", "offline", "kexec", "reboot", "crash", "shutdown", "kexec-window"})
@@ -213,6 +216,8 @@ class GuestChannel:
         self.last_check: CheckReport | None = None
         self.protocol_errors = 0
         self.last_error: str | None = None
+        self._round_trips: dict[str, collections.deque[float]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=ROUND_TRIP_SAMPLES))
 
     # ------------------------------------------------------------------ lifetime
 
@@ -380,12 +385,22 @@ class GuestChannel:
             self._violation_current(f"export_state: {exc}")
             raise GuestChannelError(f"guest {self.vm.config.name}: bad exported state: {exc}") from exc
 
-    async def import_state(self, state: bytes, timeout: float | None = None) -> None:
-        """Hand an incoming guest its vCPU + agent state before it runs."""
+    async def import_state(self, state: bytes, timeout: float | None = None, *, start: bool = True) -> None:
+        """Hand an incoming guest its vCPU + agent state before it runs.
+
+        ``start=False`` only stages it (checked, memory loaded, not running) until :meth:`start_imported`.
+        """
         if not isinstance(state, bytes) or len(state) > MAX_STATE_BYTES:
             raise ValueError(f"state must be bytes of at most {MAX_STATE_BYTES}, got {type(state).__name__}"
                              f" of {len(state) if isinstance(state, bytes) else '?'}")
-        await self._request("import_state", timeout, state=state)
+        if start:
+            await self._request("import_state", timeout, state=state)
+        else:
+            await self._request("import_state", timeout, state=state, start=False)
+
+    async def start_imported(self, timeout: float | None = None) -> None:
+        """Let an incoming guest whose state was staged (``import_state(start=False)``) run."""
+        await self._request("start", timeout)
 
     async def check(self, timeout: float | None = None) -> CheckReport:
         """Have the guest self-check every page now; the result also becomes ``last_check``."""
@@ -397,6 +412,17 @@ class GuestChannel:
             raise GuestChannelError(f"guest {self.vm.config.name}: bad check result: {exc}") from exc
         self.last_check = report
         return report
+
+    def round_trip_s(self, op: str) -> float | None:
+        """The shortest of the last answered ``op`` requests, in seconds (None before the first answer).
+
+        A probe of how long a hop to this guest's agent takes right now, load included: the
+        switch-over budgets the hand-off's agent round trips with it (migd/convergence.py). The
+        shortest, not the typical: a running guest answers only between its steps, so most
+        samples also hold a step's wait, which a paused guest's hand-off never has.
+        """
+        samples = self._round_trips.get(op)
+        return min(samples) if samples else None
 
     def _require_agent(self, op: str) -> _AgentProtocol:
         conn = self._conn
@@ -410,8 +436,10 @@ class GuestChannel:
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = future
         try:
+            sent_at = time.monotonic()
             conn.send(request(msg_id, op, **fields))
             rsp = await self._wait(future, self.request_timeout if timeout is None else timeout, f"{op!r} response")
+            self._round_trips[op].append(time.monotonic() - sent_at)
         except (GuestTimeoutError, asyncio.CancelledError):
             # The guest may still answer; its late response must not look like a protocol violation.
             self._stale_ids.append(msg_id)

@@ -96,7 +96,7 @@ class Daemon:
 
     async def start(self) -> None:
         """Reload guests and migrations from the journal (restart recovery), then start the listener."""
-        self.recovery = await recover(self.host, self.journal)
+        self.recovery = await recover(self.host, self.journal, client_ssl=self._client_tls)
         addr = self.config.migration_listen
         self.migration_port = await self.listener.start(addr.host, addr.port)
         log.info("migration listener on %s:%d", addr.host, self.migration_port)

@@ -26,6 +26,7 @@ from migd.bitmap import PageBitmap
 from migd.errors import MigdError, ProtocolError
 from migd.guest import GuestDefinition, HostGuest
 from migd.host import Host
+from migd.journal import JournalError
 from migd.migration_state import MigrationStatus
 from migd.page_runs import PageKind
 from migd.progress import MigrationProgress
@@ -74,6 +75,9 @@ class IncomingMigration:
         self._vcpu_state: bytes | None = None
         self._committed = False
         self._agent_ready: asyncio.Future[None] | None = None
+        self._staging: asyncio.Future[None] | None = None  # the agent loading its vCPU state before COMMIT
+        self._stage_marks: list[tuple[str, float]] = []  # for the hand-off timeline log line
+        self._placed_at_state = 0  # pages placed when the vCPU state came (none may follow it)
 
     async def run(self) -> MigrationProgress | None:
         """Receive one guest; returns its progress record (None if refused at HELLO)."""
@@ -105,6 +109,13 @@ class IncomingMigration:
         self.progress = progress = MigrationProgress(definition.name, "destination", self.peer, definition.npages)
         progress.id = hello.migration_id
         host.add_migration(progress)
+        source_host = self.peer.rpartition(":")[0]
+        if host.journal is not None and hello.resolve_port and source_host:
+            # Where a restart after PREPARED asks how the migration ended (migd.recovery).
+            try:
+                host.journal.record_resolve_address(progress.id, f"{source_host}:{hello.resolve_port}")
+            except (JournalError, ValueError) as exc:
+                log.error("journal: %s (a restart after PREPARED could not ask the source)", exc)
         proto.write(wire.Welcome(host.firmware.pdh_cert_pem))
         session: wire.Session = await proto.expect(wire.Session, self.handshake_timeout_s)
         if session.policy != hello.guest.policy:
@@ -132,6 +143,10 @@ class IncomingMigration:
             if isinstance(msg, wire.RoundEnd):
                 progress.rounds = msg.round + 1
                 progress.remaining_pages = msg.dirty_pages
+            elif isinstance(msg, wire.Ping):
+                # Page frames are placed as they arrive, before any later control frame is
+                # queued: by now every page sent before the PING is in guest RAM.
+                proto.write(wire.Pong(msg.token))
             elif isinstance(msg, wire.SharedBitmap):
                 self._bitmap = PageBitmap.decode(msg.payload, max_npages=definition.npages)
                 if self._bitmap.npages != definition.npages:
@@ -139,6 +154,7 @@ class IncomingMigration:
             elif isinstance(msg, wire.VcpuState):
                 self._vcpu_state = self._install_vcpu_state(msg)
             elif isinstance(msg, wire.Prepare):
+                marks: list[tuple[str, float]] = [("prepare_received", time.monotonic())]
                 self._prepare(msg)
                 break
             elif isinstance(msg, wire.Abort):
@@ -146,8 +162,10 @@ class IncomingMigration:
             else:
                 raise ProtocolError(f"unexpected {type(msg).__name__} during page transfer")
 
+        marks.append(("verified", time.monotonic()))
         await self._agent_ready  # a destination that cannot start the guest must not say PREPARED
         proto.write(wire.Prepared(self._received.count()))
+        marks.append(("prepared_sent", time.monotonic()))
         try:
             await proto.expect(wire.Commit, self.start_timeout_s)
         except (StreamClosed, StreamTimeout, ProtocolError) as exc:
@@ -155,13 +173,21 @@ class IncomingMigration:
             # before throwing away what may now be the only copy of the guest.
             if await self._resolve_in_doubt(hello, exc) != "committed":
                 raise
+        marks.append(("commit_received", time.monotonic()))
         self._committed = True
         progress.phase.commit()
         host.incoming_committed(progress)  # the journal's commit record, durable, before the guest starts
+        marks.append(("journaled", time.monotonic()))
         assert self.guest is not None and self._vcpu_state is not None
+        await self._staged()  # normally long done: it ran while the source committed
+        marks.append(("staged", time.monotonic()))
         await self.guest.start_incoming(self._vcpu_state)
+        marks.append(("imported", time.monotonic()))
         if proto.close_reason is None:  # after a RESOLVE the source may be gone: the guest runs regardless
             proto.write(wire.Started())
+        # Where the hand-off time goes (bench/downtime.py reads this line).
+        log.info("incoming hand-off timeline guest=%s id=%s %s", definition.name, progress.id,
+                 " ".join(f"{name}={t:.6f}" for name, t in [*marks, *self._stage_marks]))
         progress.remaining_pages = 0
         progress.phase.advance(S.COMPLETED, time.monotonic())
         report = await self.guest.wait_check(self.start_timeout_s)
@@ -213,7 +239,12 @@ class IncomingMigration:
                                spec.uefi_live_migration)
 
     def _place(self, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages) -> None:
-        """Put one run into guest RAM (synchronously: the payload view is only valid now)."""
+        """Put one run into guest RAM.
+
+        Runs in the stream's page worker thread (one frame at a time, in stream order, beside
+        the event loop; see migd/stream.py), or on the loop for a zero run with nothing queued
+        ahead. Touches only this migration's guest RAM, firmware context and counters.
+        """
         if not self._accepting_pages:
             raise ProtocolError(f"{msg.TYPE.name} frame outside the page-transfer phase")
         guest, received, progress = self.guest, self._received, self.progress
@@ -230,7 +261,10 @@ class IncomingMigration:
             guest.ram.write(msg.gpa, msg.payload)
             kind, nbytes = PageKind.SHARED, len(msg.payload)
         else:
-            guest.ram.zero(msg.gpa, msg.npages)
+            # The new guest's RAM file starts as one hole: a run never received before reads as
+            # zeros already. Only a later round's zero run over placed pages must punch them.
+            if received.any_set(first, msg.npages):
+                guest.ram.zero(msg.gpa, msg.npages)
             kind, nbytes = PageKind.ZERO, 0
         received.set_range(first, msg.npages)
         progress.count_run(kind, msg.npages, nbytes)
@@ -240,16 +274,50 @@ class IncomingMigration:
         assert guest is not None
         if msg.vcpu_id != 0:
             raise ProtocolError(f"vCPU {msg.vcpu_id}: guests have one vCPU")
+        if self._vcpu_state is not None:
+            raise ProtocolError("a second vCPU state for vCPU 0")
         if guest.definition.policy & GuestPolicy.ES:
             if msg.header is None:
                 raise ProtocolError("an SEV-ES guest's vCPU state must come as a VMSA transport packet")
             guest.firmware.receive_update_vmsa(guest.handle, 0, msg.header, msg.payload)
             vmsa = guest.firmware.guest_vmsa(guest.handle, 0)
             assert vmsa is not None
-            return unpack_vmsa(vmsa)
-        if msg.header is not None:
-            raise ProtocolError("a non-ES guest's vCPU state comes in plaintext")
-        return bytes(msg.payload)
+            state = unpack_vmsa(vmsa)
+        else:
+            if msg.header is not None:
+                raise ProtocolError("a non-ES guest's vCPU state comes in plaintext")
+            state = bytes(msg.payload)
+        # The vCPU state comes after the last page (stop-and-copy's order): guest RAM is final
+        # now, so no page may follow, and the waiting agent can load its state while PREPARE,
+        # PREPARED and the source's commit records go by. It does not run before COMMIT.
+        self._accepting_pages = False
+        self._placed_at_state = self._placed_pages()
+        self._staging = staging = asyncio.ensure_future(self._stage(state))
+        staging.add_done_callback(_retrieve)  # a failure is handled where it is awaited, or moot
+        return state
+
+    def _placed_pages(self) -> int:
+        """Pages placed so far, every kind, repeats included."""
+        assert self.progress is not None
+        return sum(self.progress.pages.values())
+
+    async def _stage(self, state: bytes) -> None:
+        assert self.guest is not None and self._agent_ready is not None
+        self._stage_marks.append(("stage_begin", time.monotonic()))
+        await self._agent_ready
+        await self.guest.stage_incoming(state)
+        self._stage_marks.append(("stage_end", time.monotonic()))
+
+    async def _staged(self) -> None:
+        """Wait for the staging; a failed one is only logged (start_incoming then imports the state itself)."""
+        staging = self._staging
+        if staging is None:
+            return
+        try:
+            await staging
+        except Exception as exc:  # start_incoming retries with a full import: one place reports failures
+            log.warning("incoming guest=%s: staging the vCPU state failed (%s); importing it at start",
+                        self.guest.name if self.guest else "?", exc)
 
     def _prepare(self, msg: wire.Prepare) -> None:
         """Verify the guest is complete before telling the source it may commit."""
@@ -263,6 +331,11 @@ class IncomingMigration:
             raise ProtocolError("PREPARE before the shared-page bitmap")
         if self._vcpu_state is None:
             raise ProtocolError("PREPARE before the vCPU state")
+        # PREPARE comes after every page frame before it is placed: a page the stream carried
+        # after the vCPU state shows here, whether or not it beat the state to the page worker.
+        if self._placed_pages() != self._placed_at_state:
+            raise ProtocolError(f"{self._placed_pages() - self._placed_at_state} pages came after the vCPU state "
+                                f"(the agent loads its state from RAM as it stood then)")
         guest.firmware.receive_finish(guest.handle)
         guest.vm.shared_bitmap = self._bitmap
         self.progress.shared_bitmap_sha256 = hashlib.sha256(self._bitmap.to_bytes()).hexdigest()
@@ -289,6 +362,8 @@ class IncomingMigration:
                 if not progress.status.finished:
                     progress.phase.advance(S.COMPLETED, time.monotonic())
             return
+        if self._staging is not None:
+            self._staging.cancel()  # its done callback collects the outcome; the agent goes below
         if self._agent_ready is not None:
             self._agent_ready.cancel()  # no-op once done; gather() then collects its outcome
             await asyncio.gather(self._agent_ready, return_exceptions=True)
@@ -301,6 +376,12 @@ class IncomingMigration:
                 pass
         if progress is not None and not progress.status.finished:
             progress.phase.advance(S.FAILED, time.monotonic(), error=reason)
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Take a background task's outcome so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def resolution(host: Host, migration_id: str) -> str:

@@ -112,6 +112,8 @@ class HostGuest:
         #: Serialises lifecycle operations (start/stop/reboot/kexec/delete) on this guest.
         self.busy = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        #: The agent connection that holds a staged incoming state, and that state.
+        self._staged: tuple[GuestChannel, bytes] | None = None
 
     @property
     def name(self) -> str:
@@ -262,6 +264,19 @@ class HostGuest:
             await self._teardown_agent()
             raise
 
+    async def stage_incoming(self, vcpu_state: bytes) -> None:
+        """Before COMMIT: the prepared agent checks ``vcpu_state`` and loads its memory, but does not run.
+
+        Call it once the guest's RAM is final (every page placed): the agent reads its ledger
+        from RAM now, so :meth:`start_incoming` after COMMIT is one short request.
+        """
+        self._require(GuestState.INCOMING)
+        if self.channel is None:
+            raise GuestStateError(f"guest {self.name} has no prepared agent to stage its state in")
+        channel = self.channel
+        await channel.import_state(vcpu_state, start=False)
+        self._staged = (channel, vcpu_state)
+
     async def start_incoming(self, vcpu_state: bytes) -> None:
         """Hand the prepared agent its vCPU state: the guest runs (it self-checks every page first)."""
         self._require(GuestState.INCOMING)
@@ -270,7 +285,11 @@ class HostGuest:
         assert self.channel is not None
         # The source has committed: from here on this copy is the guest, whatever happens.
         (self.guest_dir / INCOMING_MARKER).unlink(missing_ok=True)
-        await self.channel.import_state(vcpu_state)
+        staged, self._staged = self._staged, None
+        if staged is not None and staged[0] is self.channel and staged[1] == vcpu_state:
+            await self.channel.start_imported()  # staged by this very agent: it only has to run
+        else:
+            await self.channel.import_state(vcpu_state)
         self.state = GuestState.RUNNING
 
     async def wait_check(self, timeout: float, *, since: int = 0) -> CheckReport:

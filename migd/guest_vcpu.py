@@ -123,6 +123,21 @@ class GuestConfig:
     unsafe_kexec_keep_msr: bool = False
 
 
+@dataclass(frozen=True)
+class _ImportedState:
+    """An incoming guest's vCPU state, checked and with its memory loaded, waiting to run."""
+
+    memory: GuestMemory
+    workload: Workload | None
+    boot_queue: tuple[BootStep, ...]
+    controls: tuple[tuple[Offline, bool], ...]
+    features: int | None
+    msr: int
+    booted: bool
+    ledger_digest: bytes
+    hypercall_errors: int
+
+
 def early_reset_calls(layout: GuestLayout) -> list[tuple[int, int, int]]:
     """(gpa, npages, attrs) of the early-boot reset: every e820 RAM range made private.
 
@@ -166,10 +181,12 @@ class GuestVcpu:
         self.halted = asyncio.Event()  # set once shutdown/crash went offline: never runs again
         self._paused = False  # host "pause"
         self._held = False  # kexec-window hold (the guest paused itself)
+        self._boot_at = 0.0  # loop time before which the next boot step may not run (boot_time_s)
         self._throttle = 0
         self._state_ready = asyncio.Event()  # first boot: at once; incoming: on import_state
         self._started = False  # run() is past the incoming check: steps may run
         self._expected_digest: bytes | None = None
+        self._staged: _ImportedState | None = None  # an incoming guest's state, loaded, not yet running
         self._running = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._step_lock = asyncio.Lock()
@@ -283,6 +300,9 @@ class GuestVcpu:
             await self._offline(reason, hold)
             return 0.0
         if self.boot_queue:
+            loading = self._boot_at - asyncio.get_running_loop().time()
+            if loading > 0:
+                return loading  # the next kernel is still loading (WorkloadConfig.boot_time_s)
             await self._boot_step(self.boot_queue.popleft())
             return 0.0
         workload = self.workload
@@ -294,6 +314,10 @@ class GuestVcpu:
                 workload.restart_clock(asyncio.get_running_loop().time())  # no catch-up burst
             return 0.0
         now = asyncio.get_running_loop().time()
+        offline = workload.offline_due(now)
+        if offline is not None:  # the guest reboots/kexecs on its own (WorkloadConfig.kexec_after_s)
+            await self._offline(Offline(offline), False)
+            return 0.0
         if workload.convert_due(now):
             await workload.convert_step(now, self._notify)
         else:
@@ -316,6 +340,8 @@ class GuestVcpu:
             await self._wrmsr(0)
         self.booted = False
         self.boot_queue.clear()
+        boot_time = self.workload.config.boot_time_s if self.workload is not None else 0.0
+        self._boot_at = asyncio.get_running_loop().time() + boot_time
         await self._report_event("offline", reason=reason.value, msr=self.msr)
         if reason is Offline.KEXEC:
             steps = list(KEXEC)
@@ -449,7 +475,10 @@ class GuestVcpu:
         if op == "export_state":
             return {"state": self.export_state()}
         if op == "import_state":
-            self.import_state(get_bytes(msg, "state"))
+            self.import_state(get_bytes(msg, "state"), start=get_bool(msg, "start", default=True))
+            return {}
+        if op == "start":
+            self.start_imported()
             return {}
         if op == "check":
             memory = self._memory()
@@ -500,9 +529,16 @@ class GuestVcpu:
         }
         return msgpack.packb(state, use_bin_type=True)
 
-    def import_state(self, blob: bytes) -> None:
-        """Take an exported state (incoming guest, once, before it runs); memory comes from RAM."""
-        if not self.config.incoming or self._state_ready.is_set():
+    def import_state(self, blob: bytes, *, start: bool = True) -> None:
+        """Take an exported state (incoming guest, once, before it runs); memory comes from RAM.
+
+        ``start=False`` stages it: the state is parsed and checked and the guest's memory
+        (boot parameters, ledger) loaded from RAM now, but the vCPU runs only on
+        :meth:`start_imported`. The destination stages as soon as RAM is final, while the
+        source still commits, so COMMIT → STARTED is one short hop (the guest runs nowhere
+        before COMMIT: invariant 4).
+        """
+        if not self.config.incoming or self._state_ready.is_set() or self._staged is not None:
             raise VcpuError("import_state is only for an incoming guest, once, before it runs")
         try:
             state = msgpack.unpackb(blob, raw=False, strict_map_key=True)
@@ -512,20 +548,36 @@ class GuestVcpu:
                 raise ValueError(f"state is for {state['npages']} pages, this guest has {self.config.npages}")
             memory = GuestMemory.load(self.ram, self.engine, self.dirty_log)
             workload = Workload.from_state(memory, state["workload"]) if state["workload"] is not None else None
-            boot_queue = [BootStep(value) for value in state["boot_queue"]]
-            controls = [(Offline(reason), bool(hold)) for reason, hold in state["controls"]]
-            features = None if state["features"] is None else int(state["features"])
-            msr, booted, digest = int(state["msr"]), bool(state["booted"]), bytes(state["ledger_sha256"])
+            staged = _ImportedState(
+                memory=memory,
+                workload=workload,
+                boot_queue=tuple(BootStep(value) for value in state["boot_queue"]),
+                controls=tuple((Offline(reason), bool(hold)) for reason, hold in state["controls"]),
+                features=None if state["features"] is None else int(state["features"]),
+                msr=int(state["msr"]),
+                booted=bool(state["booted"]),
+                ledger_digest=bytes(state["ledger_sha256"]),
+                hypercall_errors=int(state["hypercall_errors"]),
+            )
             memory.pages_written = int(state["pages_written"])
-            hypercall_errors = int(state["hypercall_errors"])
         except (ValueError, KeyError, TypeError, msgpack.UnpackException, MigdError) as exc:
             raise VcpuError(f"bad vCPU state: {exc}") from exc
-        self.memory, self.workload, self.layout = memory, workload, memory.layout
-        self.features, self.msr, self.booted = features, msr, booted
-        self.boot_queue = collections.deque(boot_queue)
-        self.controls = collections.deque(controls)
-        self.hypercall_errors = hypercall_errors
-        self._expected_digest = digest
+        self._staged = staged
+        if start:
+            self.start_imported()
+
+    def start_imported(self) -> None:
+        """Run the incoming guest from its staged state (``import_state(start=False)`` first)."""
+        staged = self._staged
+        if staged is None or self._state_ready.is_set():
+            raise VcpuError("start needs an incoming guest with a staged state (import_state start=false) "
+                            "that has not started yet")
+        self.memory, self.workload, self.layout = staged.memory, staged.workload, staged.memory.layout
+        self.features, self.msr, self.booted = staged.features, staged.msr, staged.booted
+        self.boot_queue = collections.deque(staged.boot_queue)
+        self.controls = collections.deque(staged.controls)
+        self.hypercall_errors = staged.hypercall_errors
+        self._expected_digest = staged.ledger_digest
         self._throttle = 0  # a host throttle never travels: the destination runs the guest at full speed
         self._state_ready.set()
 

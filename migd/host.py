@@ -17,7 +17,7 @@ from pathlib import Path
 from migd.agent_launcher import DEFAULT_COMMAND
 from migd.errors import MigdError
 from migd.guest import INCOMING_MARKER, GuestDefinition, GuestState, GuestStateError, HostGuest
-from migd.journal import GuestRecord, Journal, JournalError
+from migd.journal import GuestRecord, Journal, JournalError, MigrationRecord
 from migd.migration_state import MigrationStatus
 from migd.progress import MigrationProgress
 from migd.psp import PspFirmware
@@ -59,27 +59,33 @@ class Host:
         self.journal = journal
         self.guests_dir.mkdir(parents=True, exist_ok=True)
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
-        committed = self._committed_incoming() if journal is not None else frozenset()
-        self.removed_partial = self._remove_partial_incoming(committed)
+        committed, in_doubt = self._committed_incoming() if journal is not None else (frozenset(), frozenset())
+        self.removed_partial = self._remove_partial_incoming(committed, in_doubt)
 
-    def _committed_incoming(self) -> frozenset[str]:
-        """Guests whose newest journaled migration is an incoming one with a commit record."""
+    def _committed_incoming(self) -> tuple[frozenset[str], frozenset[str]]:
+        """Guests whose newest journaled migration is an incoming one with a commit record, and
+        those whose newest one reached PREPARED without it (in doubt: recovery asks the source)."""
         assert self.journal is not None
-        latest: dict[str, tuple[str, bool]] = {}
+        latest: dict[str, MigrationRecord] = {}
         for record in self.journal.migrations():  # oldest first
-            latest[record.guest] = (record.role, record.committed)
-        return frozenset(name for name, (role, committed) in latest.items() if role == "destination" and committed)
+            latest[record.guest] = record
+        incoming = {name: r for name, r in latest.items() if r.role == "destination"}
+        return (frozenset(name for name, r in incoming.items() if r.committed),
+                frozenset(name for name, r in incoming.items() if r.prepared_in_doubt))
 
-    def _remove_partial_incoming(self, committed: frozenset[str] = frozenset()) -> list[str]:
+    def _remove_partial_incoming(self, committed: frozenset[str] = frozenset(),
+                                 in_doubt: frozenset[str] = frozenset()) -> list[str]:
         """Delete guests left half-received by a crash before their migration committed.
 
         A guest whose commit record is in the journal is kept (the crash came between the
         record and the marker's removal): the source has given it up, this copy is the guest.
+        One prepared without a commit record is kept as it is, marker included: its source may
+        have committed (:mod:`migd.recovery` asks it).
         """
         removed = []
         for guest_dir in sorted(self.guests_dir.iterdir()):
             marker = guest_dir / INCOMING_MARKER
-            if not marker.exists():
+            if not marker.exists() or guest_dir.name in in_doubt:
                 continue
             if guest_dir.name in committed:
                 log.warning("keeping incoming guest %s: its commit record is in the journal", guest_dir.name)

@@ -6,7 +6,9 @@ history, and decides the fate of every migration that was in flight from one rec
 **commit record** of the two-phase hand-off. The source writes it before COMMIT goes out
 (:meth:`Journal.record_commit` from ``OutgoingMigration``'s ``on_commit`` hook), the
 destination when COMMIT arrives; without it the guest belongs to the source, with it to the
-destination (DESIGN.md §5, invariants 4 and 5).
+destination (DESIGN.md §5, invariants 4 and 5). One case it cannot decide alone: a destination
+that journaled PREPARED (``stop-copy``) but no commit record; for it the journal keeps where
+the source answers RESOLVE (``resolve_address``, written at HELLO), so a restart can ask.
 
 Durability: WAL mode. Ordinary records use ``synchronous=NORMAL`` — a committed transaction
 survives a crash of the process (it is in the WAL, in the page cache) though not a power cut.
@@ -40,7 +42,8 @@ from migd.progress import MigrationProgress
 log = logging.getLogger(__name__)
 
 JOURNAL_FILE: Final = "journal.sqlite"
-SCHEMA_VERSION: Final = 1
+#: 2: ``migrations.resolve_address`` (where a destination in doubt asks the source, RESOLVE).
+SCHEMA_VERSION: Final = 2
 #: Finished migrations kept in the journal (the oldest are pruned at start).
 KEEP_FINISHED: Final = 1000
 MiB: Final = 1 << 20
@@ -73,7 +76,8 @@ CREATE TABLE IF NOT EXISTS migrations (
     started_at   REAL NOT NULL,
     updated_at   REAL NOT NULL,
     finished_at  REAL,
-    stats        TEXT NOT NULL            -- JSON: the REST migration object plus internal counters
+    stats        TEXT NOT NULL,           -- JSON: the REST migration object plus internal counters
+    resolve_address TEXT                  -- destination role: the source's listener "host:port" (RESOLVE)
 )""", """
 CREATE INDEX IF NOT EXISTS migrations_started ON migrations (started_at)
 """)
@@ -118,10 +122,18 @@ class MigrationRecord:
     updated_at: float
     finished_at: float | None
     stats: dict[str, Any]
+    resolve_address: str | None = None
 
     @property
     def finished(self) -> bool:
         return self.status.finished
+
+    @property
+    def prepared_in_doubt(self) -> bool:
+        """An incoming migration that reached PREPARED (the destination verified the guest and ran
+        RECEIVE_FINISH: status ``stop-copy``) without a commit record: the source may have
+        committed, so this copy may be the only one (DESIGN.md §5, invariant 4)."""
+        return self.role == "destination" and not self.committed and self.status is MigrationStatus.STOP_COPY
 
 
 def _wall_time(phase_time: float, mono_now: float, wall_now: float) -> float:
@@ -189,6 +201,9 @@ class Journal:
                 with self._transaction():
                     for statement in _SCHEMA:
                         self._db.execute(statement)
+                    columns = {row[1] for row in self._db.execute("PRAGMA table_info(migrations)")}
+                    if "resolve_address" not in columns:  # a version 1 journal
+                        self._db.execute("ALTER TABLE migrations ADD COLUMN resolve_address TEXT")
                     self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except BaseException:
             self._db.close()
@@ -304,6 +319,21 @@ class Journal:
                  json.dumps(progress_stats(progress), sort_keys=True)),
             )
 
+    def record_resolve_address(self, migration_id: str, address: str) -> None:
+        """Where the source of incoming migration ``migration_id`` answers RESOLVE (``host:port``).
+
+        Written once at HELLO, after the migration's row exists: a destination that restarts
+        after PREPARED without a commit record asks there whether the source committed
+        (:mod:`migd.recovery`). Raises JournalError if the row is missing.
+        """
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"resolve address must be host:port with a port in 1..65535, got {address!r}")
+        with self._errors(f"record the resolve address of migration {migration_id}"), self._transaction():
+            cursor = self._db.execute("UPDATE migrations SET resolve_address = ? WHERE id = ?", (address, migration_id))
+            if cursor.rowcount != 1:
+                raise JournalError(f"journal {self.path}: no migration {migration_id} to record a resolve address for")
+
     def finish_migration(self, migration_id: str, status: MigrationStatus, error: str) -> None:
         """Mark a migration found unfinished at start as ended (status and reason)."""
         if not status.finished:
@@ -320,18 +350,19 @@ class Journal:
         with self._errors("read migrations"):
             rows = self._db.execute(
                 """SELECT id, guest, role, peer, npages, status, committed, committed_at, error, started_at,
-                          updated_at, finished_at, stats FROM migrations ORDER BY started_at, id"""
+                          updated_at, finished_at, stats, resolve_address FROM migrations ORDER BY started_at, id"""
             ).fetchall()
         records = []
         for (mid, guest, role, peer, npages, status, committed, committed_at, error, started_at, updated_at,
-             finished_at, stats) in rows:
+             finished_at, stats, resolve_address) in rows:
             try:
                 status_value = MigrationStatus(status)
                 stats_value = json.loads(stats)
             except ValueError as exc:
                 raise JournalError(f"journal {self.path}: migration {mid} has a bad record: {exc}") from None
             records.append(MigrationRecord(mid, guest, role, peer, npages, status_value, bool(committed),
-                                           committed_at, error, started_at, updated_at, finished_at, stats_value))
+                                           committed_at, error, started_at, updated_at, finished_at, stats_value,
+                                           resolve_address))
         return records
 
     def prune(self, keep: int = KEEP_FINISHED) -> int:

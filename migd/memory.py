@@ -43,6 +43,7 @@ import logging
 import mmap
 import operator
 import os
+import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -90,11 +91,23 @@ def _byte_view(buf: bytes | bytearray | memoryview, what: str) -> memoryview:
 
 
 def _nonzero_pages(buf: memoryview, npages: int) -> np.ndarray:
-    """One bool per page of ``buf``: True where any raw byte is non-zero (vectorized, ~20 GB/s)."""
+    """One bool per page of ``buf``: True where any raw byte is non-zero (vectorized).
+
+    A page whose first 8 bytes are not zero is non-zero: ciphertext and most data pages are
+    settled by one word (a strided read of one cache line per page), and only the others are
+    scanned whole. Full scan ~20 GB/s from cache, much less from memory; the first-word test
+    reads 1/64 of it (measured: 2 GiB guest, the scans fell from ~6 % of the source's samples).
+    """
     if npages == 0:
         return np.zeros(0, dtype=bool)
-    words = np.frombuffer(buf, dtype=np.uint64, count=npages * _WORDS_PER_PAGE)
-    return words.reshape(npages, _WORDS_PER_PAGE).any(axis=1)
+    pages = np.frombuffer(buf, dtype=np.uint64, count=npages * _WORDS_PER_PAGE).reshape(npages, _WORDS_PER_PAGE)
+    nonzero = pages[:, 0] != 0
+    unsure = np.flatnonzero(~nonzero)
+    if len(unsure) == npages:
+        return pages.any(axis=1)
+    if len(unsure):
+        nonzero[unsure] = pages[unsure].any(axis=1)
+    return nonzero
 
 
 def _zero_pages(buf: memoryview, npages: int, which: np.ndarray) -> None:
@@ -105,6 +118,28 @@ def _zero_pages(buf: memoryview, npages: int, which: np.ndarray) -> None:
 
 def _address(view: memoryview) -> int:
     return int(np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0])
+
+
+@functools.cache
+def _libc_mincore() -> Callable[[int, int, ctypes.Array[ctypes.c_ubyte]], int] | None:
+    """libc ``mincore(2)`` via ctypes (not in ``os`` or ``mmap``), or None if absent."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    fn = getattr(libc, "mincore", None)
+    if fn is None:
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _true_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of the runs of True in a 1-D bool array (vectorized)."""
+    padded = np.concatenate(([False], mask, [False]))
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    return edges[0::2], edges[1::2]
 
 
 @functools.cache
@@ -184,6 +219,11 @@ class GuestRam:
             raise
         self._fd = fd
         self._close_fd = weakref.finalize(self, os.close, fd)
+        # Writes may come from a worker thread (the destination's page pipeline) while the
+        # event loop closes the RAM (a failed migration discards the guest): a pwrite must
+        # never reach a closed, possibly reused, file descriptor. close() waits for it.
+        self._io_lock = threading.Lock()
+        self._seek_data = True  # SEEK_DATA works here (tmpfs, ext4, xfs, btrfs); cleared if not
 
     def __repr__(self) -> str:
         state = "closed" if self._mmap is None else "open"
@@ -225,28 +265,103 @@ class GuestRam:
         if len(src) % PAGE_SIZE:
             raise GuestMemoryError(f"data length must be a multiple of {PAGE_SIZE}, got {len(src)}")
         offset = self._offset(gpa, len(src) // PAGE_SIZE)
-        self._mapping()  # closed RAM refuses writes
         # pwrite, not a copy into the mapping: filling never-touched pages through mmap takes
         # one page fault per 4 KiB (measured on tmpfs: 1.4 GB/s vs 2.8 GB/s with pwrite). The
         # MAP_SHARED mapping sees the same page cache, so readers of the view see the data.
-        while len(src):
-            written = os.pwrite(self._fd, src, offset)
-            src, offset = src[written:], offset + written
+        with self._io_lock:
+            self._mapping()  # closed RAM refuses writes
+            while len(src):
+                written = os.pwrite(self._fd, src, offset)
+                src, offset = src[written:], offset + written
 
     def zero(self, gpa: int, npages: int) -> None:
         """Make ``npages`` pages at ``gpa`` read as zeros, deallocating them so the file stays sparse."""
         offset = self._offset(gpa, npages)
-        mapping = self._mapping()
         if npages == 0:
+            self._mapping()
             return
         length = npages * PAGE_SIZE
-        # Punching a hole also drops the pages from every MAP_SHARED mapping (fallocate(2)).
-        if not _punch_hole(self._fd, offset, length):
-            np.frombuffer(memoryview(mapping)[offset : offset + length], dtype=np.uint8)[:] = 0
+        with self._io_lock:
+            mapping = self._mapping()
+            # Punching a hole also drops the pages from every MAP_SHARED mapping (fallocate(2)).
+            if not _punch_hole(self._fd, offset, length):
+                np.frombuffer(memoryview(mapping)[offset : offset + length], dtype=np.uint8)[:] = 0
+
+    def next_populated(self, gpa: int, npages: int) -> int:
+        """The gpa of the first page of the range that may hold data; ``gpa + npages*PAGE_SIZE`` if none.
+
+        Pages before it are holes of the sparse file: never written (or punched), they read as
+        zeros. ``lseek(SEEK_DATA)`` finds it without touching them: reading a tmpfs hole through
+        the mapping would *allocate* a zeroed page (shmem faults allocate on read), so scanning a
+        sparse 16 GiB guest for zero pages would fill 16 GiB of memory. One call costs ~1 us,
+        ~2 us across a 15 GiB hole (measured on tmpfs). Where SEEK_DATA is unsupported every
+        page counts as possibly populated.
+        """
+        offset = self._offset(gpa, npages)
+        self._mapping()
+        end = offset + npages * PAGE_SIZE
+        if npages == 0 or not self._seek_data:
+            return offset
+        try:
+            data = os.lseek(self._fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after offset: the rest of the file is a hole
+                return end
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                self._seek_data = False
+                return offset
+            raise GuestMemoryError(f"lseek(SEEK_DATA) at offset {offset:#x} of {self.path} failed: {exc}") from exc
+        return min(end, data - data % PAGE_SIZE)
+
+    def populated_pages(self, gpa: int, npages: int) -> np.ndarray:
+        """One bool per page of the range: False only where the page is certainly a hole (reads as zeros).
+
+        Cost is bounded by the range, never by the file: ``SEEK_HOLE`` would walk every page
+        cache entry up to the next hole (16 ms on a populated 1 GiB tmpfs file, measured), so
+        the range's page-cache residency comes from ``mincore(2)`` on the mapping, and only a
+        non-resident run is confirmed a hole with ``SEEK_DATA`` (a swapped-out tmpfs page is
+        not resident but is data: such a run counts as populated).
+        """
+        offset = self._offset(gpa, npages)
+        mapping = self._mapping()
+        npages = operator.index(npages)
+        populated = np.zeros(npages, dtype=bool)
+        first = (self.next_populated(gpa, npages) - offset) // PAGE_SIZE
+        if first >= npages:
+            return populated
+        mincore = _libc_mincore()
+        if mincore is None:
+            populated[first:] = True
+            return populated
+        vec = (ctypes.c_ubyte * (npages - first))()
+        base = _address(memoryview(mapping)[:1]) + offset + first * PAGE_SIZE
+        if mincore(base, (npages - first) * PAGE_SIZE, vec) != 0:
+            err = ctypes.get_errno()
+            raise GuestMemoryError(f"mincore over {npages - first} pages of {self.path} failed: {os.strerror(err)}")
+        resident = np.frombuffer(vec, dtype=np.uint8) & 1 != 0
+        populated[first:] = resident
+        starts, ends = _true_runs(~resident)
+        for start, stop in zip((starts + first).tolist(), (ends + first).tolist(), strict=True):
+            # Not in the page cache: a hole unless data (a swapped page, a racing write) lies in it.
+            if self.next_populated(gpa + start * PAGE_SIZE, stop - start) < offset + stop * PAGE_SIZE:
+                populated[start:stop] = True
+        return populated
 
     def nonzero_pages(self, gpa: int, npages: int) -> np.ndarray:
-        """One bool per page of the range: True where the raw bytes are not all zero."""
-        return _nonzero_pages(self.view(gpa, npages), operator.index(npages))
+        """One bool per page of the range: True where the raw bytes are not all zero.
+
+        Holes are not read (see :meth:`populated_pages`): they are zero, and reading them
+        through the mapping would allocate them.
+        """
+        npages = operator.index(npages)
+        populated = self.populated_pages(gpa, npages)
+        if populated.all():
+            return _nonzero_pages(self.view(gpa, npages), npages)
+        nonzero = np.zeros(npages, dtype=bool)
+        starts, ends = _true_runs(populated)
+        for start, stop in zip(starts.tolist(), ends.tolist(), strict=True):
+            nonzero[start:stop] = _nonzero_pages(self.view(gpa + start * PAGE_SIZE, stop - start), stop - start)
+        return nonzero
 
     def flush(self) -> None:
         """msync the mapping to the file."""
@@ -254,9 +369,10 @@ class GuestRam:
 
     def close(self) -> None:
         """Flush and unmap; closing twice is fine."""
-        if self._mmap is None:
-            return
-        mapping, self._mmap = self._mmap, None
+        with self._io_lock:  # an in-flight write (worker thread) finishes first
+            if self._mmap is None:
+                return
+            mapping, self._mmap = self._mmap, None
         try:
             mapping.flush()
             mapping.close()

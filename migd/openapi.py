@@ -31,6 +31,7 @@ MAX_DOWNTIME_LIMIT_MS = 3_600_000
 #: Bound of the rates a body may ask for (MiB/s, Hz): far beyond any real use, small enough
 #: that the float arithmetic downstream cannot overflow.
 MAX_RATE = 1 << 20
+MAX_GUEST_TIMER_S = 86400.0  # guest-initiated reboot/kexec timers and boot time: at most a day
 
 #: The ``error`` codes of the error object, by HTTP status.
 ERROR_CODES: dict[int, str] = {
@@ -70,6 +71,12 @@ _WORKLOAD_PROPERTIES: dict[str, Schema] = {
                           "description": "share of the data area written once after the first boot (default 0)"},
     "shared_fraction": {"type": "number", "minimum": 0, "maximum": 1,
                         "description": "share of the populated pages made shared (default 0)"},
+    "kexec_after_s": {"type": "number", "minimum": 0, "maximum": MAX_GUEST_TIMER_S,
+                      "description": "the guest kexecs on its own once, this long after it boots (default 0: never)"},
+    "reboot_after_s": {"type": "number", "minimum": 0, "maximum": MAX_GUEST_TIMER_S,
+                       "description": "the guest reboots on its own once, this long after it boots (default 0: never)"},
+    "boot_time_s": {"type": "number", "minimum": 0, "maximum": MAX_GUEST_TIMER_S,
+                    "description": "how long a kexec or reboot keeps the guest down before it is READY (default 0)"},
 }
 
 SCHEMAS: dict[str, Schema] = {

@@ -8,7 +8,16 @@ The rules (DESIGN.md §5, invariants 4 and 5; the hand-off's commit record decid
 * source side: no commit record → the guest stays here, intact; commit record → it is
   ``migrated`` here (RAM and key released: the destination owns it);
 * destination side: an incoming guest without a commit record is removed with every trace
-  (guest directory, firmware context, journal row); with one it stays;
+  (guest directory, firmware context, journal row); with one it stays. One that reached
+  PREPARED without it (its migration was journaled ``stop-copy``: verified, RECEIVE_FINISH
+  done) is **in doubt**: the source may have committed when PREPARED reached it, and then this
+  is the only copy of the guest, so it is neither removed nor offered to run. Its directory,
+  firmware context and journal row stay (the name stays taken), and a background task asks the
+  source's listener (RESOLVE, at the address journaled at HELLO) how the migration ended, as a
+  live destination does (``IncomingMigration._resolve_in_doubt``): ``committed`` → the guest is
+  kept, ``stopped``, like any guest whose host restarted; ``aborted``/``unknown`` → removed;
+  ``pending`` or unreachable → asked again (bounded), then left in doubt for the operator and
+  asked again at the next start;
 * the guest agents of the previous daemon are gone — they end when their hypercall channel
   closes (:mod:`migd.agent`), and under systemd ``KillMode=mixed`` kills them with the
   daemon's cgroup anyway. A guest that was running (or paused, or had just arrived) is
@@ -28,15 +37,19 @@ import enum
 import logging
 import os
 import signal
+import ssl
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from migd import wire
 from migd.errors import MigdError
 from migd.guest import INCOMING_MARKER, GuestState
 from migd.journal import Journal, MigrationRecord, restore_progress
 from migd.migration_state import MigrationStatus
+from migd.stream import open_stream
 
 if TYPE_CHECKING:
     from migd.host import Host
@@ -45,6 +58,8 @@ log = logging.getLogger(__name__)
 
 RESTART_ERROR: Final = "daemon restarted during the migration"
 STALE_AGENT_TIMEOUT_S: Final = 5.0
+RESOLVE_TIMEOUT_S: Final = 300.0  # how long a restarted destination keeps asking before the operator decides
+RESOLVE_INTERVAL_S: Final = 1.0
 
 
 class Fate(enum.Enum):
@@ -54,6 +69,7 @@ class Fate(enum.Enum):
     STOPPED = "stopped"  # its agent is gone: reloaded as stopped, memory intact
     REMOVE = "remove"  # an uncommitted incoming guest: every trace goes
     MIGRATED = "migrated"  # the source side of a committed hand-off: only the record stays
+    IN_DOUBT = "in-doubt"  # PREPARED, no commit record: kept unregistered until the source answers
 
 
 def final_status(record: MigrationRecord) -> tuple[MigrationStatus, str]:
@@ -70,6 +86,8 @@ def guest_fate(state: str, latest: MigrationRecord | None, *, dir_exists: bool, 
     ``dir_exists``/``marker``: whether its directory and the ``incoming`` marker are on disk. A
     missing marker on an existing directory means COMMIT arrived (the marker goes after the
     commit record), so the guest is kept even if the journal's commit record failed to write.
+    ``latest`` must be the record as journaled before the restart ended it (``stop-copy`` tells
+    a prepared incoming guest, in doubt, from a partial one).
     """
     if latest is not None and latest.committed:
         if latest.role == "source":
@@ -78,6 +96,8 @@ def guest_fate(state: str, latest: MigrationRecord | None, *, dir_exists: bool, 
     if state == GuestState.MIGRATED.value:
         return Fate.MIGRATED
     if state == GuestState.INCOMING.value:
+        if dir_exists and marker and latest is not None and latest.prepared_in_doubt:
+            return Fate.IN_DOUBT
         return Fate.STOPPED if dir_exists and not marker else Fate.REMOVE
     if state in (GuestState.RUNNING.value, GuestState.PAUSED.value):
         return Fate.STOPPED
@@ -136,6 +156,10 @@ class RecoveryReport:
     ended_migrations: tuple[str, ...]  # in flight at the restart: marked failed / completed
     killed_agents: tuple[int, ...]
     unrecoverable: tuple[str, ...]  # journaled but could not be reloaded (see the log)
+    in_doubt: tuple[str, ...] = ()  # prepared incoming guests kept until their source answers
+    #: The background task asking their sources (None if there are none). The daemon keeps the
+    #: report, so the task lives as long as the loop (``asyncio.run`` cancels it at shutdown).
+    resolving: asyncio.Task[dict[str, str]] | None = None
 
 
 def _latest_by_guest(records: Iterable[MigrationRecord]) -> dict[str, MigrationRecord]:
@@ -145,11 +169,24 @@ def _latest_by_guest(records: Iterable[MigrationRecord]) -> dict[str, MigrationR
     return latest
 
 
-async def recover(host: Host, journal: Journal) -> RecoveryReport:
-    """Bring ``host`` back to what ``journal`` recorded (see the module docstring); run before listening."""
+async def recover(host: Host, journal: Journal, *, client_ssl: ssl.SSLContext | None = None,
+                  resolve_timeout_s: float = RESOLVE_TIMEOUT_S,
+                  resolve_interval_s: float = RESOLVE_INTERVAL_S) -> RecoveryReport:
+    """Bring ``host`` back to what ``journal`` recorded (see the module docstring); run before listening.
+
+    ``client_ssl``: the TLS client context to RESOLVE in-doubt migrations with (mutual TLS).
+    """
     ended: list[str] = []
     records = []
-    for record in journal.migrations():
+    journaled = journal.migrations()
+    before = _latest_by_guest(journaled)  # as journaled: a prepared one is still stop-copy
+    doubtful: dict[str, MigrationRecord] = {}
+    for record in journaled:
+        if (record.prepared_in_doubt and before[record.guest] is record
+                and (host.guest_dir(record.guest) / INCOMING_MARKER).exists()):
+            doubtful[record.guest] = record  # not over: only its source knows how it ended
+            records.append(record)
+            continue
         if not record.finished:
             status, error = final_status(record)
             journal.finish_migration(record.id, status, error)
@@ -160,7 +197,7 @@ async def recover(host: Host, journal: Journal) -> RecoveryReport:
     records = journal.migrations() if ended else records
     for record in records:
         host.migrations[record.id] = restore_progress(record)
-    latest = _latest_by_guest(records)
+    latest = {**_latest_by_guest(records), **doubtful}
 
     reloaded: list[str] = []
     stopped: list[str] = []
@@ -168,6 +205,7 @@ async def recover(host: Host, journal: Journal) -> RecoveryReport:
     migrated: list[str] = []
     killed: list[int] = []
     unrecoverable: list[str] = []
+    in_doubt: list[MigrationRecord] = []
     for record in journal.guests():
         try:
             if record.agent_pid is not None and await kill_stale_agent(record.agent_pid, record.agent_start):
@@ -181,6 +219,13 @@ async def recover(host: Host, journal: Journal) -> RecoveryReport:
         guest_dir = host.guest_dir(record.name)
         fate = guest_fate(record.state, latest.get(record.name), dir_exists=guest_dir.is_dir(),
                           marker=(guest_dir / INCOMING_MARKER).exists())
+        if fate is Fate.IN_DOUBT:
+            migration = doubtful[record.name]
+            host.migrations[migration.id].phase.error = "in doubt after a daemon restart: asking the source"
+            log.warning("guest %s: prepared by migration %s without a commit record; in doubt, kept (not "
+                        "started) until its source %s answers", record.name, migration.id, migration.resolve_address)
+            in_doubt.append(migration)
+            continue
         try:
             if fate is Fate.REMOVE:
                 host.remove_leftover(record.name, record.handle)
@@ -202,11 +247,121 @@ async def recover(host: Host, journal: Journal) -> RecoveryReport:
             migrated.append(record.name)
         host.journal_guest(guest)
     pruned = journal.prune()
+    resolving = None
+    if in_doubt:
+        resolving = asyncio.get_running_loop().create_task(
+            resolve_in_doubt(host, journal, in_doubt, client_ssl=client_ssl, timeout_s=resolve_timeout_s,
+                             interval_s=resolve_interval_s),
+            name="resolve-in-doubt")
     report = RecoveryReport(tuple(reloaded), tuple(stopped), tuple(removed), tuple(migrated), tuple(ended),
-                            tuple(killed), tuple(unrecoverable))
-    if any((stopped, removed, migrated, ended, killed, unrecoverable)) or pruned:
+                            tuple(killed), tuple(unrecoverable), tuple(r.guest for r in in_doubt), resolving)
+    if any((stopped, removed, migrated, ended, killed, unrecoverable, in_doubt)) or pruned:
         log.warning("restart recovery: %s pruned_migrations=%d", report, pruned)
     elif reloaded:
         log.info("reloaded %d guests from the journal", len(reloaded))
     return report
 
+
+
+# ---------------------------------------------------------------------- in-doubt incoming guests
+
+
+async def ask_source(address: str, migration_id: str, *, client_ssl: ssl.SSLContext | None = None,
+                     timeout: float = 10.0) -> str:
+    """One RESOLVE to the source's listener at ``host:port``: its answer (``wire.RESOLUTIONS``).
+
+    Raises MigdError, OSError or TimeoutError if the source cannot be asked right now.
+    """
+    host, _, port = address.rpartition(":")
+    stream = await open_stream(host, int(port), ssl_context=client_ssl, timeout=timeout)
+    try:
+        stream.write(wire.Resolve(migration_id))
+        answer: wire.Resolved = await stream.expect(wire.Resolved, timeout)
+    finally:
+        stream.close()
+    if answer.migration_id != migration_id:
+        raise MigdError(f"RESOLVE {migration_id}: the source answered for {answer.migration_id}")
+    return answer.outcome
+
+
+async def resolve_in_doubt(
+    host: Host, journal: Journal, records: Iterable[MigrationRecord], *, client_ssl: ssl.SSLContext | None = None,
+    timeout_s: float = RESOLVE_TIMEOUT_S, interval_s: float = RESOLVE_INTERVAL_S,
+) -> dict[str, str]:
+    """Ask the sources of in-doubt incoming guests how their migrations ended, and act on it.
+
+    Returns migration id → what was done: ``kept`` (the source committed: the guest is
+    registered ``stopped``), ``removed`` (it aborted or never heard of it) or ``in doubt`` (no
+    answer within ``timeout_s``, or no address to ask: left for the operator, asked again at the
+    next start).
+    """
+    pending = list(records)
+    results = await asyncio.gather(*(
+        _resolve_one(host, journal, record, client_ssl=client_ssl, timeout_s=timeout_s, interval_s=interval_s)
+        for record in pending
+    ))
+    return {record.id: result for record, result in zip(pending, results)}
+
+
+async def _resolve_one(host: Host, journal: Journal, record: MigrationRecord, *,
+                       client_ssl: ssl.SSLContext | None, timeout_s: float, interval_s: float) -> str:
+    address = record.resolve_address
+    if address is None:
+        log.error("guest %s: migration %s is in doubt and its source's address was never journaled; kept "
+                  "(not started) for the operator", record.guest, record.id)
+        return "in doubt"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            outcome = await ask_source(address, record.id, client_ssl=client_ssl)
+        except (MigdError, OSError, TimeoutError) as exc:
+            log.info("RESOLVE %s: source %s not reachable yet (%s)", record.id, address, exc)
+        else:
+            if outcome in ("committed", "aborted", "unknown"):
+                try:
+                    if outcome == "committed":
+                        return _keep_committed(host, journal, record)
+                    return _remove_aborted(host, journal, record, outcome)
+                except (MigdError, OSError, ValueError) as exc:
+                    # Whatever was written stays consistent: a commit record makes the next start
+                    # keep the guest, a deleted row or directory makes it remove the rest.
+                    log.error("guest %s: cannot apply the source's answer %r to migration %s: %s; kept for "
+                              "the operator", record.guest, outcome, record.id, exc)
+                    return "in doubt"
+            log.info("RESOLVE %s: source %s says %s", record.id, address, outcome)
+        if time.monotonic() + interval_s > deadline:
+            log.error("guest %s: migration %s still in doubt after %g s (source %s); kept (not started) for the "
+                      "operator, asked again at the next start", record.guest, record.id, timeout_s, address)
+            return "in doubt"
+        await asyncio.sleep(interval_s)
+
+
+def _keep_committed(host: Host, journal: Journal, record: MigrationRecord) -> str:
+    """The source committed: this copy is the guest. Commit record first (durable), then the
+    marker goes, then the guest is registered ``stopped`` (its agent died with the old daemon)."""
+    progress = host.migrations[record.id]
+    progress.phase.commit()
+    progress.phase.advance(MigrationStatus.COMPLETED, time.monotonic(),
+                           error=f"{RESTART_ERROR}, after PREPARED: the source confirmed the commit; the guest "
+                                 f"was kept here")
+    journal.record_commit(progress)
+    (host.guest_dir(record.guest) / INCOMING_MARKER).unlink(missing_ok=True)
+    (guest_record,) = [g for g in journal.guests() if g.name == record.guest]
+    guest = host.restore_guest(guest_record, GuestState.STOPPED)
+    host.journal_guest(guest)
+    log.warning("migration %s resolved by the source: committed; guest %s kept here (stopped)", record.id,
+                record.guest)
+    return "kept"
+
+
+def _remove_aborted(host: Host, journal: Journal, record: MigrationRecord, outcome: str) -> str:
+    """The source did not commit (its guest runs there): every trace of this copy goes."""
+    progress = host.migrations[record.id]
+    progress.phase.advance(MigrationStatus.FAILED, time.monotonic(),
+                           error=f"{RESTART_ERROR}; the source says the migration {outcome}")
+    journal.save_migration(progress)
+    handles = [g.handle for g in journal.guests() if g.name == record.guest]
+    host.remove_leftover(record.guest, handles[0] if handles else None)
+    journal.delete_guest(record.guest)
+    log.warning("migration %s resolved by the source: %s; guest %s removed here", record.id, outcome, record.guest)
+    return "removed"

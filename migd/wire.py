@@ -31,6 +31,7 @@ import dataclasses
 import enum
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
@@ -39,7 +40,7 @@ import msgpack
 from migd.abi import PAGE_SIZE
 from migd.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: PING/PONG before the switch-over
 #: Capabilities this implementation speaks; the session uses the intersection.
 CAPABILITIES = ("zero-runs", "bound-transport", "sev-compat-transport", "vmsa")
 
@@ -78,6 +79,8 @@ class FrameType(enum.IntEnum):
     ABORT = 15  # either way: the migration is over, with a reason
     RESOLVE = 16  # destination → source listener, on a new stream: did migration ID commit?
     RESOLVED = 17  # source → destination: committed | aborted | pending | unknown
+    PING = 18  # source → destination: answer once every earlier frame is placed (QEMU's MIG_CMD_PING)
+    PONG = 19  # destination → source: the token of the PING answered
 
 
 # ---------------------------------------------------------------- field checks
@@ -272,6 +275,24 @@ class Abort:
     TYPE: ClassVar[FrameType] = FrameType.ABORT
 
 
+@dataclass(frozen=True)
+class Ping:
+    """The source asks whether the destination has placed everything sent before it.
+
+    Bytes that left the source's socket may still sit in kernel buffers or a stalled
+    network; only the destination can say they arrived (see ``source._link_caught_up``).
+    """
+
+    token: int
+    TYPE: ClassVar[FrameType] = FrameType.PING
+
+
+@dataclass(frozen=True)
+class Pong:
+    token: int
+    TYPE: ClassVar[FrameType] = FrameType.PONG
+
+
 RESOLUTIONS = ("committed", "aborted", "pending", "unknown")
 
 
@@ -292,7 +313,7 @@ class Resolved:
 
 Message = Union[
     Hello, Welcome, Session, SessionAck, PrivatePages, SharedPages, ZeroPages, RoundEnd,
-    SharedBitmap, VcpuState, Prepare, Prepared, Commit, Started, Abort, Resolve, Resolved,
+    SharedBitmap, VcpuState, Prepare, Prepared, Commit, Started, Abort, Resolve, Resolved, Ping, Pong,
 ]
 
 #: Largest payload each frame type may carry: checked from the length prefix, before buffering.
@@ -342,13 +363,32 @@ def _meta_of(msg: Message) -> dict[str, Any]:
         return {"id": msg.migration_id}
     if isinstance(msg, Resolved):
         return {"id": msg.migration_id, "outcome": msg.outcome}
+    if isinstance(msg, (Ping, Pong)):
+        return {"token": msg.token}
     return {}
 
 
+def _load_crc32() -> Callable[[bytes | memoryview, int], int]:
+    """The fastest CRC-32 (ISO-HDLC, zlib's polynomial and values) available here.
+
+    ISA-L's (``isal`` package, when installed) ran at 44 GB/s against zlib 1.2.13's 2.6 GB/s on
+    this 2-core machine, 1 MiB buffers: zlib's costs each end ~0.8 s of CPU per 2 GiB migrated
+    (8 % of both daemons' profiles). Same function, so the wire format does not depend on it.
+    """
+    try:
+        from isal.isal_zlib import crc32 as isal_crc32
+    except ImportError:
+        return zlib.crc32
+    return isal_crc32  # type: ignore[no-any-return]
+
+
+_crc32 = _load_crc32()
+
+
 def _crc(seq: int, head: bytes | memoryview, payload: bytes | memoryview) -> int:
-    crc = zlib.crc32(_SEQ.pack(seq))
-    crc = zlib.crc32(head, crc)
-    return zlib.crc32(payload, crc) if len(payload) else crc
+    crc = _crc32(_SEQ.pack(seq), 0)
+    crc = _crc32(head, crc)
+    return _crc32(payload, crc) if len(payload) else crc
 
 
 class FrameEncoder:
@@ -492,6 +532,10 @@ def decode_frame(ftype: int, meta_bytes: memoryview, payload: memoryview) -> Mes
         if outcome not in RESOLUTIONS:
             raise ProtocolError(f"{what}: outcome must be one of {RESOLUTIONS}, got {outcome!r}")
         return Resolved(_str(meta, "id", what, 64), outcome)
+    if frame_type is FrameType.PING:
+        return Ping(_int(meta, "token", what, 0, 0xFFFFFFFF))
+    if frame_type is FrameType.PONG:
+        return Pong(_int(meta, "token", what, 0, 0xFFFFFFFF))
     return Started()
 
 

@@ -48,6 +48,8 @@ from migd.selfcheck import ledger_digest, read_kernel_header, read_ledger
 MAX_WRITE_RUN_PAGES = 256  # 1 MiB per step: one bulk encrypt, a few ms; keeps pause latency low
 MAX_CONVERT_RUN_PAGES = 16
 MAX_BURST_SECONDS = 0.1  # write budget carried over at most this long (after a pause or a stall)
+#: WorkloadConfig's times in seconds (guest-initiated reboot/kexec, boot time): finite, >= 0.
+TIMED_KEYS = ("kexec_after_s", "reboot_after_s", "boot_time_s")
 
 #: ``notify(pfn, npages, shared)``: tell the host about a private/shared change (MAP_GPA_RANGE).
 Notify = Callable[[int, int, bool], Awaitable[None]]
@@ -214,9 +216,18 @@ class WorkloadConfig:
     #: the share of those pages made shared first (benchmarks: mixes of private and shared).
     populate_fraction: float = 0.0
     shared_fraction: float = 0.0
+    #: A guest that reboots or kexecs on its own, once, this many seconds after its workload
+    #: first ran on this host (0 = never): the guest-initiated MSR drop a migration must ride
+    #: out in ``blackout`` (DESIGN.md §5, invariant 3) — the host's /reboot and /kexec are
+    #: refused while the guest migrates, a real guest's own reboot is not.
+    kexec_after_s: float = 0.0
+    reboot_after_s: float = 0.0
+    #: How long a kexec or reboot keeps the guest down (kernel loading) before the new kernel
+    #: runs its boot path and writes READY again: how long a migration's blackout lasts.
+    boot_time_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("dirty_rate_mib_s", "convert_rate_hz"):
+        for name in ("dirty_rate_mib_s", "convert_rate_hz", *TIMED_KEYS):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"workload {name} must be a finite number >= 0, got {value!r}")
@@ -234,16 +245,18 @@ class WorkloadConfig:
         }
         if self.populate_fraction:
             out.update(populate_fraction=self.populate_fraction, shared_fraction=self.shared_fraction)
+        out.update({key: getattr(self, key) for key in TIMED_KEYS if getattr(self, key)})
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkloadConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        unknown = set(data) - {"dirty_rate_mib_s", "convert_rate_hz", "seed", "populate_fraction", "shared_fraction"}
+        number_keys = ("dirty_rate_mib_s", "convert_rate_hz", "populate_fraction", "shared_fraction", *TIMED_KEYS)
+        unknown = set(data) - {"seed", *number_keys}
         if unknown:
             raise ConfigError(f"unknown workload keys: {sorted(unknown)}")
         numbers = {}
-        for key in ("dirty_rate_mib_s", "convert_rate_hz", "populate_fraction", "shared_fraction"):
+        for key in number_keys:
             value = data.get(key, 0.0)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"workload {key} must be a number, got {value!r}")
@@ -306,6 +319,12 @@ class Workload:
         self.conversions = 0
         self.populate_target = int(self.data_pages * config.populate_fraction)
         self.populated = 0
+        #: The guest-initiated offlines still to come, soonest first: (seconds after the clock's
+        #: origin, "kexec" | "reboot"); each happens once in the guest's life (it travels).
+        self._offlines = sorted((after, kind) for kind, after in (("kexec", config.kexec_after_s),
+                                                                   ("reboot", config.reboot_after_s)) if after > 0)
+        self.offlines_done = 0
+        self._offline_origin: float | None = None
 
     def state(self) -> dict[str, Any]:
         """What must travel with the vCPU: config, RNG state, counters.
@@ -319,6 +338,7 @@ class Workload:
             "steps": self.steps,
             "conversions": self.conversions,
             "populated": self.populated,
+            "offlines_done": self.offlines_done,
         }
 
     @classmethod
@@ -329,6 +349,8 @@ class Workload:
             workload.steps = int(state["steps"])
             workload.conversions = int(state["conversions"])
             workload.populated = int(state.get("populated", workload.populate_target))
+            workload.offlines_done = int(state.get("offlines_done", 0))
+            del workload._offlines[: workload.offlines_done]  # done on the source: never twice
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad workload state: {exc}") from exc
         return workload
@@ -336,7 +358,8 @@ class Workload:
     @property
     def active(self) -> bool:
         """Whether the workload does anything at all."""
-        return self.populating or self.pages_per_second > 0 or self.config.convert_rate_hz > 0
+        return (self.populating or self.pages_per_second > 0 or self.config.convert_rate_hz > 0
+                or bool(self._offlines))
 
     @property
     def populating(self) -> bool:
@@ -399,6 +422,23 @@ class Workload:
         self.steps += 1
         return npages
 
+    def offline_due(self, now: float) -> str | None:
+        """The guest-initiated offline due at ``now`` (``"kexec"`` or ``"reboot"``), once; else None.
+
+        Timed from the first call (the workload's first step on this host), not reset by
+        pauses: a migration's pause/resume does not postpone it.
+        """
+        if not self._offlines:
+            return None
+        if self._offline_origin is None:
+            self._offline_origin = now
+        after, kind = self._offlines[0]
+        if now < self._offline_origin + after:
+            return None
+        del self._offlines[0]
+        self.offlines_done += 1
+        return kind
+
     def convert_due(self, now: float) -> bool:
         """Whether a private<->shared conversion is due at ``now``."""
         hz = self.config.convert_rate_hz
@@ -435,4 +475,7 @@ class Workload:
             waits.append(max(0.0, self._next_convert - now))
         elif self.config.convert_rate_hz > 0:
             waits.append(0.0)
+        if self._offlines:
+            origin = now if self._offline_origin is None else self._offline_origin
+            waits.append(max(0.0, origin + self._offlines[0][0] - now))
         return min(waits)

@@ -11,6 +11,9 @@ from migd import identity
 from migd.psp import PspFirmware
 from migd.sev_transport import TransportMode
 
+#: The fault-suite reliability table (``--reliability-json PATH``; inert without it).
+pytest_plugins = ["reliability"]
+
 
 @pytest.fixture
 def ca_dir(tmp_path: Path) -> Path:

@@ -14,7 +14,7 @@ Two kinds of faults:
 * **byte faults** (:class:`Cut`, :class:`Stall`, :class:`FlipBit`) act at a byte offset of one
   direction of the connection: the offset counts the bytes the *receiver* gets (the same as
   what the sender sent, unless frame faults of that direction changed the stream);
-* **frame faults** (:class:`CutBeforeFrame`, :class:`DropFrame`, :class:`DuplicateFrame`,
+* **frame faults** (:class:`CutBeforeFrame`, :class:`StallBeforeFrame`, :class:`DropFrame`, :class:`DuplicateFrame`,
   :class:`ReplayFrame`, :class:`RollbackFrame`, :class:`SwapFrames`, :class:`FlipFrameBit`) parse the direction's
   stream into frames and act on whole frames. With ``Framing.MIGD`` the frames are migd's
   (``u32 length | u8 type | u16 meta_len | meta | payload | u32 crc``, :mod:`migd.wire`); with
@@ -44,6 +44,7 @@ import enum
 import ipaddress
 import logging
 import struct
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -179,6 +180,23 @@ class CutBeforeFrame:
 
 
 @dataclass(frozen=True)
+class StallBeforeFrame:
+    """Hold the selected frame, and everything after it in that direction, for ``seconds``: a
+    stall at a protocol point (guest paused, before COMMIT, ...) rather than at a byte count."""
+
+    select: FrameSelector
+    seconds: float
+    direction: Direction = Direction.UPSTREAM
+
+
+@dataclass(frozen=True)
+class _Pause:
+    """Marker in a frame stage's output: the byte stage waits this long before what follows."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
 class DropFrame:
     """Do not forward the selected frame."""
 
@@ -245,7 +263,7 @@ class FlipFrameBit:
 
 
 ByteFault = Union[Cut, Stall, FlipBit]
-FrameFault = Union[CutBeforeFrame, DropFrame, DuplicateFrame, ReplayFrame, RollbackFrame, SwapFrames, FlipFrameBit]
+FrameFault = Union[CutBeforeFrame, StallBeforeFrame, DropFrame, DuplicateFrame, ReplayFrame, RollbackFrame, SwapFrames, FlipFrameBit]
 Fault = Union[ByteFault, FrameFault]
 
 
@@ -373,9 +391,9 @@ class _FrameFaultState:
         return select.matches(info)
 
     def _record(self, action: str, frame: FrameInfo, *, partner: FrameInfo | None = None, old: int | None = None,
-                new: int | None = None, bit: int | None = None) -> None:
+                new: int | None = None, bit: int | None = None, seconds: float | None = None) -> None:
         self.conn.record(FaultRecord(action, self.direction, self.conn.number, frame.offset, frame, partner=partner,
-                                     old=old, new=new, bit=bit))
+                                     old=old, new=new, bit=bit, seconds=seconds))
 
     def on_frame(self, raw: bytes, info: FrameInfo, emit: list[bytes]) -> list[bytes]:
         """Transform the output ``emit`` of the frame ``raw`` (as sent: ``info``)."""
@@ -407,6 +425,10 @@ class _FrameFaultState:
             self._record("cut", info)
             self.conn.cut_pending = True
             return []
+        if isinstance(fault, StallBeforeFrame):
+            self.done = True
+            self._record("stall", info, seconds=fault.seconds)
+            return [_Pause(fault.seconds), *emit]
         if isinstance(fault, DropFrame):
             self.done = True
             self._record("drop", info)
@@ -532,6 +554,9 @@ class _FrameStage:
             return frames
         out = []
         for frame in frames:
+            if isinstance(frame, _Pause):
+                out.append(frame)
+                continue
             out.append(reseal(frame, self.out_sequence))
             self.out_sequence += 1
         return out
@@ -602,8 +627,14 @@ class _ByteStage:
         self.direction = direction
         self.offset = 0
 
-    async def write(self, data: bytes, writer: asyncio.StreamWriter) -> bool:
+    async def write(self, data: bytes | _Pause, writer: asyncio.StreamWriter) -> bool:
         """Forward ``data``; False once a cut ended the connection."""
+        if isinstance(data, _Pause):  # a StallBeforeFrame: what came before is delivered, then nothing
+            await _flush(writer)
+            await asyncio.sleep(data.seconds)
+            return True
+        while (held := self.conn.proxy.held_until[self.direction] - time.monotonic()) > 0:
+            await asyncio.sleep(held)
         view = memoryview(data)
         while self.pending:
             fault = self.pending[0]
@@ -689,6 +720,7 @@ class FaultProxy:
         self.frames_seen: collections.Counter[tuple[Direction, int]] = collections.Counter()
         self.flip_offsets: list[int] = []  # sender-stream offsets of frame-relative flips
         self.bytes_forwarded: dict[Direction, int] = dict.fromkeys(Direction, 0)
+        self.held_until: dict[Direction, float] = dict.fromkeys(Direction, 0.0)  # stall_now()
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # connection handlers (asyncio's callbacks)
@@ -715,6 +747,8 @@ class FaultProxy:
                 raise ValueError(f"{fault}: bit must be in [0, 7] (or name a field)")
             if fault.region is Region.META and framing is Framing.TLS:
                 raise ValueError("TLS records have no metadata region")
+        if isinstance(fault, StallBeforeFrame) and not fault.seconds >= 0:
+            raise ValueError(f"{fault}: seconds must be >= 0")
         if isinstance(fault, ReplayFrame) and fault.after < 0:
             raise ValueError(f"{fault}: after must be >= 0")
 
@@ -754,6 +788,25 @@ class FaultProxy:
         await self.close()
 
     # -- evidence
+    def cut_now(self) -> int:
+        """Reset every open connection at once (a cut at a moment, not at an offset, e.g. while
+        the source sends nothing in ``blackout``); returns how many were cut, each recorded."""
+        cut = 0
+        for conn in self._conns:
+            if not conn.cut:
+                conn.record(FaultRecord("cut", Direction.UPSTREAM, conn.number, self.bytes_forwarded[Direction.UPSTREAM]))
+                conn.abort()
+                cut += 1
+        return cut
+
+    def stall_now(self, seconds: float, direction: Direction = Direction.UPSTREAM) -> None:
+        """Hold ``direction`` of every connection for ``seconds`` from now (recorded once)."""
+        if not seconds >= 0:
+            raise ValueError(f"seconds must be >= 0, got {seconds}")
+        self.held_until[direction] = time.monotonic() + seconds
+        self.records.append(FaultRecord("stall", direction, self.connections, self.bytes_forwarded[direction],
+                                        seconds=seconds))
+
     def fired(self, action: str | None = None) -> list[FaultRecord]:
         """The records of faults that happened (of one ``action``, or all but ``framing-lost``)."""
         if action is None:
@@ -813,14 +866,14 @@ class FaultProxy:
                     for part in frames.flush():
                         if not await raw.write(part, writer):
                             return
-                        self.bytes_forwarded[direction] += len(part)
+                        self.bytes_forwarded[direction] += 0 if isinstance(part, _Pause) else len(part)
                     if writer.can_write_eof():
                         writer.write_eof()
                     return
                 for part in frames.feed(data):
                     if not await raw.write(part, writer):
                         return
-                    self.bytes_forwarded[direction] += len(part)
+                    self.bytes_forwarded[direction] += 0 if isinstance(part, _Pause) else len(part)
                 if conn.cut_pending:
                     await _flush(writer)
                     conn.abort()
@@ -831,4 +884,4 @@ class FaultProxy:
             conn.abort()
 
 
-_FRAME_FAULTS = (CutBeforeFrame, DropFrame, DuplicateFrame, ReplayFrame, RollbackFrame, SwapFrames, FlipFrameBit)
+_FRAME_FAULTS = (CutBeforeFrame, StallBeforeFrame, DropFrame, DuplicateFrame, ReplayFrame, RollbackFrame, SwapFrames, FlipFrameBit)

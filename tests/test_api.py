@@ -204,6 +204,7 @@ def test_health_needs_no_token_and_reports_the_version(tmp_path: Path) -> None:
     run(main)
 
 
+@pytest.mark.fault_class("access control: REST token")
 def test_every_route_but_health_answers_401_without_the_right_token(tmp_path: Path) -> None:
     async def main() -> None:
         async with serving(tmp_path) as api:

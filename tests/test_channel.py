@@ -275,6 +275,42 @@ async def test_pause_resume_fetch_dirty(tmp_path: Path) -> None:
 
 
 @run
+async def test_round_trips_are_probed_per_request_kind(tmp_path: Path) -> None:
+    """The switch-over's probe: how long answered requests of one kind took, recently."""
+    channel, agent = await connected(tmp_path)
+    assert channel.round_trip_s("fetch_dirty") is None  # nothing measured yet
+    agent.silent.add("fetch_dirty")
+    fetch = asyncio.ensure_future(channel.fetch_dirty())
+    async with asyncio.timeout(WAIT):
+        while not agent.host_requests:
+            await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)  # the guest answers late
+    (req,) = agent.host_requests
+    agent.send_raw(agent.codec.encode(response_ok(req["id"], bitmap=PageBitmap(NPAGES).encode())))
+    await fetch
+    slow = channel.round_trip_s("fetch_dirty")
+    assert slow is not None and slow >= 0.05
+    assert channel.round_trip_s("pause") is None  # negative control: only what was asked and answered
+    agent.silent.add("resume")
+    with pytest.raises(GuestTimeoutError):
+        await channel.resume(timeout=0.05)
+    assert channel.round_trip_s("resume") is None  # an unanswered request is no sample
+    await agent.close()
+    await channel.close()
+
+
+@run
+async def test_staged_import_and_start_requests(tmp_path: Path) -> None:
+    channel, agent = await connected(tmp_path)
+    await channel.import_state(b"incoming-state", start=False)
+    await channel.start_imported()
+    sent = [(m["op"], {k: v for k, v in m.items() if k not in ("t", "id", "op")}) for m in agent.host_requests]
+    assert sent == [("import_state", {"state": b"incoming-state", "start": False}), ("start", {})]
+    await agent.close()
+    await channel.close()
+
+
+@run
 async def test_pause_without_paused_flag_is_a_violation(tmp_path: Path) -> None:
     channel, agent = await connected(tmp_path)
     agent.handlers["pause"] = lambda m: {}

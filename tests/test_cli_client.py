@@ -397,6 +397,7 @@ def test_errors_print_the_daemons_reason_and_exit_1(daemon: ServeProcess) -> Non
         run_cli(daemon, "guest", "delete", "cli2")
 
 
+@pytest.mark.fault_class("access control: REST token")
 def test_wrong_token_is_401_with_the_reason(daemon: ServeProcess, tmp_path: Path) -> None:
     wrong = tmp_path / "wrong.token"
     wrong.write_text("f" * 32 + "\n")

@@ -25,6 +25,7 @@ from migd.wire import FrameType
 from faultproxy import (
     Cut,
     CutBeforeFrame,
+    StallBeforeFrame,
     Direction,
     DropFrame,
     DuplicateFrame,
@@ -42,6 +43,7 @@ from faultproxy import (
 )
 
 UP, DOWN = Direction.UPSTREAM, Direction.DOWNSTREAM
+pytestmark = pytest.mark.fault_class("fault proxy self-test")
 P = FrameType.PRIVATE_PAGES
 SH = FrameType.SHARED_PAGES
 
@@ -357,6 +359,55 @@ async def test_cut_before_a_frame() -> None:
     (cut,) = proxy.fired("cut")
     assert cut.frame is not None and cut.frame.ordinal == 9 and cut.offset == len(b"".join(sent[:9]))
     assert _frames(got) == sent[:9]  # everything before it arrived, nothing from it on
+
+
+@run
+async def test_stall_before_a_frame() -> None:
+    """Frames before the selected one arrive at once; it and the rest wait, then arrive intact."""
+    data = _encode(_stream())
+    sent = _frames(data)
+    before = b"".join(sent[:9])  # ROUND_END is ordinal 9
+    echo = EchoServer()
+    port = await echo.start()
+    async with FaultProxy("127.0.0.1", port, [StallBeforeFrame(FrameSelector.of(FrameType.ROUND_END), 1.5)]) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(data)
+        started = time.monotonic()
+        assert await reader.readexactly(len(before)) == before
+        prompt = time.monotonic() - started
+        assert await reader.readexactly(len(data) - len(before)) == data[len(before):]
+        waited = time.monotonic() - started
+        writer.close()
+    await echo.close()
+    assert prompt < 1.0 and 1.45 <= waited < 10
+    (stall,) = proxy.fired("stall")
+    assert stall.frame is not None and stall.frame.ordinal == 9 and stall.seconds == 1.5
+    assert stall.offset == len(before)
+
+
+@run
+async def test_stall_now_and_cut_now() -> None:
+    """Faults at a moment: a stall holds what comes next; a cut resets the connection."""
+    echo = EchoServer()
+    port = await echo.start()
+    async with FaultProxy("127.0.0.1", port) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"a" * 10)
+        assert await reader.readexactly(10) == b"a" * 10
+        proxy.stall_now(1.5)
+        started = time.monotonic()
+        writer.write(b"b" * 10)
+        assert await reader.readexactly(10) == b"b" * 10
+        assert 1.45 <= time.monotonic() - started < 10
+        assert proxy.cut_now() == 1
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            async with asyncio.timeout(5):
+                writer.write(b"c" * 10)
+                await reader.readexactly(10)
+        writer.close()
+    await echo.close()
+    assert [r.action for r in proxy.fired()] == ["stall", "cut"]
+    assert proxy.cut_now() == 0  # nothing left to cut
 
 
 @run

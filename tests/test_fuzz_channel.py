@@ -50,6 +50,7 @@ from migd.channel import GuestChannel
 from migd.channel_codec import MAX_FRAME, U64_MAX, ChannelCodec, ChannelProtocolError, request
 from migd.vm import PLATFORM_OPS, VmConfig, VmPlatform
 
+pytestmark = pytest.mark.fault_class("bad input: hypercall channel fuzz")
 SEED = 0x6368616E  # "chan"
 NPAGES = 1000  # not a multiple of 64: the bitmap's tail word is exercised
 FAST_REQUESTS = 30_000
@@ -205,7 +206,7 @@ def requests(rng: random.Random, count: int) -> Iterator[Any]:
 # ---------------------------------------------------------------------- VmPlatform
 
 
-def test_platform_requests_fast_loop() -> None:
+def test_platform_requests_fast_loop(record_inputs: Any) -> None:
     rng = random.Random(SEED)
     victim, other = make_vm("victim"), make_vm("other", efi=True, uefi=True)
     other.handle_guest_request(request(1, "hypercall", nr=KVM_HC_MAP_GPA_RANGE, args=[0x10000, 7, 0]))
@@ -214,6 +215,7 @@ def test_platform_requests_fast_loop() -> None:
     outcomes = {True: 0, False: 0}
     for msg in requests(rng, FAST_REQUESTS):
         outcomes[run_request(victim, model, msg)["ok"]] += 1
+    record_inputs(sum(outcomes.values()), "guest requests")
     assert model.matches(victim)
     assert snapshot(other) == before
     # Both kinds of answers occurred in numbers, and the hostile inputs were counted, not just dropped.
@@ -263,7 +265,7 @@ def _frame(body: bytes) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-def test_codec_fast_loop() -> None:
+def test_codec_fast_loop(record_inputs: Any) -> None:
     rng = random.Random(SEED + 1)
     outcomes = {"refused": 0, "decoded": 0}
     for msg in requests(rng, 20_000):
@@ -292,6 +294,7 @@ def test_codec_fast_loop() -> None:
             outcomes["refused"] += 1
             with pytest.raises(ChannelProtocolError, match="already failed"):
                 codec.feed(b"\x00")
+    record_inputs(sum(outcomes.values()), "channel byte streams")
     assert min(outcomes.values()) > 2000, outcomes
 
 
@@ -422,7 +425,7 @@ async def _bystander(path: Path, stop: asyncio.Event, vm: VmPlatform) -> tuple[i
 SESSIONS = 120
 
 
-def test_guest_channel_under_a_fuzzing_guest(tmp_path: Path) -> None:
+def test_guest_channel_under_a_fuzzing_guest(tmp_path: Path, record_inputs: Any) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         loop_errors: list[dict[str, Any]] = []
@@ -482,3 +485,4 @@ def test_guest_channel_under_a_fuzzing_guest(tmp_path: Path) -> None:
         assert loop_errors == []
 
     asyncio.run(asyncio.wait_for(main(), 60))
+    record_inputs(SESSIONS, "hostile guest sessions")

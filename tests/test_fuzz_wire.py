@@ -36,6 +36,7 @@ from migd.abi import PAGE_SIZE
 from migd.errors import ProtocolError
 from migd.wire import FrameType
 
+pytestmark = pytest.mark.fault_class("bad input: stream codec fuzz")
 SEED = 0x6D696764  # "migd": a fixed seed, so a failure reproduces
 FAST_FRAMES = 110_000
 TIME_BUDGET_S = 20.0
@@ -148,6 +149,10 @@ def _valid_messages(rng: random.Random) -> list[wire.Message]:
         wire.Commit(),
         wire.Started(),
         wire.Abort("x" * rng.randint(0, 1024)),
+        wire.Resolve(f"{rng.getrandbits(64):016x}"),
+        wire.Resolved(f"{rng.getrandbits(64):016x}", rng.choice(wire.RESOLUTIONS)),
+        wire.Ping(rng.getrandbits(32)),
+        wire.Pong(rng.getrandbits(32)),
     ]
 
 
@@ -217,7 +222,7 @@ def _random_header(rng: random.Random) -> bytes:
 # ---------------------------------------------------------------------- the fast loop
 
 
-def test_fuzz_frames_only_protocol_errors_escape() -> None:
+def test_fuzz_frames_only_protocol_errors_escape(record_inputs: Callable[[int, str], None]) -> None:
     rng = random.Random(SEED)
     started = time.monotonic()
     outcomes: dict[str, int] = {"crc": 0, "refused": 0, "decoded": 0, "incomplete": 0}
@@ -234,6 +239,7 @@ def test_fuzz_frames_only_protocol_errors_escape() -> None:
                 outcomes[decode_one(data, rng.choice(pieces))] += 1
                 generated += 1
     elapsed = time.monotonic() - started
+    record_inputs(generated, "frames")
     assert generated >= 100_000
     assert elapsed < TIME_BUDGET_S, f"{generated} frames took {elapsed:.1f} s"
     # The mutations are neither all caught by the CRC nor all harmless: each outcome occurs, and

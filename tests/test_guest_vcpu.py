@@ -174,6 +174,62 @@ def test_state_moves_to_an_incoming_vcpu(tmp_path: Path) -> None:
     run(body)
 
 
+def test_a_staged_state_runs_only_on_start(tmp_path: Path) -> None:
+    """import_state(start=False) loads everything but runs nothing; "start" runs it (the
+    destination stages before COMMIT and starts after it)."""
+
+    async def body() -> None:
+        src, src_host, src_ram, vek = make(tmp_path, "src", workload=WorkloadConfig(16, 200, 8))
+        src_task = asyncio.create_task(src.run())
+        await until(lambda: src_host.count("booted") == 1, "boot")
+        await asyncio.sleep(0.1)
+        await src.handle("pause", {})
+        state = (await src.handle("export_state", {}))["state"]
+        dst_vm = VmPlatform(VmConfig("dst", NPAGES, efi=False, uefi_live_migration=None))
+        dst_vm.shared_bitmap.update(src_host.vm.shared_bitmap)
+        dst_host = LocalHost(dst_vm)
+        dst_ram = GuestRam(tmp_path / "dst.ram", NPAGES, create=True)
+        dst_ram.write(0, src_ram.view(0, NPAGES))
+        dst = GuestVcpu(GuestConfig("dst", NPAGES, incoming=True), dst_ram, MemoryEncryption(vek), dst_host)
+        dst_task = asyncio.create_task(dst.run())
+        with pytest.raises(VcpuError, match="start needs"):
+            await dst.handle("start", {})  # nothing staged yet
+        await dst.handle("import_state", {"state": state, "start": False})
+        with pytest.raises(VcpuError, match="once"):
+            dst.import_state(state)  # staging is the one import
+        await asyncio.sleep(0.1)
+        assert not dst.running and dst.workload is None and dst_host.events == []  # loaded, not running
+        assert not dst_vm.migration_ready
+        await dst.handle("start", {})
+        await until(lambda: any(e.get("kind") == "check" for e in dst_host.events), "incoming check")
+        check = next(e for e in dst_host.events if e.get("kind") == "check")
+        assert check["errors"] == 0 and check["pages_verified"] == NPAGES
+        assert dst_vm.migration_ready and dst.running
+        assert dst.workload is not None and src.workload is not None
+        with pytest.raises(VcpuError, match="start needs"):
+            dst.start_imported()  # once
+        with pytest.raises(VcpuError, match="start needs"):
+            src.start_imported()  # not an incoming guest
+        for task in (src_task, dst_task):
+            task.cancel()
+        src_ram.close()
+        dst_ram.close()
+
+    run(body)
+
+
+def test_a_bad_state_is_refused_when_staged_too(tmp_path: Path) -> None:
+    async def body() -> None:
+        vcpu, _, ram, _ = make(tmp_path, incoming=True)
+        with pytest.raises(VcpuError, match="bad vCPU state"):
+            vcpu.import_state(b"\x00garbage", start=False)
+        with pytest.raises(VcpuError, match="start needs"):
+            vcpu.start_imported()  # the failed staging left nothing to start
+        ram.close()
+
+    run(body)
+
+
 def test_import_rejects_a_bad_state(tmp_path: Path) -> None:
     async def body() -> None:
         vcpu, _, ram, _ = make(tmp_path, incoming=True)

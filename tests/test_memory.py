@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
+import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -527,3 +530,120 @@ def test_close(tmp_path: Path) -> None:
     with GuestRam(tmp_path / "guest.ram", 4) as again:
         assert again.read(0, 1)[:4] == b"abcd"
     assert "closed" in repr(r)
+
+
+# --- holes of the sparse file: found without reading them ------------------------------------
+
+
+@pytest.fixture
+def shm_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on tmpfs when there is one: there a read through the mapping allocates."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        d = Path(tempfile.mkdtemp(prefix="migd-test-", dir=shm))
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    else:
+        yield tmp_path
+
+
+def _reference_nonzero(ram: GuestRam, npages: int) -> list[bool]:
+    # pread, not the mapping: a read(2) of a hole returns zeros without allocating it.
+    raw = os.pread(ram._fd, npages * PAGE_SIZE, 0)
+    return [raw[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] != bytes(PAGE_SIZE) for p in range(npages)]
+
+
+def test_populated_pages_inside_large_holes_are_found(shm_dir: Path) -> None:
+    npages = 8192
+    with GuestRam(shm_dir / "guest.ram", npages, create=True) as ram:
+        for page in (0, 1, 700, 4095, 8191):
+            ram.write(page * PAGE_SIZE, _rand(PAGE_SIZE, page))
+        # A page whose first word is zero must still count (the first-word shortcut).
+        ram.write(3000 * PAGE_SIZE, bytes(8) + b"\x01" + bytes(PAGE_SIZE - 9))
+        ram.write(5000 * PAGE_SIZE, bytes(PAGE_SIZE))  # allocated but all zero: data, yet a zero page
+        before = _allocated(ram.path)
+        nonzero = ram.nonzero_pages(0, npages)
+        assert np.flatnonzero(nonzero).tolist() == [0, 1, 700, 3000, 4095, 8191]
+        assert nonzero.tolist() == _reference_nonzero(ram, npages)
+        populated = ram.populated_pages(0, npages)
+        assert set(np.flatnonzero(populated).tolist()) >= {0, 1, 700, 3000, 4095, 5000, 8191}
+        assert not populated[2:700].any() and not populated[5001:8191].any()
+        # Holes were not read through the mapping: on tmpfs that would have allocated them.
+        assert _allocated(ram.path) == before
+        assert ram.next_populated(2 * PAGE_SIZE, npages - 2) == 700 * PAGE_SIZE
+        assert ram.next_populated(701 * PAGE_SIZE, 100) == 801 * PAGE_SIZE  # none in range: its end
+        assert ram.next_populated(8191 * PAGE_SIZE, 1) == 8191 * PAGE_SIZE
+        assert ram.nonzero_pages(600 * PAGE_SIZE, 200).tolist() == _reference_nonzero(ram, 800)[600:]
+
+
+def test_punched_pages_count_as_holes_again(shm_dir: Path) -> None:
+    with GuestRam(shm_dir / "guest.ram", 64, create=True) as ram:
+        ram.write(0, _rand(64 * PAGE_SIZE, 3))
+        ram.zero(10 * PAGE_SIZE, 20)
+        assert ram.nonzero_pages(0, 64).tolist() == [not 10 <= p < 30 for p in range(64)]
+        if _punch_supported(shm_dir):
+            assert ram.next_populated(10 * PAGE_SIZE, 20) == 30 * PAGE_SIZE
+
+
+def test_non_resident_data_counts_as_populated(shm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mincore() says "not in memory" for a swapped-out tmpfs page: SEEK_DATA must overrule it."""
+
+    def nothing_resident(addr: int, length: int, vec: object) -> int:
+        return 0  # leaves the vector all zero: no page resident
+
+    with GuestRam(shm_dir / "guest.ram", 256, create=True) as ram:
+        ram.write(100 * PAGE_SIZE, _rand(3 * PAGE_SIZE, 4))
+        monkeypatch.setattr(memory, "_libc_mincore", lambda: nothing_resident)
+        populated = ram.populated_pages(0, 256)
+        assert populated[100:103].all()  # data, though "not resident"
+        assert not populated[:100].any()  # before the first data: SEEK_DATA's hole
+        assert ram.nonzero_pages(0, 256).tolist() == [100 <= p < 103 for p in range(256)]
+
+
+def test_without_seek_data_every_page_is_scanned(ram: GuestRam, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_lseek = os.lseek
+
+    def no_seek_data(fd: int, pos: int, how: int) -> int:
+        if how == os.SEEK_DATA:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_lseek(fd, pos, how)
+
+    ram.write(40 * PAGE_SIZE, _rand(PAGE_SIZE, 5))
+    monkeypatch.setattr(os, "lseek", no_seek_data)
+    assert ram.next_populated(0, NPAGES) == 0
+    assert ram.populated_pages(0, NPAGES).all()
+    assert np.flatnonzero(ram.nonzero_pages(0, NPAGES)).tolist() == [40]
+
+
+def test_close_waits_for_a_write_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker thread's write and the loop's close: the write never reaches a closed descriptor."""
+    ram = GuestRam(tmp_path / "guest.ram", 4, create=True)
+    entered, release = threading.Event(), threading.Event()
+    real_pwrite = os.pwrite
+    fds: list[int] = []
+
+    def slow_pwrite(fd: int, data: object, offset: int) -> int:
+        fds.append(fd)
+        entered.set()
+        assert release.wait(10)
+        return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", slow_pwrite)
+    writer = threading.Thread(target=ram.write, args=(0, b"\x05" * PAGE_SIZE))
+    writer.start()
+    assert entered.wait(10)
+    closer = threading.Thread(target=ram.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # close() waits for the write (without the lock it would be done)
+    release.set()
+    writer.join(10)
+    closer.join(10)
+    assert not closer.is_alive() and not writer.is_alive()
+    with pytest.raises(GuestMemoryError, match="closed"):
+        ram.write(0, b"\x06" * PAGE_SIZE)  # after close: refused, never a pwrite
+    assert len(fds) == 1
+    with GuestRam(tmp_path / "guest.ram", 4) as again:
+        assert again.read(0, 1) == b"\x05" * PAGE_SIZE

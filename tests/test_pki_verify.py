@@ -146,6 +146,7 @@ def test_ecdh_refuses_a_key_off_the_pdh_curve(pki: Pki) -> None:
         pki_verify.ecdh_shared_secret(key_a, ec.generate_private_key(ec.SECP256R1()).public_key())
 
 
+@pytest.mark.fault_class("access control: untrusted PDH")
 def test_pdh_from_another_ca_is_rejected_even_under_the_same_name(pki: Pki, tmp_path: Path) -> None:
     identity.init_host(tmp_path / "rogue", tmp_path / "rogue-ca", common_name="hostA")
     rogue_pem = (tmp_path / "rogue" / identity.PDH_CERT).read_bytes()
@@ -162,6 +163,7 @@ def test_pdh_from_another_ca_is_rejected_even_under_the_same_name(pki: Pki, tmp_
     pki_verify.verify_pdh_certificate(rogue_pem, rogue_anchors)
 
 
+@pytest.mark.fault_class("access control: untrusted PDH")
 def test_self_signed_pdh_is_rejected(pki: Pki) -> None:
     own = ec.generate_private_key(ec.SECP384R1())
     self_signed = _forge(_name("forged PDH"), own, public_key=own.public_key())
@@ -431,6 +433,7 @@ def test_ssl_contexts_load_and_mutual_tls_handshake_works(pki: Pki) -> None:
         assert subject["commonName"] == "hostB"  # the server really authenticated the client
 
 
+@pytest.mark.fault_class("access control: TLS client certificate")
 def test_mutual_tls_rejects_wrong_peers(pki: Pki, tmp_path: Path) -> None:
     server_ctx = pki_verify.tls_server_context(*_tls_files(pki.hosts["hostA"]))
     client_ctx = pki_verify.tls_client_context(*_tls_files(pki.hosts["hostB"]))

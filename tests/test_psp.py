@@ -259,6 +259,7 @@ def test_sev_compat_known_weakness_move_replay_reorder_go_undetected(
     assert bytes(pair.dst_key.read_private(dst, 6 * PAGE_SIZE, 1)) == _pages(1, 1)
 
 
+@pytest.mark.fault_class("access control: untrusted PDH")
 def test_send_start_refuses_untrusted_pdh(
     make_firmware: Callable[..., PspFirmware], tmp_path: Path
 ) -> None:
@@ -279,6 +280,7 @@ def test_send_start_refuses_untrusted_pdh(
     assert a.guest_state(handle) is GuestState.SUPDATE
 
 
+@pytest.mark.fault_class("access control: untrusted PDH")
 def test_receive_start_refuses_untrusted_sender(
     make_firmware: Callable[..., PspFirmware], tmp_path: Path
 ) -> None:
@@ -291,6 +293,7 @@ def test_receive_start_refuses_untrusted_sender(
     assert err.value.status == FirmwareStatus.INVALID_CERTIFICATE
 
 
+@pytest.mark.fault_class("access control: NOSEND policy")
 def test_send_start_refuses_nosend_policy(make_firmware: Callable[..., PspFirmware]) -> None:
     a, b = make_firmware("hostA"), make_firmware("hostB")
     handle = a.launch(int(GuestPolicy.NOSEND))

@@ -37,6 +37,7 @@ from migd.api import MAX_BODY_BYTES
 from migd.errors import ConfigError
 from test_api import TOKEN, Api, check_against_document, free_port, serving
 
+pytestmark = pytest.mark.fault_class("bad input: REST API fuzz")
 MAX_EXAMPLES = 300
 #: Where valid migrate bodies point: a loopback port nobody listens on (no stray traffic).
 CLOSED_PORT = free_port()

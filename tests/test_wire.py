@@ -33,6 +33,10 @@ SAMPLES: list[wire.Message] = [
     wire.Commit(),
     wire.Started(),
     wire.Abort("destination refused: guest exists"),
+    wire.Resolve("mig-1"),
+    wire.Resolved("mig-1", "committed"),
+    wire.Ping(7),
+    wire.Pong(7),
 ]
 
 
@@ -224,3 +228,25 @@ def test_each_direction_counts_its_own_frames() -> None:
     frames = _frames(STREAM)
     with pytest.raises(ProtocolError, match="frame 0"):
         wire.FrameDecoder().feed(frames[2])
+
+
+def test_frame_crc_is_zlibs_crc32_whichever_implementation_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast CRC (ISA-L when installed) must be zlib's CRC-32 exactly: it is the wire format."""
+    assert wire._crc32(b"123456789", 0) == 0xCBF43926  # the CRC-32/ISO-HDLC check value (CRC-32C: 0xE3069283)
+    payload = bytes(range(256)) * 4099
+    head = b"\x05\x00\x10meta"
+    expected = zlib.crc32(payload, zlib.crc32(head, zlib.crc32(struct.pack("<Q", 9))))
+    assert wire._crc(9, head, memoryview(payload)) == expected
+    assert wire._crc(10, head, payload) != expected  # the sequence number is in it
+    # Without the optional accelerator: zlib's own.
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_isal(name: str, *args: object, **kwargs: object) -> object:
+        if name.startswith("isal"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_isal)
+    assert wire._load_crc32() is zlib.crc32

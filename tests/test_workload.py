@@ -297,3 +297,49 @@ def test_populate_fractions_are_validated() -> None:
     with pytest.raises(ConfigError, match="unknown workload keys"):
         WorkloadConfig.from_dict({"populate": 1})
     assert WorkloadConfig.from_dict({"populate_fraction": 1, "shared_fraction": 0.5}).populate_fraction == 1.0
+
+
+def test_guest_initiated_offlines_fire_once_each_in_order(setup: Setup) -> None:
+    clock = FakeClock()
+    config = WorkloadConfig(seed=1, kexec_after_s=2.0, reboot_after_s=1.0, boot_time_s=0.5)
+    workload = Workload(setup.memory, config)
+    assert workload.active  # an offline still to come keeps an idle workload stepping
+    assert workload.offline_due(clock.now) is None  # the clock starts at the first step
+    assert workload.next_due(clock.now) == pytest.approx(1.0)
+    assert workload.offline_due(clock.advance(0.99)) is None
+    assert workload.offline_due(clock.advance(0.02)) == "reboot"
+    assert workload.offline_due(clock.now) is None  # once
+    workload.restart_clock(clock.now)  # a pause/resume (or the reboot's boot) does not postpone it
+    assert workload.offline_due(clock.advance(1.0)) == "kexec"
+    assert workload.offline_due(clock.advance(100.0)) is None and not workload.active
+    assert workload.offlines_done == 2
+    # Negative control: without the options the guest never goes offline on its own.
+    plain = Workload(setup.memory, WorkloadConfig(seed=1))
+    assert plain.offline_due(clock.now) is None and plain.offline_due(clock.advance(1e6)) is None
+
+
+def test_a_done_offline_travels_with_the_state_and_never_repeats(setup: Setup) -> None:
+    clock = FakeClock()
+    source = Workload(setup.memory, WorkloadConfig(seed=1, kexec_after_s=1.0, reboot_after_s=5.0))
+    source.offline_due(clock.now)
+    assert source.offline_due(clock.advance(1.0)) == "kexec"
+    arrived = Workload.from_state(setup.memory, source.state())
+    assert arrived.offlines_done == 1
+    assert arrived.offline_due(clock.now) is None  # its clock starts again here
+    assert arrived.offline_due(clock.advance(5.0)) == "reboot"  # only the one not done yet
+    assert arrived.offline_due(clock.advance(100.0)) is None
+    # Negative control: a state exported before the kexec brings it along.
+    early = Workload.from_state(setup.memory, Workload(setup.memory, source.config).state())
+    early.offline_due(clock.now)
+    assert early.offline_due(clock.advance(1.0)) == "kexec"
+
+
+@pytest.mark.parametrize("key", ["kexec_after_s", "reboot_after_s", "boot_time_s"])
+def test_offline_timers_are_validated_and_round_trip(key: str) -> None:
+    for bad in (-1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ConfigError, match=key):
+            WorkloadConfig(**{key: bad})  # type: ignore[arg-type]
+    config = WorkloadConfig(seed=3, **{key: 1.5})  # type: ignore[arg-type]
+    assert config.to_dict()[key] == 1.5
+    assert WorkloadConfig.from_dict(config.to_dict()) == config
+    assert key not in WorkloadConfig(seed=3).to_dict()  # the default dict keeps its old shape

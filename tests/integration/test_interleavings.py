@@ -64,7 +64,7 @@ from .hosts import make_host
 
 S = MigrationStatus
 T = TypeVar("T")
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.fault_class("interleavings: reboot/kexec race")]
 
 MEMORY_MIB = 16
 WORKLOAD = WorkloadConfig(dirty_rate_mib_s=6, convert_rate_hz=25, seed=21)
@@ -387,9 +387,10 @@ MACHINE_SETTINGS = settings(
 )
 
 
-def test_randomized_interleavings_keep_the_guest_intact() -> None:
+def test_randomized_interleavings_keep_the_guest_intact(record_inputs: Any) -> None:
     STATS.clear()
     run_state_machine_as_test(InterleavingMachine, settings=MACHINE_SETTINGS)
+    record_inputs(STATS["migrations completed and checked"], "migrations checked")
     # The run exercised what it claims to: migrations checked, and the race's ingredients.
     known = STATS["known defect: torn shared-page CRC"]
     assert STATS["migrations completed and checked"] >= MACHINE_SETTINGS.max_examples - known, STATS

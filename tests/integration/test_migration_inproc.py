@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
 from pathlib import Path
 
 import pytest
 
 from migd import identity
-from migd.abi import GuestPolicy
+from migd.abi import FirmwareStatus, GuestPolicy
 from migd.channel import CheckReport
 from migd.dest import MigrationListener
+from migd.errors import FirmwareError
 from migd.guest import GuestDefinition, GuestState
 from migd.migration_state import MigrationStatus
 from migd.pki_verify import tls_client_context, tls_server_context
 from migd.progress import MigrationProgress
 from migd.sev_transport import TransportMode
-from migd.source import MigrationParams, OutgoingMigration
+from migd.source import MigrationParams, MigrationRefused, OutgoingMigration
 
 from .hosts import closing, make_host, running_guest
 
@@ -46,7 +48,7 @@ def test_running_guest_migrates(tmp_path: Path) -> None:
 
 
 def _migrate(tmp_path: Path, *, mode: TransportMode = TransportMode.BOUND, policy: int = 0, tls: bool = False,
-             client_ca: str = "ca") -> tuple[MigrationProgress, CheckReport | None, str | None]:
+             client_ca: str = "ca", client_cert: bool = True) -> tuple[MigrationProgress, CheckReport | None, str | None]:
     async def main() -> tuple[MigrationProgress, CheckReport | None, str | None]:
         a, b = make_host(tmp_path, "hostA", mode), make_host(tmp_path, "hostB", mode)
         server_ctx = client_ctx = None
@@ -58,6 +60,10 @@ def _migrate(tmp_path: Path, *, mode: TransportMode = TransportMode.BOUND, polic
                 a_dir = tmp_path / "hostA"
             server_ctx = tls_server_context(tmp_path / "ca" / "ca.pem", b_dir / "host.pem", b_dir / "host.key")
             client_ctx = tls_client_context(tmp_path / "ca" / "ca.pem", a_dir / "host.pem", a_dir / "host.key")
+            if not client_cert:  # trusts the destination, presents nothing
+                client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                client_ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+                client_ctx.load_verify_locations(tmp_path / "ca" / "ca.pem")
         listener = MigrationListener(b, ssl_context=server_ctx)
         port = await listener.start("127.0.0.1", 0)
         async with closing(a, b):
@@ -95,12 +101,47 @@ def test_mutual_tls_stream(tmp_path: Path) -> None:
     assert check is not None and check.errors == 0
 
 
+@pytest.mark.fault_class("access control: TLS client certificate")
 def test_mutual_tls_refuses_a_client_from_another_ca(tmp_path: Path) -> None:
     progress, _, error = _migrate(tmp_path, tls=True, client_ca="rogue-ca")
     assert progress.status is MigrationStatus.FAILED
     assert "mutual TLS" in (error or "")
 
 
+@pytest.mark.fault_class("access control: TLS client certificate")
+def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path: Path) -> None:
+    progress, _, error = _migrate(tmp_path, tls=True, client_cert=False)
+    assert progress.status is MigrationStatus.FAILED
+    assert "mutual TLS" in (error or ""), error
+
+
+@pytest.mark.fault_class("access control: NOSEND policy")
+def test_a_nosend_guest_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """The engine refuses before it connects; the firmware refuses too, should that check be bypassed."""
+
+    async def main() -> None:
+        a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")
+        listener = MigrationListener(b)
+        port = await listener.start("127.0.0.1", 0)
+        async with closing(a, b):
+            guest = await running_guest(a, policy=int(GuestPolicy.NOSEND))
+            with pytest.raises(MigrationRefused, match="NOSEND"):
+                OutgoingMigration(guest, "127.0.0.1", port).start()
+            with pytest.raises(FirmwareError, match="NOSEND") as refused:
+                guest.firmware.send_start(guest.handle, b.firmware.pdh_cert_pem)
+            assert refused.value.status is FirmwareStatus.POLICY_FAILURE
+            assert guest.state is GuestState.RUNNING and (await guest.check()).errors == 0
+            assert b.guests == {} and b.migrations == {}
+            # Control: the same hosts migrate a guest without NOSEND.
+            other = await running_guest(a, "g2")
+            progress = await asyncio.wait_for(OutgoingMigration(other, "127.0.0.1", port).run(), 60)
+            assert progress.status is MigrationStatus.COMPLETED, progress.phase.error
+        await listener.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.fault_class("access control: transport mode mismatch")
 def test_transport_mode_mismatch_is_refused(tmp_path: Path) -> None:
     async def main() -> str | None:
         a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB", TransportMode.SEV_COMPAT)
@@ -117,6 +158,7 @@ def test_transport_mode_mismatch_is_refused(tmp_path: Path) -> None:
     assert "transport mode" in (asyncio.run(main()) or "")
 
 
+@pytest.mark.fault_class("access control: guest name taken")
 def test_destination_refuses_an_existing_guest_name(tmp_path: Path) -> None:
     async def main() -> None:
         a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")

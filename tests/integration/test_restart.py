@@ -21,8 +21,10 @@ from migd.recovery import RESTART_ERROR
 from .serve_process import ServeProcess, runtime_dir
 
 MEMORY_MIB = 64
-WORKLOAD = {"dirty_rate_mib_s": 4, "convert_rate_hz": 5, "seed": 21}
-SLOW_LINK_MIB_S = 12  # keeps the migration in flight for seconds: time to interrupt it
+#: Half the data area written at boot: zero pages cost the link nothing, these 32 MiB keep a
+#: migration over SLOW_LINK_MIB_S in flight for ~2.7 s: time to interrupt it.
+WORKLOAD = {"dirty_rate_mib_s": 4, "convert_rate_hz": 5, "seed": 21, "populate_fraction": 0.5}
+SLOW_LINK_MIB_S = 12
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import shutil
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,13 +52,14 @@ from faultproxy import (
     ReplayFrame,
     RollbackFrame,
     Stall,
+    StallBeforeFrame,
     SwapFrames,
 )
 from migd import dest as dest_module
 from migd import wire
 from migd.channel import CheckReport
 from migd.dest import MigrationListener
-from migd.guest import GuestState
+from migd.guest import GuestState, HostGuest
 from migd.host import Host
 from migd.migration_state import MigrationStatus
 from migd.pki_verify import tls_client_context, tls_server_context
@@ -160,6 +161,10 @@ async def _dest_settled(b: Host, timeout: float = 15.0) -> None:
             await asyncio.sleep(0.02)
 
 
+#: Runs beside the migration (e.g. a guest kexec, then a fault at that moment).
+During = Callable[[OutgoingMigration, HostGuest, FaultProxy], Awaitable[None]]
+
+
 def migrate_through(
     tmp_path: Path,
     faults: Sequence[Fault],
@@ -173,6 +178,7 @@ def migrate_through(
     reseal: bool = False,
     workload: WorkloadConfig = WORKLOAD,
     use_uvloop: bool = False,
+    during: During | None = None,
 ) -> Outcome:
     """One migration of a 16 MiB guest under write/convert load through a FaultProxy
     (``reseal``: the proxy is an attacker who recomputes the frames' CRC32)."""
@@ -200,7 +206,11 @@ def migrate_through(
                 migration = OutgoingMigration(guest, "localhost" if tls else "127.0.0.1", proxy.port, params,
                                               ssl_context=client_ctx, resolve_port=resolve_port)
                 a.add_migration(migration.progress)
-                progress = await asyncio.wait_for(migration.run(), 90)
+                run = asyncio.ensure_future(migration.run())
+                side = asyncio.ensure_future(during(migration, guest, proxy)) if during is not None else None
+                progress = await asyncio.wait_for(run, 90)
+                if side is not None:
+                    await asyncio.wait_for(side, 30)  # its failures are the test's
                 await _dest_settled(b)
                 source_check = arrival = None
                 if guest.state is GuestState.RUNNING:
@@ -255,6 +265,7 @@ def one_copy_on_the_destination(outcome: Outcome) -> None:
 # ---------------------------------------------------------------------- control
 
 
+@pytest.mark.fault_class("control: proxy without faults")
 def test_the_proxy_alone_changes_nothing(tmp_path: Path) -> None:
     """Control: the same migration through a proxy without faults completes intact."""
     outcome = migrate_through(tmp_path, [])
@@ -262,6 +273,7 @@ def test_the_proxy_alone_changes_nothing(tmp_path: Path) -> None:
     outcome.assert_moved_intact()
 
 
+@pytest.mark.fault_class("control: proxy without faults")
 def test_a_resealing_proxy_alone_changes_nothing(tmp_path: Path) -> None:
     """Control for the attacker group: renumbering and re-checksumming untouched frames is invisible."""
     outcome = migrate_through(tmp_path, [], reseal=True)
@@ -273,6 +285,7 @@ def test_a_resealing_proxy_alone_changes_nothing(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- connection cut
 
 
+@pytest.mark.fault_class("connection cut")
 @pytest.mark.parametrize(
     ("fault", "phase"),
     [
@@ -296,6 +309,7 @@ def test_connection_cut(tmp_path: Path, fault: Cut | CutBeforeFrame, phase: Migr
     assert outcome.incoming == [] or dest_saw(outcome, "closed the migration stream", "stream lost")
 
 
+@pytest.mark.fault_class("connection cut")
 def test_connection_cut_after_commit_keeps_exactly_one_copy(tmp_path: Path) -> None:
     """Cut before STARTED: the source has committed and never resumes; the destination runs the guest."""
     outcome = migrate_through(tmp_path, [CutBeforeFrame(FrameSelector.of(F.STARTED), DOWN)])
@@ -307,6 +321,7 @@ def test_connection_cut_after_commit_keeps_exactly_one_copy(tmp_path: Path) -> N
     assert outcome.arrival is not None and outcome.arrival.errors == 0
 
 
+@pytest.mark.fault_class("connection cut")
 def test_connection_cut_before_commit_arrives(tmp_path: Path) -> None:
     """The source has committed (journal + SEND_FINISH), the COMMIT frame never arrives: the
     destination, in doubt, asks the source's listener (RESOLVE), learns it committed and starts
@@ -316,6 +331,7 @@ def test_connection_cut_before_commit_arrives(tmp_path: Path) -> None:
     one_copy_on_the_destination(outcome)
 
 
+@pytest.mark.fault_class("drop / duplicate / replay / swap")
 def test_lost_commit_is_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """COMMIT dropped on a live connection: the source gives up waiting for STARTED and closes;
     the destination resolves it the same way."""
@@ -325,6 +341,7 @@ def test_lost_commit_is_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     one_copy_on_the_destination(outcome)
 
 
+@pytest.mark.fault_class("drop / duplicate / replay / swap")
 def test_lost_started_after_commit_keeps_exactly_one_copy(tmp_path: Path) -> None:
     """After the commit the source never resumes: the destination runs the guest, the source keeps it paused."""
     outcome = migrate_through(tmp_path, [DropFrame(FrameSelector.of(F.STARTED), DOWN)],
@@ -340,6 +357,7 @@ def test_lost_started_after_commit_keeps_exactly_one_copy(tmp_path: Path) -> Non
 # ---------------------------------------------------------------------- stall
 
 
+@pytest.mark.fault_class("stall / slow link")
 def test_stall_past_the_handshake_timeout(tmp_path: Path) -> None:
     outcome = migrate_through(tmp_path, [Stall(0, 5.0)], params=MigrationParams(handshake_timeout_s=1.0))
     (stall,) = outcome.fired("stall")
@@ -348,6 +366,7 @@ def test_stall_past_the_handshake_timeout(tmp_path: Path) -> None:
     outcome.assert_rolled_back()
 
 
+@pytest.mark.fault_class("stall / slow link")
 def test_stall_of_the_return_path_past_the_handshake_timeout(tmp_path: Path) -> None:
     outcome = migrate_through(tmp_path, [Stall(0, 5.0, DOWN)], params=MigrationParams(handshake_timeout_s=1.0))
     assert outcome.fired("stall")
@@ -355,24 +374,120 @@ def test_stall_of_the_return_path_past_the_handshake_timeout(tmp_path: Path) -> 
     outcome.assert_rolled_back()
 
 
+@pytest.mark.fault_class("stall / slow link")
 def test_short_stall_while_active(tmp_path: Path) -> None:
-    """A transient stall (3 s) of the page stream: the migration completes intact.
-
-    KNOWN DEFECT (reported): the source decides to switch over while its data still sits in
-    the write buffers behind the stall (the bandwidth meter counts bytes queued, not sent, and
-    the queued bytes are not "remaining"), so it pauses the guest and the stall becomes
-    downtime: ~3000 ms against a 300 ms limit. A stall that does not end keeps the guest
-    paused for ``handoff_timeout_s`` (120 s by default) before the rollback."""
+    """A transient stall (3 s) of the page stream: the migration completes intact, and the
+    stall does not become downtime. The source PINGs the destination before it pauses the
+    guest: its data may still sit in socket buffers behind the stall (the bandwidth meter
+    sees bytes leave the process, not arrive), and a slow PONG sends it round again."""
     outcome = migrate_through(tmp_path, [Stall(2 << 20, 3.0)])
     assert outcome.fired("stall")
     outcome.assert_moved_intact()
-    downtime = outcome.progress.downtime_ms or 0.0
-    if downtime > 2000:
-        pytest.xfail(f"KNOWN DEFECT: a stall before the switchover became {downtime:.0f} ms of downtime "
-                     f"(limit {PARAMS.downtime_limit_ms:g} ms, expected {outcome.progress.expected_downtime_ms} ms)")
-    assert downtime < 3 * PARAMS.downtime_limit_ms
+    assert (outcome.progress.downtime_ms or 0.0) < 3 * PARAMS.downtime_limit_ms
 
 
+@pytest.mark.fault_class("stall / slow link")
+def test_short_stall_becomes_downtime_without_the_ping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control for the test above: a source that trusts its bandwidth meter and pauses
+    without the PING turns the same stall into seconds of downtime."""
+
+    async def trust_the_meter(self: OutgoingMigration, started: float) -> bool:
+        return True
+
+    monkeypatch.setattr(OutgoingMigration, "_link_caught_up", trust_the_meter)
+    outcome = migrate_through(tmp_path, [Stall(2 << 20, 3.0)])
+    assert outcome.fired("stall")
+    outcome.assert_moved_intact()
+    assert (outcome.progress.downtime_ms or 0.0) > 2000
+
+
+@pytest.mark.fault_class("stall / slow link")
+@pytest.mark.parametrize(
+    ("select", "direction"),
+    [
+        (FrameSelector.of(F.SHARED_BITMAP), UP),  # stop-copy: guest paused, last pages sent
+        (FrameSelector.of(F.PREPARED), DOWN),  # hand-off: the destination's PREPARED held
+        (FrameSelector.of(F.COMMIT), UP),  # hand-off: committed, COMMIT held
+    ],
+    ids=["stop-copy", "before-prepared", "before-commit"],
+)
+def test_stall_while_the_guest_is_paused(tmp_path: Path, select: FrameSelector, direction: Direction) -> None:
+    """A 2 s stall after the pause: nothing before the switch-over can hide it, so it is
+    downtime (as in QEMU), and the migration completes intact within the hand-off timeouts."""
+    outcome = migrate_through(tmp_path, [StallBeforeFrame(select, 2.0, direction)])
+    (stall,) = outcome.fired("stall")
+    assert stall.frame is not None and select.types is not None and stall.frame.type in select.types
+    outcome.assert_moved_intact()
+    assert (outcome.progress.downtime_ms or 0.0) >= 2000  # the stall fell inside the pause
+
+
+@pytest.mark.fault_class("stall / slow link")
+def test_a_link_that_never_catches_up_fails_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every PONG comes later than the downtime limit (a round trip longer than the limit): the
+    source gives up at ``converge_timeout_s`` and rolls back, rather than PINGing forever."""
+
+    async def always_late(self: OutgoingMigration, started: float) -> bool:
+        return False
+
+    monkeypatch.setattr(OutgoingMigration, "_link_caught_up", always_late)
+    params = MigrationParams(handshake_timeout_s=3.0, handoff_timeout_s=5.0, converge_timeout_s=2.0)
+    outcome = migrate_through(tmp_path, [], params=params)
+    outcome.assert_rolled_back()
+    assert "did not converge within 2 s" in (outcome.progress.phase.error or "")
+
+
+#: Round 0 of 16 MiB takes ~4 s: the guest kexecs in the middle of it.
+SLOW = MigrationParams(handshake_timeout_s=3.0, handoff_timeout_s=5.0, max_bandwidth_mib_s=4.0, blackout_timeout_s=20.0)
+
+
+async def _until(migration: OutgoingMigration, status: MigrationStatus, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while migration.progress.status is not status:
+            await asyncio.sleep(0.01)
+
+
+def kexec_in_blackout(fault: Callable[[FaultProxy], None]) -> During:
+    """The guest kexecs mid-migration and is held in its kexec window (MSR 0: the source is in
+    ``blackout``, sending nothing); ``fault`` strikes then, and the guest finishes booting."""
+
+    async def during(migration: OutgoingMigration, guest: HostGuest, proxy: FaultProxy) -> None:
+        await _until(migration, S.ACTIVE)
+        channel = guest.channel
+        assert channel is not None
+        windows = channel.event_count("kexec-window")
+        await channel.kexec(hold_in_window=True)
+        await channel.wait_event("kexec-window", 20, since=windows)
+        await _until(migration, S.BLACKOUT)
+        fault(proxy)
+        await asyncio.sleep(0.5)
+        await channel.resume()  # let the new kernel finish its early boot
+
+    return during
+
+
+@pytest.mark.fault_class("connection cut")
+def test_connection_cut_in_blackout(tmp_path: Path) -> None:
+    """Cut while the source waits out a guest kexec: it notices when it may send again and rolls
+    back; the guest finishes its kexec on the source, intact."""
+    outcome = migrate_through(tmp_path, [], params=SLOW, during=kexec_in_blackout(FaultProxy.cut_now))
+    assert outcome.fired("cut")
+    assert S.BLACKOUT in outcome.progress.phase.entered_at
+    outcome.assert_rolled_back()
+
+
+@pytest.mark.fault_class("stall / slow link")
+def test_stall_in_blackout(tmp_path: Path) -> None:
+    """A 3 s stall while the source waits out a guest kexec: the migration completes intact, and
+    the stall does not become downtime (the PING before the switch-over)."""
+    outcome = migrate_through(tmp_path, [], params=SLOW,
+                              during=kexec_in_blackout(lambda proxy: proxy.stall_now(3.0)))
+    assert outcome.fired("stall")
+    assert S.BLACKOUT in outcome.progress.phase.entered_at
+    outcome.assert_moved_intact()
+    assert (outcome.progress.downtime_ms or 0.0) < 3 * SLOW.downtime_limit_ms
+
+
+@pytest.mark.fault_class("stall / slow link")
 def test_guest_writes_shared_pages_behind_a_slow_link_under_uvloop(tmp_path: Path) -> None:
     """No corruption at all: the daemon's loop (uvloop) queues page payloads zero-copy when the
     link is slow (a 1 s stall), while the guest keeps writing its shared pages.
@@ -390,6 +505,7 @@ def test_guest_writes_shared_pages_behind_a_slow_link_under_uvloop(tmp_path: Pat
     outcome.assert_moved_intact()
 
 
+@pytest.mark.fault_class("stall / slow link")
 def test_stall_past_the_destination_idle_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The page stream stops for longer than the destination waits: it gives up, the source rolls back."""
     timeouts = {**DEST_TIMEOUTS, "idle_timeout_s": 1.0}
@@ -399,6 +515,7 @@ def test_stall_past_the_destination_idle_timeout(tmp_path: Path, monkeypatch: py
     assert dest_saw(outcome, "no data from the source")
 
 
+@pytest.mark.fault_class("stall / slow link")
 def test_destination_idle_timeout_while_pages_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No fault at all: a bandwidth-limited round 0 lasts longer than the destination's idle timeout.
 
@@ -420,6 +537,7 @@ def test_destination_idle_timeout_while_pages_flow(tmp_path: Path, monkeypatch: 
 # ---------------------------------------------------------------------- bit flips (a bad link)
 
 
+@pytest.mark.fault_class("bit flip")
 @pytest.mark.parametrize(
     ("select", "region", "offset"),
     [
@@ -447,6 +565,7 @@ def test_flipped_bit(tmp_path: Path, select: FrameSelector, region: Region, offs
     assert dest_saw(outcome, "CRC32", "payload bytes", "unknown frame type", "shorter than its metadata")
 
 
+@pytest.mark.fault_class("bit flip")
 @pytest.mark.parametrize(
     ("ftype", "direction", "offset", "source_says", "dest_says"),
     [
@@ -469,6 +588,7 @@ def test_flipped_bit_in_the_handshake(tmp_path: Path, ftype: FrameType, directio
     assert dest_says in outcome.dest_error, outcome.dest_error
 
 
+@pytest.mark.fault_class("bit flip")
 def test_raw_bit_flip_at_a_stream_offset(tmp_path: Path) -> None:
     """The byte-offset flavour (no framing knowledge): 1 MiB into the page stream."""
     outcome = migrate_through(tmp_path, [FlipBit(1 << 20, bit=3)])
@@ -478,6 +598,7 @@ def test_raw_bit_flip_at_a_stream_offset(tmp_path: Path) -> None:
     assert dest_saw(outcome, "CRC32", "payload bytes", "unknown frame type", "shorter than its metadata")
 
 
+@pytest.mark.fault_class("bit flip")
 def test_source_reports_the_destination_reason(tmp_path: Path) -> None:
     """The operator looks at the source: it should say why the destination refused the stream.
 
@@ -496,6 +617,7 @@ def test_source_reports_the_destination_reason(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- lost, repeated, reordered frames
 
 
+@pytest.mark.fault_class("drop / duplicate / replay / swap")
 @pytest.mark.parametrize(
     "fault",
     [
@@ -521,6 +643,7 @@ def test_frame_fault(tmp_path: Path, fault: Fault) -> None:
 # ====================================================================== an attacker on a plain-TCP path
 
 
+@pytest.mark.fault_class("attacker: private pages")
 @pytest.mark.parametrize("mode", [BOUND, COMPAT], ids=["bound", "sev-compat"])
 def test_attacker_flips_private_ciphertext(tmp_path: Path, mode: TransportMode) -> None:
     """The transport MAC covers the ciphertext in both modes."""
@@ -532,6 +655,7 @@ def test_attacker_flips_private_ciphertext(tmp_path: Path, mode: TransportMode) 
     assert dest_saw(outcome, "MAC mismatch")
 
 
+@pytest.mark.fault_class("attacker: private pages")
 @pytest.mark.parametrize("mode", [BOUND, COMPAT], ids=["bound", "sev-compat"])
 def test_attacker_flips_the_transport_packet_header(tmp_path: Path, mode: TransportMode) -> None:
     """A bit of the 52-byte SEV packet header (its IV) inside the frame metadata."""
@@ -548,6 +672,7 @@ def test_attacker_flips_the_transport_packet_header(tmp_path: Path, mode: Transp
 LATE_ROLLBACK = {"before_type": F.SHARED_BITMAP}
 
 
+@pytest.mark.fault_class("attacker: private pages")
 @pytest.mark.parametrize(
     ("fault", "compat_outcome"),
     [
@@ -579,6 +704,7 @@ def test_attacker_tampers_with_private_pages(tmp_path: Path, mode: TransportMode
         outcome.assert_moved_intact()
 
 
+@pytest.mark.fault_class("attacker: plaintext without TLS")
 @pytest.mark.parametrize(
     "fault",
     [
@@ -598,6 +724,7 @@ def test_attacker_tampers_with_shared_pages_without_tls(tmp_path: Path, fault: F
     assert outcome.status is S.COMPLETED and outcome.progress.phase.committed, outcome.progress.phase.error
 
 
+@pytest.mark.fault_class("attacker: plaintext without TLS")
 def test_attacker_renames_the_guest_in_hello_without_tls(tmp_path: Path) -> None:
     """The handshake is plaintext too: an attacker flips the guest name and the guest arrives
     under another one (reported: nothing binds HELLO's guest spec to the session)."""
@@ -609,6 +736,7 @@ def test_attacker_renames_the_guest_in_hello_without_tls(tmp_path: Path) -> None
     assert outcome.status is S.COMPLETED and sorted(outcome.dest_guests) == ["g0"], outcome.dest_guests
 
 
+@pytest.mark.fault_class("attacker: plaintext without TLS")
 @pytest.mark.parametrize(
     ("ftype", "direction", "reason"),
     [
@@ -635,6 +763,7 @@ def test_attacker_drops_a_control_frame(tmp_path: Path, monkeypatch: pytest.Monk
 # ====================================================================== mutual TLS
 
 
+@pytest.mark.fault_class("control: proxy without faults")
 def test_tls_through_the_proxy_control(tmp_path: Path) -> None:
     """Control: the proxy forwards a mutual-TLS stream untouched (it sees only TLS records)."""
     outcome = migrate_through(tmp_path, [], tls=True)
@@ -644,6 +773,7 @@ def test_tls_through_the_proxy_control(tmp_path: Path) -> None:
 TLS_RECORD = FrameSelector.of(23, index=40, min_payload=8000)  # a full application-data record in round 0
 
 
+@pytest.mark.fault_class("TLS: tampered records")
 @pytest.mark.parametrize(
     "fault",
     [

@@ -1,0 +1,187 @@
+"""The source's send loop (OutgoingMigration._send_extents) over a sparse guest, without sockets.
+
+A recording stream stands in for the connection; what it recorded is replayed into a
+destination through the destination's firmware, and the two guests are compared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from migd import identity, source, wire
+from migd.abi import PAGE_SIZE
+from migd.bitmap import PageBitmap
+from migd.guest import GuestState
+from migd.memory import GuestRam, MemoryEncryption
+from migd.page_runs import CHUNK_PAGES, HOLE_STEP_PAGES, PageRun, classify
+from migd.psp import PspFirmware
+from migd.source import OutgoingMigration
+
+NPAGES = 3 * HOLE_STEP_PAGES // 2  # 192 MiB of guest, sparse: the file holds a few MiB
+PRIVATE_RUNS = [(0, 300), (20_000, 1), (40_000, 8)]  # (first page, pages); 20_000 sits deep in a hole
+SHARED_RUNS = [(301, 2), (HOLE_STEP_PAGES + 5, 1)]
+
+
+@dataclass
+class Sent:
+    kind: type
+    gpa: int
+    npages: int
+    header: bytes | None
+    payload: bytes
+
+
+class RecordingStream:
+    """What _send_extents needs of a FrameProtocol; frames are encoded (sizes count) and kept."""
+
+    def __init__(self) -> None:
+        self.encoder = wire.FrameEncoder()
+        self.sent: list[Sent] = []
+        self.bytes_sent = 0
+
+    def write(self, msg: wire.Message) -> int:
+        parts = self.encoder.encode(msg)
+        nbytes = sum(len(p) for p in parts)
+        self.bytes_sent += nbytes
+        header = getattr(msg, "header", None)
+        self.sent.append(Sent(type(msg), msg.gpa, msg.npages, None if header is None else bytes(header),
+                              bytes(getattr(msg, "payload", b""))))
+        return nbytes
+
+    def write_buffer_size(self) -> int:
+        return 0
+
+    async def drain(self) -> None:
+        return None
+
+
+@pytest.fixture
+def shm_dir(tmp_path: Path) -> Iterator[Path]:
+    """tmpfs when there is one: there reading a hole through the mapping would allocate it."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        d = Path(tempfile.mkdtemp(prefix="migd-test-", dir=shm))
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    else:
+        yield tmp_path
+
+
+def _firmwares(root: Path) -> tuple[PspFirmware, PspFirmware]:
+    for host in ("hostA", "hostB"):
+        identity.init_host(root / host, root / "ca", common_name=host)
+    anchors = [root / "ca" / identity.CA_CERT]
+    return PspFirmware.from_state_dir(root / "hostA", anchors), PspFirmware.from_state_dir(root / "hostB", anchors)
+
+
+def test_sparse_guest_sends_holes_as_zero_runs_and_every_populated_page(
+        shm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = _firmwares(shm_dir)
+    handle = a.launch(0)
+    engine = MemoryEncryption(a.guest_key(handle))
+    shared = PageBitmap(NPAGES)
+    with GuestRam(shm_dir / "src.ram", NPAGES, create=True) as src, \
+            GuestRam(shm_dir / "dst.ram", NPAGES, create=True) as dst:
+        for first, count in PRIVATE_RUNS:
+            engine.write_private(src, first * PAGE_SIZE, os.urandom(count * PAGE_SIZE))
+        for first, count in SHARED_RUNS:
+            shared.set_range(first, count)
+            src.write(first * PAGE_SIZE, os.urandom(count * PAGE_SIZE))
+        allocated = os.stat(src.path).st_blocks
+        guest = SimpleNamespace(
+            name="g", definition=SimpleNamespace(npages=NPAGES), ram=src, firmware=a, handle=handle,
+            vm=SimpleNamespace(shared_bitmap=shared, migration_ready=True), agent=object(), state=GuestState.RUNNING,
+        )
+        migration = OutgoingMigration(guest, "127.0.0.1", 1)  # type: ignore[arg-type]
+        stream = RecordingStream()
+        migration._proto = stream  # type: ignore[assignment]
+        start = a.send_start(handle, b.pdh_cert_pem)
+        classified: list[tuple[int, int]] = []
+
+        def counting_classify(bitmap: PageBitmap, ram: GuestRam, first: int, count: int) -> list[PageRun]:
+            classified.append((first, count))
+            return classify(bitmap, ram, first, count)
+
+        monkeypatch.setattr(source, "classify", counting_classify)
+        sent = asyncio.run(migration._send_extents(np.array([0]), np.array([NPAGES])))
+
+        assert sent == NPAGES
+        # Every page exactly once, in order.
+        pos = 0
+        for frame in stream.sent:
+            assert frame.gpa == pos * PAGE_SIZE
+            pos += frame.npages
+        assert pos == NPAGES
+        kinds = np.zeros(NPAGES, dtype=np.int8)  # 0 zero, 1 private, 2 shared
+        for frame in stream.sent:
+            first = frame.gpa // PAGE_SIZE
+            kinds[first : first + frame.npages] = {wire.ZeroPages: 0, wire.PrivatePages: 1, wire.SharedPages: 2}[
+                frame.kind]
+        expected = np.zeros(NPAGES, dtype=np.int8)
+        for first, count in PRIVATE_RUNS:
+            expected[first : first + count] = 1
+        for first, count in SHARED_RUNS:
+            expected[first : first + count] = 2
+        assert (kinds == expected).all()  # the lone page deep in the hole was not skipped
+        # The holes went as the largest zero runs the wire allows, without classifying them ...
+        zero_frames = [f for f in stream.sent if f.kind is wire.ZeroPages]
+        assert max(f.npages for f in zero_frames) == wire.MAX_RUN_PAGES
+        assert len(zero_frames) < NPAGES // wire.MAX_RUN_PAGES + 2 * (len(PRIVATE_RUNS) + len(SHARED_RUNS))
+        assert 0 < len(classified) <= 2 * (len(PRIVATE_RUNS) + len(SHARED_RUNS)) < NPAGES // CHUNK_PAGES
+        # ... and were never read: reading a tmpfs hole through the mapping allocates it.
+        assert os.stat(src.path).st_blocks == allocated
+
+        # Replayed into a destination, the guest arrives whole.
+        dst_handle = b.receive_start(start.policy, start.pdh_cert_pem, start.session_blob)
+        for frame in stream.sent:
+            if frame.kind is wire.PrivatePages:
+                assert frame.header is not None
+                b.receive_update_data(dst_handle, dst, frame.gpa, frame.npages, frame.header, frame.payload)
+            elif frame.kind is wire.SharedPages:
+                dst.write(frame.gpa, frame.payload)
+        for first, count in PRIVATE_RUNS:
+            gpa = first * PAGE_SIZE
+            assert b.dbg_decrypt(dst_handle, dst, gpa, count) == a.dbg_decrypt(handle, src, gpa, count)
+        for first, count in SHARED_RUNS:
+            assert dst.read(first * PAGE_SIZE, count) == src.read(first * PAGE_SIZE, count)
+        assert not dst.nonzero_pages(0, NPAGES)[expected == 0].any()
+
+
+def test_a_guest_write_into_a_hole_is_seen_by_the_next_step(shm_dir: Path) -> None:
+    """Holes are looked up step by step, at send time, never planned ahead."""
+    a, b = _firmwares(shm_dir)
+    handle = a.launch(0)
+    with GuestRam(shm_dir / "src.ram", NPAGES, create=True) as src:
+        guest = SimpleNamespace(
+            name="g", definition=SimpleNamespace(npages=NPAGES), ram=src, firmware=a, handle=handle,
+            vm=SimpleNamespace(shared_bitmap=PageBitmap(NPAGES), migration_ready=True), agent=object(),
+            state=GuestState.RUNNING,
+        )
+        migration = OutgoingMigration(guest, "127.0.0.1", 1)  # type: ignore[arg-type]
+        stream = RecordingStream()
+        late_page = NPAGES - 10
+        real_write = stream.write
+
+        def write_then_guest_writes(msg: wire.Message) -> int:
+            if not any(f.gpa == 0 for f in stream.sent):  # right after the first frame goes out
+                MemoryEncryption(a.guest_key(handle)).write_private(src, late_page * PAGE_SIZE, b"\x07" * PAGE_SIZE)
+            return real_write(msg)
+
+        stream.write = write_then_guest_writes  # type: ignore[method-assign]
+        migration._proto = stream  # type: ignore[assignment]
+        a.send_start(handle, b.pdh_cert_pem)
+        asyncio.run(migration._send_extents(np.array([0]), np.array([NPAGES])))
+        (late,) = [f for f in stream.sent if f.gpa <= late_page * PAGE_SIZE < f.gpa + f.npages * PAGE_SIZE]
+        assert late.kind is wire.PrivatePages

@@ -1,0 +1,271 @@
+"""The stream adapter's destination page pipeline (migd/stream.py), driven without sockets.
+
+A fake transport stands in for the socket; frames go in through ``get_buffer`` /
+``buffer_updated`` exactly as asyncio's BufferedProtocol machinery feeds them. The page
+handler blocks on events the test releases, so every ordering is forced, never timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from migd import wire
+from migd.abi import PAGE_SIZE, FirmwareStatus
+from migd.errors import FirmwareError
+from migd.stream import PIPELINE_DEPTH, FrameProtocol
+
+PageMsg = wire.PrivatePages | wire.SharedPages | wire.ZeroPages
+WAIT = 10.0  # bound on every wait for the worker (never reached when things work)
+
+
+class FakeTransport:
+    """Records what the protocol does to its transport."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.paused = False
+        self.pauses = 0
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 4444) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
+    def writelines(self, parts: list[bytes | memoryview]) -> None:
+        for part in parts:
+            self.written += bytes(part)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        assert not self.paused, "paused twice"
+        self.paused = True
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        assert self.paused, "resumed while not paused"
+        self.paused = False
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+class Handler:
+    """A page handler that records what it saw and waits for the test's go per frame."""
+
+    def __init__(self, fail_at_gpa: int | None = None) -> None:
+        self.seen: list[tuple[str, int, bytes, str]] = []
+        self.gate = threading.Semaphore(0)
+        self.fail_at_gpa = fail_at_gpa
+
+    def __call__(self, msg: PageMsg) -> None:
+        assert self.gate.acquire(timeout=WAIT), "the test never released this frame"
+        payload = bytes(getattr(msg, "payload", b""))
+        self.seen.append((type(msg).__name__, msg.gpa, payload, threading.current_thread().name))
+        if msg.gpa == self.fail_at_gpa:
+            raise FirmwareError(FirmwareStatus.BAD_MEASUREMENT, f"packet at gpa {msg.gpa:#x}: packet MAC mismatch")
+
+    def release(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.gate.release()
+
+
+def _page(n: int, fill: int) -> bytes:
+    return bytes([fill]) * (n * PAGE_SIZE)
+
+
+def _feed(proto: FrameProtocol, data: bytes, step: int = 64 * 1024) -> None:
+    """Deliver ``data`` as asyncio would, in pieces, into the protocol's own buffers."""
+    view = memoryview(data)
+    while len(view):
+        target = proto.get_buffer(-1)
+        n = min(len(target), len(view), step)
+        target[:n] = view[:n]
+        proto.buffer_updated(n)
+        view = view[n:]
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    async with asyncio.timeout(WAIT):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def _setup(handler: Handler, *, threaded: bool = True) -> tuple[FrameProtocol, FakeTransport, wire.FrameEncoder]:
+    proto = FrameProtocol()
+    transport = FakeTransport()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    proto.set_page_handler(handler, threaded=threaded)
+    return proto, transport, wire.FrameEncoder()
+
+
+def test_control_messages_wait_for_the_pages_before_them() -> None:
+    async def main() -> None:
+        handler = Handler()
+        proto, _, enc = _setup(handler)
+        frames = [
+            wire.PrivatePages(0, 2, bytes(52), _page(2, 1)),
+            wire.SharedPages(2 * PAGE_SIZE, 1, _page(1, 2)),
+            wire.RoundEnd(0, 7),
+            wire.ZeroPages(3 * PAGE_SIZE, 5),
+            wire.Prepare(8),
+        ]
+        _feed(proto, b"".join(enc.encode_bytes(f) for f in frames))
+        handler.release(1)  # only the first run is placed
+        await _until(lambda: len(handler.seen) == 1)
+        with pytest.raises(TimeoutError):
+            await proto.receive(0.05)  # ROUND_END must not overtake the shared run still queued
+        handler.release(1)
+        assert await proto.receive(WAIT) == wire.RoundEnd(0, 7)
+        assert [s[:2] for s in handler.seen] == [("PrivatePages", 0), ("SharedPages", 2 * PAGE_SIZE)]
+        handler.release(1)  # the zero run queued behind the shared one, then PREPARE
+        assert await proto.receive(WAIT) == wire.Prepare(8)
+        assert [s[0] for s in handler.seen] == ["PrivatePages", "SharedPages", "ZeroPages"]
+        assert all(s[3] != threading.current_thread().name for s in handler.seen)  # the worker ran them
+        assert handler.seen[0][2] == _page(2, 1) and handler.seen[1][2] == _page(1, 2)
+        proto.close()
+        proto.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_payloads_survive_the_receive_buffer_being_reused() -> None:
+    """The worker gets its own copy: later frames overwrite the decoder's buffer meanwhile."""
+
+    async def main() -> None:
+        handler = Handler()
+        proto, _, enc = _setup(handler)
+        runs = [wire.SharedPages(i * 8 * PAGE_SIZE, 8, _page(8, 10 + i)) for i in range(PIPELINE_DEPTH)]
+        half = PIPELINE_DEPTH // 2
+        # Two batches, none placed yet: the decoder reuses its buffer from the start for the
+        # second, right where the first batch's payloads were.
+        _feed(proto, b"".join(enc.encode_bytes(r) for r in runs[:half]))
+        _feed(proto, b"".join(enc.encode_bytes(r) for r in runs[half:]))
+        handler.release(len(runs))
+        await _until(lambda: len(handler.seen) == len(runs))
+        assert [s[2] for s in handler.seen] == [r.payload for r in runs]
+        proto.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_reading_pauses_while_the_worker_is_behind() -> None:
+    async def main() -> None:
+        handler = Handler()
+        proto, transport, enc = _setup(handler)
+        runs = [wire.SharedPages(i * PAGE_SIZE, 1, _page(1, i + 1)) for i in range(PIPELINE_DEPTH + 2)]
+        for run in runs[: PIPELINE_DEPTH - 1]:
+            _feed(proto, enc.encode_bytes(run))
+        assert not transport.paused
+        _feed(proto, enc.encode_bytes(runs[PIPELINE_DEPTH - 1]))
+        assert transport.paused and proto.pending_pages() == PIPELINE_DEPTH
+        handler.release(1)
+        await _until(lambda: not transport.paused)  # one slot free: reading resumes
+        for run in runs[PIPELINE_DEPTH:]:
+            _feed(proto, enc.encode_bytes(run))
+        handler.release(len(runs))
+        await _until(lambda: len(handler.seen) == len(runs) and proto.pending_pages() == 0)
+        assert not transport.paused and transport.pauses >= 1
+        assert [s[1] for s in handler.seen] == [r.gpa for r in runs]
+        proto.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_a_refused_run_fails_the_stream_and_nothing_after_it_is_placed() -> None:
+    """A bad MAC in a later run: ABORT with the reason; runs and messages behind it never act."""
+
+    async def main() -> None:
+        handler = Handler(fail_at_gpa=2 * PAGE_SIZE)
+        proto, transport, enc = _setup(handler)
+        frames = [
+            wire.PrivatePages(0, 1, bytes(52), _page(1, 1)),
+            wire.PrivatePages(PAGE_SIZE, 1, bytes(52), _page(1, 2)),
+            wire.PrivatePages(2 * PAGE_SIZE, 1, bytes(52), _page(1, 3)),  # refused by the handler
+            wire.SharedPages(3 * PAGE_SIZE, 1, _page(1, 4)),
+            wire.Prepare(4),
+        ]
+        _feed(proto, b"".join(enc.encode_bytes(f) for f in frames))
+        handler.release(len(frames))  # the handler would take them all: the pipeline must not
+        with pytest.raises(FirmwareError, match="MAC mismatch"):
+            await proto.receive(WAIT)
+        assert [s[1] for s in handler.seen] == [0, PAGE_SIZE, 2 * PAGE_SIZE]
+        with pytest.raises(FirmwareError):  # the same end for every later receive: PREPARE is gone
+            await proto.receive(WAIT)
+        decoder = wire.FrameDecoder()
+        (abort,) = decoder.feed(bytes(transport.written))
+        assert isinstance(abort, wire.Abort) and "MAC mismatch" in abort.reason
+        assert transport.closed and proto.pending_pages() == 0
+
+    asyncio.run(main())
+
+
+def test_an_unexpected_handler_error_still_ends_the_stream_cleanly() -> None:
+    async def main() -> None:
+        def broken(msg: PageMsg) -> None:
+            raise KeyError("bug")
+
+        proto = FrameProtocol()
+        transport = FakeTransport()
+        proto.connection_made(transport)  # type: ignore[arg-type]
+        proto.set_page_handler(broken)
+        enc = wire.FrameEncoder()
+        _feed(proto, enc.encode_bytes(wire.SharedPages(0, 1, _page(1, 9))) + enc.encode_bytes(wire.Prepare(1)))
+        with pytest.raises(Exception, match="internal error while placing pages"):
+            await proto.receive(WAIT)
+        (abort,) = wire.FrameDecoder().feed(bytes(transport.written))
+        assert isinstance(abort, wire.Abort) and "KeyError" in abort.reason
+
+    asyncio.run(main())
+
+
+def test_zero_runs_with_nothing_queued_are_placed_at_once_on_the_loop() -> None:
+    async def main() -> None:
+        seen: list[str] = []
+        proto = FrameProtocol()
+        proto.connection_made(FakeTransport())  # type: ignore[arg-type]
+        proto.set_page_handler(lambda msg: seen.append(threading.current_thread().name))
+        enc = wire.FrameEncoder()
+        _feed(proto, enc.encode_bytes(wire.ZeroPages(0, 512)))
+        assert seen == [threading.current_thread().name]  # inline: no thread hop for a marker
+        proto.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_unthreaded_handler_runs_inline_with_the_receive_buffer_view() -> None:
+    async def main() -> None:
+        seen: list[bool] = []
+        proto = FrameProtocol()
+        proto.connection_made(FakeTransport())  # type: ignore[arg-type]
+        proto.set_page_handler(lambda msg: seen.append(isinstance(msg.payload, memoryview)), threaded=False)
+        _feed(proto, wire.FrameEncoder().encode_bytes(wire.SharedPages(0, 1, _page(1, 5))))
+        assert seen == [True]
+        proto.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_page_frames_without_a_handler_are_a_protocol_error() -> None:
+    async def main() -> None:
+        proto = FrameProtocol()
+        proto.connection_made(FakeTransport())  # type: ignore[arg-type]
+        _feed(proto, wire.FrameEncoder().encode_bytes(wire.ZeroPages(0, 1)))
+        with pytest.raises(Exception, match="unexpected ZERO_PAGES frame"):
+            await proto.receive(WAIT)
+
+    asyncio.run(main())
