@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,3 +34,17 @@ def make_firmware(tmp_path: Path, ca_dir: Path) -> Callable[..., PspFirmware]:
         return PspFirmware.from_state_dir(state_dir, [ca_dir / identity.CA_CERT], transport_mode=transport_mode)
 
     return make
+
+
+@pytest.fixture
+def shm_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on tmpfs when there is one: there reading a hole through the mapping allocates it."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        d = Path(tempfile.mkdtemp(prefix="migd-test-", dir=shm))
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    else:
+        yield tmp_path

@@ -535,20 +535,6 @@ def test_close(tmp_path: Path) -> None:
 # --- holes of the sparse file: found without reading them ------------------------------------
 
 
-@pytest.fixture
-def shm_dir(tmp_path: Path) -> Iterator[Path]:
-    """A directory on tmpfs when there is one: there a read through the mapping allocates."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        d = Path(tempfile.mkdtemp(prefix="migd-test-", dir=shm))
-        try:
-            yield d
-        finally:
-            shutil.rmtree(d, ignore_errors=True)
-    else:
-        yield tmp_path
-
-
 def _reference_nonzero(ram: GuestRam, npages: int) -> list[bool]:
     # pread, not the mapping: a read(2) of a hole returns zeros without allocating it.
     raw = os.pread(ram._fd, npages * PAGE_SIZE, 0)

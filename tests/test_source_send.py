@@ -65,20 +65,6 @@ class RecordingStream:
         return None
 
 
-@pytest.fixture
-def shm_dir(tmp_path: Path) -> Iterator[Path]:
-    """tmpfs when there is one: there reading a hole through the mapping would allocate it."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        d = Path(tempfile.mkdtemp(prefix="migd-test-", dir=shm))
-        try:
-            yield d
-        finally:
-            shutil.rmtree(d, ignore_errors=True)
-    else:
-        yield tmp_path
-
-
 def _firmwares(root: Path) -> tuple[PspFirmware, PspFirmware]:
     for host in ("hostA", "hostB"):
         identity.init_host(root / host, root / "ca", common_name=host)
