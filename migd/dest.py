@@ -31,7 +31,7 @@ from migd.migration_state import MigrationStatus
 from migd.page_runs import PageKind
 from migd.progress import MigrationProgress
 from migd.source import unpack_vmsa
-from migd.stream import FrameProtocol, StreamClosed, StreamTimeout, open_stream
+from migd.stream import FrameProtocol, PeerAborted, StreamClosed, StreamTimeout, open_stream
 
 log = logging.getLogger(__name__)
 S = MigrationStatus
@@ -165,16 +165,23 @@ class IncomingMigration:
         marks.append(("verified", time.monotonic()))
         await self._agent_ready  # a destination that cannot start the guest must not say PREPARED
         proto.write(wire.Prepared(self._received.count()))
+        # From here the source may commit at any moment: until it says how the migration
+        # ended, this copy may be the only one and nothing here may discard it (not even a
+        # shutdown; a restart asks the source, migd.recovery).
+        self._in_doubt = True
         marks.append(("prepared_sent", time.monotonic()))
         try:
             await proto.expect(wire.Commit, self.start_timeout_s)
+        except PeerAborted:
+            self._in_doubt = False  # the source aborted before committing: its guest runs there
+            raise
         except (StreamClosed, StreamTimeout, ProtocolError) as exc:
             # In doubt: the source may have committed and lost only the COMMIT frame. Ask it
             # before throwing away what may now be the only copy of the guest.
             if await self._resolve_in_doubt(hello, exc) != "committed":
                 raise
         marks.append(("commit_received", time.monotonic()))
-        self._committed = True
+        self._committed, self._in_doubt = True, False
         progress.phase.commit()
         host.incoming_committed(progress)  # the journal's commit record, durable, before the guest starts
         marks.append(("journaled", time.monotonic()))
@@ -200,6 +207,9 @@ class IncomingMigration:
         """Ask the source's listener whether the migration committed (bounded retries)."""
         host_part = self.peer.rpartition(":")[0] if self.peer else ""
         if not hello.resolve_port or not host_part:
+            # A source that gave no address cannot be asked (an engine without a listener):
+            # it keeps its paused copy, so this one goes.
+            self._in_doubt = False
             return "unknown"
         log.warning("migration %s in doubt after PREPARED (%s): asking %s:%d",
                     hello.migration_id, cause, host_part, hello.resolve_port)
@@ -217,11 +227,11 @@ class IncomingMigration:
             else:
                 if answer.migration_id == hello.migration_id and answer.outcome != "pending":
                     log.warning("migration %s resolved by the source: %s", hello.migration_id, answer.outcome)
+                    self._in_doubt = answer.outcome == "committed"  # until the commit record is written
                     return answer.outcome
             await asyncio.sleep(1.0)
         # No answer: the source may have committed. Keep the prepared guest (never started,
         # never discarded) for the operator rather than risk losing the only copy.
-        self._in_doubt = True
         return "unreachable"
 
     def _accept(self, hello: wire.Hello) -> GuestDefinition:
@@ -350,10 +360,12 @@ class IncomingMigration:
                 pass
         progress = self.progress
         if self._in_doubt:
-            log.error("migration %s: source unreachable after PREPARED; guest %s kept (not started) for the "
-                      "operator", progress.id if progress else "?", self.guest.name if self.guest else "?")
-            if progress is not None and not progress.status.finished:
-                progress.phase.advance(S.FAILED, time.monotonic(), error=f"in doubt, guest kept: {reason}")
+            # Not FAILED: the journal must keep saying "prepared, no commit record", so that a
+            # restart keeps the guest and asks the source again (Host.close keeps it too).
+            log.error("migration %s in doubt after PREPARED (%s); guest %s kept (not started) until its source "
+                      "answers", progress.id if progress else "?", reason, self.guest.name if self.guest else "?")
+            if progress is not None:
+                progress.phase.error = f"in doubt after PREPARED, guest kept (not started): {reason}"
             return
         if self._committed:
             # The source has committed: the guest is ours now; keep it for the operator.

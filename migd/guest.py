@@ -358,6 +358,17 @@ class HostGuest:
             raise GuestStateError(f"guest {self.name} has an agent; use destroy()")
         self._release_memory()
 
+    async def set_aside(self) -> None:
+        """Stop the agent and unmap RAM, keeping the RAM file and the firmware context.
+
+        For a prepared incoming guest whose source has not said whether it committed: this
+        copy may be the only one, so shutting down must not discard it (a restart asks).
+        """
+        await self._teardown_agent()
+        ram, self._ram = self._ram, None
+        if ram is not None:
+            ram.close()
+
     async def destroy(self) -> None:
         """Remove every trace of the guest on this host (agent, channel, RAM file, key)."""
         await self._teardown_agent()

@@ -163,15 +163,28 @@ class Host:
             self._forget(name)
 
     async def close(self) -> None:
-        """Stop every running guest (RAM files stay) and drop half-received ones."""
+        """Stop every running guest (RAM files stay) and drop half-received ones.
+
+        A prepared incoming guest whose source has not said how the migration ended stays on
+        disk, journaled in doubt: the next start asks the source (migd.recovery).
+        """
         for guest in list(self.guests.values()):
-            if guest.state is GuestState.INCOMING:
+            if guest.state is GuestState.INCOMING and self.prepared_in_doubt(guest.name):
+                log.warning("keeping incoming guest %s: prepared, its source has not said whether it committed",
+                            guest.name)
+                await guest.set_aside()
+            elif guest.state is GuestState.INCOMING:
                 await self.discard(guest.name)
             elif guest.state in (GuestState.RUNNING, GuestState.PAUSED):
                 await guest.stop()
                 self.journal_guest(guest)
 
     # ------------------------------------------------------------------ migrations and the journal
+
+    def prepared_in_doubt(self, name: str) -> bool:
+        """Guest ``name`` arrived here and is prepared, with no commit (nor abort) from its source."""
+        return any(p.guest == name and p.role == "destination" and p.status is MigrationStatus.STOP_COPY
+                   and not p.phase.committed for p in self.migrations.values())
 
     def add_migration(self, progress: MigrationProgress) -> None:
         """Register a migration (either role); with a journal, record it and every transition."""

@@ -46,6 +46,12 @@ PageHandler = Callable[[wire.PrivatePages | wire.SharedPages | wire.ZeroPages], 
 PIPELINE_DEPTH = 4
 _PAYLOAD_BUFFER = wire.MAX_RUN_PAGES * PAGE_SIZE
 
+#: How long a closing side keeps reading (and discarding) after its last frame. Closing a
+#: socket with unread data makes the kernel send RST, and an RST can overtake the ABORT frame
+#: written just before it: the peer would report "connection reset" instead of the reason.
+LINGER_S = 2.0
+_DISCARD = memoryview(bytearray(64 * 1024))
+
 
 class _PendingPages(NamedTuple):
     """One page frame in the worker's hands: its future and the buffer its payload occupies."""
@@ -88,6 +94,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._buffers: list[bytearray] = []
         self._reading_paused = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._linger: asyncio.TimerHandle | None = None  # set while closing gracefully
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -102,9 +109,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.connected.set()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._close_reason is not None:
+            return _DISCARD  # the stream is over: what still arrives is read only to be dropped
         return self._decoder.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._close_reason is not None:
+            return
         self.last_activity = time.monotonic()
         try:
             messages = self._decoder.buffer_updated(nbytes)
@@ -114,6 +125,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
                         raise ProtocolError(f"unexpected {msg.TYPE.name} frame on this side of the stream")
                     self._page_frame(msg)
                 else:
+                    # Its payload (a bitmap, vCPU state) points into the receive buffer, which
+                    # the next read overwrites before the driving task gets to it.
+                    msg = wire.detached(msg)
                     if isinstance(msg, wire.Abort):
                         self.peer_abort = msg.reason  # kept even if a later write fails first
                     if self._backlog:
@@ -242,7 +256,11 @@ class FrameProtocol(asyncio.BufferedProtocol):
             transport.resume_reading()
 
     def pending_pages(self) -> int:
-        """Page frames received but not yet handled by the worker (0 without a pipeline)."""
+        """Page frames handed to the worker and not yet retired (0 without a pipeline).
+
+        Handled frames are retired lazily: when the next frame arrives, or at once while the
+        loop waits for them (reading paused, a control message held behind them).
+        """
         return self._pending_pages
 
     def eof_received(self) -> bool:
@@ -250,6 +268,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
         self._fail(StreamClosed(f"migration stream lost: {exc}" if exc else "migration stream closed"))
         self._can_write.set()
 
@@ -278,7 +298,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._stop_pipeline()
             if self._transport is not None and not isinstance(exc, StreamClosed):
                 if graceful:
-                    self._transport.close()  # flushes the ABORT frame written just before
+                    self.close()  # flushes the ABORT frame written just before
                 else:
                     self._transport.abort()
 
@@ -348,9 +368,29 @@ class FrameProtocol(asyncio.BufferedProtocol):
         return self._transport.get_write_buffer_size() if self._transport is not None else 0
 
     def close(self) -> None:
-        """Close the connection (idempotent)."""
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
+        """Close the connection gracefully (idempotent): what was written is delivered first.
+
+        The write side is shut (FIN after the queued frames) and whatever the peer still sends
+        is read and dropped until it closes too, for at most :data:`LINGER_S`: closing with
+        unread data would reset the connection and could destroy our last frame (an ABORT and
+        its reason) in the peer's receive queue. TLS cannot half-close: it just closes.
+        """
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._linger is not None:
+            return
+        if self._close_reason is None:
+            self._close_reason = StreamClosed("migration stream closed by this side")
+            self._queue.put_nowait(self._close_reason)
+            self._closed.set()
+            self._stop_pipeline()
+        if self._loop is None or not transport.can_write_eof():
+            transport.close()
+            return
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        transport.write_eof()
+        self._linger = self._loop.call_later(LINGER_S, transport.close)
 
     def abort(self) -> None:
         """Drop the connection at once."""

@@ -593,7 +593,7 @@ class FrameDecoder:
             n = min(len(target), len(view))
             target[:n] = view[:n]
             view = view[n:]
-            messages.extend(_detached(m) for m in self.buffer_updated(n))
+            messages.extend(detached(m) for m in self.buffer_updated(n))
         return messages
 
     @property
@@ -651,7 +651,8 @@ class FrameDecoder:
         return messages
 
 
-def _detached(msg: Message) -> Message:
+def detached(msg: Message) -> Message:
+    """``msg`` with its payload copied out of the receive buffer, so it outlives the next read."""
     payload = getattr(msg, "payload", None)
     if isinstance(payload, memoryview):
         return dataclasses.replace(msg, payload=bytes(payload))  # type: ignore[arg-type]

@@ -273,7 +273,7 @@ def _decode(frame: bytes) -> wire.Message:
     """One raw migd frame's message, its CRC trailer not checked (the proxy may have moved it)."""
     _, ftype, meta_len = struct.unpack_from(">IBH", frame)
     view = memoryview(frame)
-    return wire._detached(wire.decode_frame(ftype, view[7 : 7 + meta_len], view[7 + meta_len : -wire.CRC_SIZE]))
+    return wire.detached(wire.decode_frame(ftype, view[7 : 7 + meta_len], view[7 + meta_len : -wire.CRC_SIZE]))
 
 
 def _frames(data: bytes) -> list[bytes]:

@@ -262,7 +262,7 @@ def test_valid_stream_through_the_buffered_protocol_path() -> None:
         pos += n
         for msg in decoder.buffer_updated(n):
             check_message(msg)
-            out.append(wire._detached(msg))  # views die at the next get_buffer
+            out.append(wire.detached(msg))  # views die at the next get_buffer
     assert [type(m) for m in out] == [type(m) for m in messages]
     assert wire.encode_stream(out) == data
 

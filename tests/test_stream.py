@@ -31,6 +31,15 @@ class FakeTransport:
         self.paused = False
         self.pauses = 0
         self.closed = False
+        self.eof_written = False
+        self.half_closable = True  # TCP; TLS transports cannot write EOF
+
+    def can_write_eof(self) -> bool:
+        return self.half_closable
+
+    def write_eof(self) -> None:
+        assert not self.eof_written, "EOF written twice"
+        self.eof_written = True
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("127.0.0.1", 4444) if name == "peername" else default
@@ -163,6 +172,32 @@ def test_payloads_survive_the_receive_buffer_being_reused() -> None:
     asyncio.run(main())
 
 
+def test_control_payloads_survive_the_receive_buffer_being_reused() -> None:
+    """A bitmap held behind queued pages keeps its bytes while later frames reuse the buffer.
+
+    Found in CI: a SHARED_BITMAP waiting behind page frames was read after the decoder had
+    received the next pages over it ("bad bitmap magic ... got b'\\xa5pag'").
+    """
+
+    async def main() -> None:
+        handler = Handler()
+        proto, _, enc = _setup(handler)
+        bitmap = wire.SharedBitmap(b"MGBM" + bytes(range(256)) * 16)
+        first = wire.SharedPages(0, 1, _page(1, 1))
+        _feed(proto, enc.encode_bytes(first) + enc.encode_bytes(bitmap))
+        # Not yet placed: the bitmap is held. The next batch lands where it was received.
+        later = [wire.SharedPages((i + 1) * PAGE_SIZE, 1, _page(1, 0xA5)) for i in range(2)]
+        _feed(proto, b"".join(enc.encode_bytes(r) for r in later))
+        handler.release(1)
+        got = await proto.receive(WAIT)
+        assert isinstance(got, wire.SharedBitmap) and bytes(got.payload) == bitmap.payload
+        handler.release(2)
+        await _until(lambda: len(handler.seen) == 3)
+        proto.connection_lost(None)
+
+    asyncio.run(main())
+
+
 def test_reading_pauses_while_the_worker_is_behind() -> None:
     async def main() -> None:
         handler = Handler()
@@ -178,7 +213,11 @@ def test_reading_pauses_while_the_worker_is_behind() -> None:
         for run in runs[PIPELINE_DEPTH:]:
             _feed(proto, enc.encode_bytes(run))
         handler.release(len(runs))
-        await _until(lambda: len(handler.seen) == len(runs) and proto.pending_pages() == 0)
+        # Finished frames are retired lazily (by the next frame, or a wake-up while the loop
+        # waits): a control frame behind them is what makes the loop wait, as at a round's end.
+        _feed(proto, enc.encode_bytes(wire.RoundEnd(0, 0)))
+        assert await proto.receive(WAIT) == wire.RoundEnd(0, 0)
+        assert len(handler.seen) == len(runs) and proto.pending_pages() == 0
         assert not transport.paused and transport.pauses >= 1
         assert [s[1] for s in handler.seen] == [r.gpa for r in runs]
         proto.connection_lost(None)
@@ -209,7 +248,9 @@ def test_a_refused_run_fails_the_stream_and_nothing_after_it_is_placed() -> None
         decoder = wire.FrameDecoder()
         (abort,) = decoder.feed(bytes(transport.written))
         assert isinstance(abort, wire.Abort) and "MAC mismatch" in abort.reason
-        assert transport.closed and proto.pending_pages() == 0
+        # Half-closed after the ABORT, not reset: see the lingering test below.
+        assert transport.eof_written and not transport.closed and proto.pending_pages() == 0
+        proto.connection_lost(None)
 
     asyncio.run(main())
 
@@ -229,6 +270,40 @@ def test_an_unexpected_handler_error_still_ends_the_stream_cleanly() -> None:
             await proto.receive(WAIT)
         (abort,) = wire.FrameDecoder().feed(bytes(transport.written))
         assert isinstance(abort, wire.Abort) and "KeyError" in abort.reason
+
+    asyncio.run(main())
+
+
+def test_a_refusing_side_lingers_so_its_abort_reaches_the_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the ABORT the write side is shut (FIN) and what the peer still sends is read and
+    dropped, so the kernel never resets the connection under the ABORT; the close comes when
+    the peer closes too, or after LINGER_S at the latest. TLS (no half-close) closes at once."""
+    from migd import stream
+
+    monkeypatch.setattr(stream, "LINGER_S", 0.2)
+
+    async def main() -> None:
+        handler = Handler(fail_at_gpa=0)
+        proto, transport, enc = _setup(handler)
+        _feed(proto, enc.encode_bytes(wire.PrivatePages(0, 1, bytes(52), _page(1, 1))))
+        handler.release(1)
+        with pytest.raises(FirmwareError):
+            await proto.receive(WAIT)
+        assert transport.eof_written and not transport.closed
+        written = len(transport.written)
+        # The source does not know yet and keeps sending: dropped, no error, nothing placed.
+        _feed(proto, b"\xff" * (300 * 1024))
+        assert len(handler.seen) == 1 and len(transport.written) == written
+        await _until(lambda: transport.closed)  # the peer never closed: LINGER_S bounds the wait
+
+        tls = FakeTransport()
+        tls.half_closable = False
+        proto2 = FrameProtocol()
+        proto2.connection_made(tls)  # type: ignore[arg-type]
+        proto2.close()
+        assert tls.closed and not tls.eof_written
+        proto.connection_lost(None)
+        proto2.connection_lost(None)
 
     asyncio.run(main())
 

@@ -254,3 +254,55 @@ def test_lost_commit_without_a_resolve_address_discards_the_prepared_guest(
             await listener.close()
 
     asyncio.run(main())
+
+
+def test_an_unreachable_source_leaves_the_prepared_guest_in_doubt_through_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT is lost and the source's listener never answers: the destination cannot know
+    whether the source committed, so its copy may be the only one. It stays prepared (journal
+    status stop-copy, not failed) and survives the daemon's shutdown, for the next start to ask.
+    Before the fix the migration was marked failed and Host.close deleted the guest."""
+    import socket
+
+    from faultproxy import DropFrame, FaultProxy, FrameSelector
+
+    from migd import dest as dest_module
+    from migd.guest import INCOMING_MARKER
+    from migd.wire import FrameType
+
+    monkeypatch.setattr(dest_module, "IncomingMigration",
+                        functools.partial(dest_module.IncomingMigration, start_timeout_s=2.0, resolve_timeout_s=1.5))
+    with socket.socket() as s:  # a port nobody listens on: the source's listener is "down"
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+
+    async def main() -> None:
+        a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")
+        listener = MigrationListener(b)
+        port = await listener.start("127.0.0.1", 0)
+        try:
+            async with closing(a, b), FaultProxy(
+                "127.0.0.1", port, [DropFrame(FrameSelector.of(FrameType.COMMIT))]
+            ) as proxy:
+                guest = await running_guest(a)
+                progress = await OutgoingMigration(guest, "127.0.0.1", proxy.port, MigrationParams(handoff_timeout_s=2.0),
+                                                   resolve_port=dead_port).run()
+                assert proxy.fired("drop") and progress.phase.committed
+                (incoming,) = b.migrations.values()
+                async with asyncio.timeout(30):
+                    while "in doubt" not in (incoming.phase.error or ""):
+                        await asyncio.sleep(0.05)
+                assert incoming.status is MigrationStatus.STOP_COPY and not incoming.phase.committed
+                assert b.get("g1").state is GuestState.INCOMING and b.prepared_in_doubt("g1")
+                handle = b.get("g1").handle
+                await listener.close()
+                await b.close()  # the daemon's shutdown
+                guest_dir = tmp_path / "hostB" / "guests" / "g1"
+                assert (guest_dir / INCOMING_MARKER).exists() and any(guest_dir.iterdir())
+                assert handle in b.firmware.guest_handles()
+                assert guest.state is GuestState.MIGRATED  # and the source keeps its paused copy
+        finally:
+            await listener.close()
+
+    asyncio.run(main())
