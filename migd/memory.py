@@ -121,7 +121,7 @@ def _address(view: memoryview) -> int:
 
 
 @functools.cache
-def _libc_mincore() -> Callable[[int, int, ctypes.Array[ctypes.c_ubyte]], int] | None:
+def _libc_mincore() -> Callable[[int, int, int], int] | None:
     """libc ``mincore(2)`` via ctypes (not in ``os`` or ``mmap``), or None if absent."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -325,6 +325,10 @@ class GuestRam:
         offset = self._offset(gpa, npages)
         mapping = self._mapping()
         npages = operator.index(npages)
+        if os.fstat(self._fd).st_blocks * 512 >= self.size:
+            # Every page of the file is allocated: no hole anywhere, nothing to ask the kernel
+            # page by page (mincore costs ~30 us per 2 MiB on tmpfs; fstat ~1 us).
+            return np.ones(npages, dtype=bool)
         populated = np.zeros(npages, dtype=bool)
         first = (self.next_populated(gpa, npages) - offset) // PAGE_SIZE
         if first >= npages:
@@ -333,12 +337,13 @@ class GuestRam:
         if mincore is None:
             populated[first:] = True
             return populated
-        vec = (ctypes.c_ubyte * (npages - first))()
+        # A numpy buffer, not a ctypes array type built per call (that alone cost ~30 us a chunk).
+        vec = np.empty(npages - first, dtype=np.uint8)
         base = _address(memoryview(mapping)[:1]) + offset + first * PAGE_SIZE
-        if mincore(base, (npages - first) * PAGE_SIZE, vec) != 0:
+        if mincore(base, (npages - first) * PAGE_SIZE, vec.ctypes.data) != 0:
             err = ctypes.get_errno()
             raise GuestMemoryError(f"mincore over {npages - first} pages of {self.path} failed: {os.strerror(err)}")
-        resident = np.frombuffer(vec, dtype=np.uint8) & 1 != 0
+        resident = vec & 1 != 0
         populated[first:] = resident
         starts, ends = _true_runs(~resident)
         for start, stop in zip((starts + first).tolist(), (ends + first).tolist(), strict=True):

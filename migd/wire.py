@@ -371,9 +371,10 @@ def _meta_of(msg: Message) -> dict[str, Any]:
 def _load_crc32() -> Callable[[bytes | memoryview, int], int]:
     """The fastest CRC-32 (ISO-HDLC, zlib's polynomial and values) available here.
 
-    ISA-L's (``isal`` package, when installed) ran at 44 GB/s against zlib 1.2.13's 2.6 GB/s on
-    this 2-core machine, 1 MiB buffers: zlib's costs each end ~0.8 s of CPU per 2 GiB migrated
-    (8 % of both daemons' profiles). Same function, so the wire format does not depend on it.
+    ISA-L's (``isal``, a dependency) ran at 44 GB/s against zlib 1.2.13's 2.6 GB/s on this
+    2-core machine, 1 MiB buffers: zlib's costs each end ~0.25 core-s per GiB migrated, a tenth
+    of what both daemons spend (bench/cpu_budget.py). Same function, so the wire format does not
+    depend on it; zlib remains for a platform without an isal wheel.
     """
     try:
         from isal.isal_zlib import crc32 as isal_crc32
@@ -383,6 +384,8 @@ def _load_crc32() -> Callable[[bytes | memoryview, int], int]:
 
 
 _crc32 = _load_crc32()
+#: Which CRC-32 implementation runs here (benchmarks report it).
+CRC32_IMPLEMENTATION = f"{_crc32.__module__}.{_crc32.__name__}"
 
 
 def _crc(seq: int, head: bytes | memoryview, payload: bytes | memoryview) -> int:
