@@ -135,7 +135,7 @@ def _libc_mincore() -> Callable[[int, int, int], int] | None:
     return fn
 
 
-def _true_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def true_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(starts, ends) of the runs of True in a 1-D bool array (vectorized)."""
     padded = np.concatenate(([False], mask, [False]))
     edges = np.flatnonzero(padded[1:] != padded[:-1])
@@ -345,7 +345,7 @@ class GuestRam:
             raise GuestMemoryError(f"mincore over {npages - first} pages of {self.path} failed: {os.strerror(err)}")
         resident = vec & 1 != 0
         populated[first:] = resident
-        starts, ends = _true_runs(~resident)
+        starts, ends = true_runs(~resident)
         for start, stop in zip((starts + first).tolist(), (ends + first).tolist(), strict=True):
             # Not in the page cache: a hole unless data (a swapped page, a racing write) lies in it.
             if self.next_populated(gpa + start * PAGE_SIZE, stop - start) < offset + stop * PAGE_SIZE:
@@ -363,7 +363,7 @@ class GuestRam:
         if populated.all():
             return _nonzero_pages(self.view(gpa, npages), npages)
         nonzero = np.zeros(npages, dtype=bool)
-        starts, ends = _true_runs(populated)
+        starts, ends = true_runs(populated)
         for start, stop in zip(starts.tolist(), ends.tolist(), strict=True):
             nonzero[start:stop] = _nonzero_pages(self.view(gpa + start * PAGE_SIZE, stop - start), stop - start)
         return nonzero

@@ -266,3 +266,31 @@ def test_property_exactly_the_damaged_pages_are_reported(tmp_path: Path, picks: 
         assert {e.kind for e in result.samples} == {ErrorKind.CORRUPTED}
     finally:
         img.ram.close()
+
+
+def test_holes_are_checked_without_being_allocated(shm_dir: Path) -> None:
+    """The RAM file's holes read as zeros without a read through the mapping, which on tmpfs
+    would allocate every page of a sparse guest; a written page punched out is still caught."""
+    import os
+
+    image = build_image(shm_dir / "ram")
+    try:
+        _check_holes(image)
+    finally:
+        image.ram.close()
+
+
+def _check_holes(image: Image) -> None:
+    import os
+
+    blocks_before = os.stat(image.ram.path).st_blocks
+    result = check_memory(image.ram, image.vek, chunk_pages=16)
+    assert result.errors == 0 and result.pages_verified == NPAGES
+    assert os.stat(image.ram.path).st_blocks == blocks_before  # no hole was filled
+    # Negative control: a whole chunk of written private pages becomes a hole.
+    first = image.private[0]
+    aligned = first - first % 16 + 16
+    image.ram.zero(image.gpa(aligned), 16)
+    assert image.ram.next_populated(image.gpa(aligned), 16) == image.gpa(aligned + 16)
+    punched = check_memory(image.ram, image.vek, chunk_pages=16)
+    assert punched.errors == 16 and punched.by_kind == {"corrupted": 16}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ from migd.abi import FirmwareStatus, GuestPolicy
 from migd.channel import CheckReport
 from migd.dest import MigrationListener
 from migd.errors import FirmwareError
-from migd.guest import GuestDefinition, GuestState
+from migd.guest import GuestDefinition, GuestState, HostGuest
+from migd.host import Host
 from migd.migration_state import MigrationStatus
 from migd.pki_verify import tls_client_context, tls_server_context
 from migd.progress import MigrationProgress
@@ -222,36 +225,48 @@ def test_lost_commit_is_resolved_with_the_source_and_the_guest_runs_once(
     asyncio.run(main())
 
 
+@contextlib.asynccontextmanager
+async def _commit_dropped(tmp_path: Path, resolve_port: int = 0) -> AsyncIterator[tuple[Host, HostGuest]]:
+    """A migration that commits on the source while the proxy drops the COMMIT frame.
+
+    Yields the destination host and the source's guest once the source is done; the listener
+    closes and every guest agent stops afterwards.
+    """
+    from faultproxy import DropFrame, FaultProxy, FrameSelector
+
+    from migd.wire import FrameType
+
+    a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")
+    listener = MigrationListener(b)
+    port = await listener.start("127.0.0.1", 0)
+    try:
+        async with closing(a, b), FaultProxy(
+            "127.0.0.1", port, [DropFrame(FrameSelector.of(FrameType.COMMIT))]
+        ) as proxy:
+            guest = await running_guest(a)
+            progress = await OutgoingMigration(guest, "127.0.0.1", proxy.port, MigrationParams(handoff_timeout_s=2.0),
+                                               resolve_port=resolve_port).run()
+            assert proxy.fired("drop") and progress.phase.committed
+            yield b, guest
+    finally:
+        await listener.close()
+
+
 def test_lost_commit_without_a_resolve_address_discards_the_prepared_guest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Negative control: with no RESOLVE address the destination cannot learn the outcome."""
-    from faultproxy import DropFrame, FaultProxy, FrameSelector
-
     from migd import dest as dest_module
-    from migd.wire import FrameType
 
     monkeypatch.setattr(dest_module, "IncomingMigration",
                         functools.partial(dest_module.IncomingMigration, start_timeout_s=3.0))
 
     async def main() -> None:
-        a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")
-        listener = MigrationListener(b)
-        port = await listener.start("127.0.0.1", 0)
-        try:
-            async with closing(a, b), FaultProxy(
-                "127.0.0.1", port, [DropFrame(FrameSelector.of(FrameType.COMMIT))]
-            ) as proxy:
-                guest = await running_guest(a)
-                progress = await OutgoingMigration(guest, "127.0.0.1", proxy.port,
-                                                   MigrationParams(handoff_timeout_s=2.0)).run()
-                assert proxy.fired("drop") and progress.phase.committed
-                async with asyncio.timeout(30):
-                    while b.guests:
-                        await asyncio.sleep(0.05)
-                assert guest.state is GuestState.MIGRATED  # the source kept its paused copy
-        finally:
-            await listener.close()
+        async with _commit_dropped(tmp_path) as (b, guest):
+            async with asyncio.timeout(30):
+                while b.guests:
+                    await asyncio.sleep(0.05)
+            assert guest.state is GuestState.MIGRATED  # the source kept its paused copy
 
     asyncio.run(main())
 
@@ -265,11 +280,8 @@ def test_an_unreachable_source_leaves_the_prepared_guest_in_doubt_through_shutdo
     Before the fix the migration was marked failed and Host.close deleted the guest."""
     import socket
 
-    from faultproxy import DropFrame, FaultProxy, FrameSelector
-
     from migd import dest as dest_module
     from migd.guest import INCOMING_MARKER
-    from migd.wire import FrameType
 
     monkeypatch.setattr(dest_module, "IncomingMigration",
                         functools.partial(dest_module.IncomingMigration, start_timeout_s=2.0, resolve_timeout_s=1.5))
@@ -278,31 +290,18 @@ def test_an_unreachable_source_leaves_the_prepared_guest_in_doubt_through_shutdo
         dead_port = s.getsockname()[1]
 
     async def main() -> None:
-        a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")
-        listener = MigrationListener(b)
-        port = await listener.start("127.0.0.1", 0)
-        try:
-            async with closing(a, b), FaultProxy(
-                "127.0.0.1", port, [DropFrame(FrameSelector.of(FrameType.COMMIT))]
-            ) as proxy:
-                guest = await running_guest(a)
-                progress = await OutgoingMigration(guest, "127.0.0.1", proxy.port, MigrationParams(handoff_timeout_s=2.0),
-                                                   resolve_port=dead_port).run()
-                assert proxy.fired("drop") and progress.phase.committed
-                (incoming,) = b.migrations.values()
-                async with asyncio.timeout(30):
-                    while "in doubt" not in (incoming.phase.error or ""):
-                        await asyncio.sleep(0.05)
-                assert incoming.status is MigrationStatus.STOP_COPY and not incoming.phase.committed
-                assert b.get("g1").state is GuestState.INCOMING and b.prepared_in_doubt("g1")
-                handle = b.get("g1").handle
-                await listener.close()
-                await b.close()  # the daemon's shutdown
-                guest_dir = tmp_path / "hostB" / "guests" / "g1"
-                assert (guest_dir / INCOMING_MARKER).exists() and any(guest_dir.iterdir())
-                assert handle in b.firmware.guest_handles()
-                assert guest.state is GuestState.MIGRATED  # and the source keeps its paused copy
-        finally:
-            await listener.close()
+        async with _commit_dropped(tmp_path, resolve_port=dead_port) as (b, guest):
+            (incoming,) = b.migrations.values()
+            async with asyncio.timeout(30):
+                while "in doubt" not in (incoming.phase.error or ""):
+                    await asyncio.sleep(0.05)
+            assert incoming.status is MigrationStatus.STOP_COPY and not incoming.phase.committed
+            assert b.get("g1").state is GuestState.INCOMING and b.prepared_in_doubt("g1")
+            handle = b.get("g1").handle
+            await b.close()  # the daemon's shutdown
+            guest_dir = tmp_path / "hostB" / "guests" / "g1"
+            assert (guest_dir / INCOMING_MARKER).exists() and any(guest_dir.iterdir())
+            assert handle in b.firmware.guest_handles()
+            assert guest.state is GuestState.MIGRATED  # and the source keeps its paused copy
 
     asyncio.run(main())
