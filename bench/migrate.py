@@ -303,6 +303,12 @@ async def one_migration(args: argparse.Namespace) -> dict[str, Any]:
                         check = guest["check"]
                         break
                     await asyncio.sleep(0.1)
+            # Allocated pages of the arrived guest's RAM file after its self-check: a sparse guest
+            # must stay sparse (reading holes through a tmpfs mapping would allocate them).
+            try:
+                allocated_mib = workspace.memory_file(b, "bench").stat().st_blocks * 512 / MiB
+            except OSError:
+                allocated_mib = None
             # The limit of this repetition, measured right after its migration and the guest's
             # self-check, after the same settle time the migration had: the source released
             # its copy of the guest on completion, and free page reporting hands memory freed
@@ -329,6 +335,7 @@ async def one_migration(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_s": {"source": round(cpu[pids[0]], 2), "destination": round(cpu[pids[1]], 2)},
             "machine_busy": round(machine_busy, 2),
             "self_check_errors": None if check is None else check["errors"],
+            "dest_ram_allocated_mib": None if allocated_mib is None else round(allocated_mib, 1),
         }
     finally:
         workspace.close(keep=False)
@@ -416,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             side: round(max(r["rss_anon_mib"][side] for r in runs), 1) for side in ("source", "destination")
         },
         "self_check_errors": [r["self_check_errors"] for r in runs],
+        "dest_ram_allocated_mib_each": [r["dest_ram_allocated_mib"] for r in runs],
         "daemon_cpu_s": [r["cpu_s"] for r in runs],
         "machine_busy_each": [r["machine_busy"] for r in runs],  # 1.0 = every core busy (any process)
         "throughput_mib_s_each": [round(r["throughput_mib_s"], 1) for r in runs],

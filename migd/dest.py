@@ -252,8 +252,8 @@ class IncomingMigration:
         """Put one run into guest RAM.
 
         Runs in the stream's page worker thread (one frame at a time, in stream order, beside
-        the event loop; see migd/stream.py), or on the loop for a zero run with nothing queued
-        ahead. Touches only this migration's guest RAM, firmware context and counters.
+        the event loop; see migd/stream.py), or on the loop for a zero or shared run with
+        nothing queued ahead. Touches only this migration's guest RAM, firmware context and counters.
         """
         if not self._accepting_pages:
             raise ProtocolError(f"{msg.TYPE.name} frame outside the page-transfer phase")

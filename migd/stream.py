@@ -7,10 +7,12 @@ drives the migration, but only once every page frame received before it has been
 a control frame (ROUND_END, PING, VCPU_STATE, PREPARE) always finds the pages sent before it
 in place, and the SEV transport sees its packets in sequence.
 
-The destination's page pipeline (``set_page_handler(..., threaded=True)``): each page frame's
-payload is copied out of the receive buffer into one of a few reusable buffers and handed, in
-order, to one worker thread, which runs the handler (RECEIVE_UPDATE_DATA and the write into
-guest RAM; both release the GIL). The event loop meanwhile receives, checks CRCs and decodes
+The destination's page pipeline (``set_page_handler(..., threaded=True)``): each private-page
+frame's payload is copied out of the receive buffer into one of a few reusable buffers and
+handed, in order, to one worker thread, which runs the handler (RECEIVE_UPDATE_DATA and the
+write into guest RAM; both release the GIL). A zero or shared run with nothing queued ahead of
+it is placed at once on the loop (a marker, one pwrite: cheaper than the copy and the hand-off);
+behind a queued frame it goes to the worker too, so frames are always placed in stream order. The event loop meanwhile receives, checks CRCs and decodes
 the next frames. At most :data:`PIPELINE_DEPTH` frames wait for the worker; past that the
 transport stops reading (TCP back-pressure reaches the source). A frame the handler refuses
 fails the stream exactly as before (ABORT with the reason); frames queued behind it are never
@@ -146,6 +148,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
                         self._queue.put_nowait(msg)
         except MigdError as exc:
             self._refuse(exc)
+        except Exception as exc:  # a bug in an inline page handler: ABORT and end, as in the worker
+            self._refuse(exc)
         self._collect_pages()
 
     def _refuse(self, exc: BaseException) -> None:
@@ -165,9 +169,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def _page_frame(self, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages) -> None:
         assert self._on_pages is not None
-        if not self._threaded or (not self._backlog and isinstance(msg, wire.ZeroPages)):
+        if self._backlog:
+            self._retire_done()
+        if not self._threaded or (not self._backlog and not isinstance(msg, wire.PrivatePages)):
             # Inline: nothing is queued ahead (or no pipeline), so order holds; the payload
-            # view is valid only during this call.
+            # view is valid only during this call. A zero run or a shared one (one pwrite) costs
+            # less here than its copy and the hand-off to the worker; RECEIVE_UPDATE_DATA's
+            # crypto is what the worker overlaps with receiving.
             self._on_pages(msg)
             return
         buffer: bytearray | None = None

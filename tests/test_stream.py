@@ -158,7 +158,7 @@ def test_payloads_survive_the_receive_buffer_being_reused() -> None:
     async def main() -> None:
         handler = Handler()
         proto, _, enc = _setup(handler)
-        runs = [wire.SharedPages(i * 8 * PAGE_SIZE, 8, _page(8, 10 + i)) for i in range(PIPELINE_DEPTH)]
+        runs = [wire.PrivatePages(i * 8 * PAGE_SIZE, 8, bytes(52), _page(8, 10 + i)) for i in range(PIPELINE_DEPTH)]
         half = PIPELINE_DEPTH // 2
         # Two batches, none placed yet: the decoder reuses its buffer from the start for the
         # second, right where the first batch's payloads were.
@@ -183,7 +183,7 @@ def test_control_payloads_survive_the_receive_buffer_being_reused() -> None:
         handler = Handler()
         proto, _, enc = _setup(handler)
         bitmap = wire.SharedBitmap(b"MGBM" + bytes(range(256)) * 16)
-        first = wire.SharedPages(0, 1, _page(1, 1))
+        first = wire.PrivatePages(0, 1, bytes(52), _page(1, 1))
         _feed(proto, enc.encode_bytes(first) + enc.encode_bytes(bitmap))
         # Not yet placed: the bitmap is held. The next batch lands where it was received.
         later = [wire.SharedPages((i + 1) * PAGE_SIZE, 1, _page(1, 0xA5)) for i in range(2)]
@@ -202,7 +202,7 @@ def test_reading_pauses_while_the_worker_is_behind() -> None:
     async def main() -> None:
         handler = Handler()
         proto, transport, enc = _setup(handler)
-        runs = [wire.SharedPages(i * PAGE_SIZE, 1, _page(1, i + 1)) for i in range(PIPELINE_DEPTH + 2)]
+        runs = [wire.PrivatePages(i * PAGE_SIZE, 1, bytes(52), _page(1, i + 1)) for i in range(PIPELINE_DEPTH + 2)]
         for run in runs[: PIPELINE_DEPTH - 1]:
             _feed(proto, enc.encode_bytes(run))
         assert not transport.paused
@@ -265,7 +265,7 @@ def test_an_unexpected_handler_error_still_ends_the_stream_cleanly() -> None:
         proto.connection_made(transport)  # type: ignore[arg-type]
         proto.set_page_handler(broken)
         enc = wire.FrameEncoder()
-        _feed(proto, enc.encode_bytes(wire.SharedPages(0, 1, _page(1, 9))) + enc.encode_bytes(wire.Prepare(1)))
+        _feed(proto, enc.encode_bytes(wire.PrivatePages(0, 1, bytes(52), _page(1, 9))) + enc.encode_bytes(wire.Prepare(1)))
         with pytest.raises(Exception, match="internal error while placing pages"):
             await proto.receive(WAIT)
         (abort,) = wire.FrameDecoder().feed(bytes(transport.written))
@@ -308,15 +308,46 @@ def test_a_refusing_side_lingers_so_its_abort_reaches_the_peer(monkeypatch: pyte
     asyncio.run(main())
 
 
-def test_zero_runs_with_nothing_queued_are_placed_at_once_on_the_loop() -> None:
+def test_zero_and_shared_runs_with_nothing_queued_are_placed_at_once_on_the_loop() -> None:
+    """No copy, no hand-off for a marker or a plain write; behind a queued private run they
+    wait their turn in the worker (a page may change kind between rounds: order is everything)."""
+
     async def main() -> None:
-        seen: list[str] = []
+        handler = Handler()
+        proto, _, enc = _setup(handler)
+        loop_thread = threading.current_thread().name
+        handler.release(2)
+        _feed(proto, enc.encode_bytes(wire.ZeroPages(0, 512)) + enc.encode_bytes(wire.SharedPages(0, 1, _page(1, 3))))
+        assert [(s[0], s[3]) for s in handler.seen] == [("ZeroPages", loop_thread), ("SharedPages", loop_thread)]
+        # A private run goes to the worker; the shared run for the same page behind it follows it there.
+        _feed(proto, enc.encode_bytes(wire.PrivatePages(0, 1, bytes(52), _page(1, 4)))
+              + enc.encode_bytes(wire.SharedPages(0, 1, _page(1, 5))))
+        assert len(handler.seen) == 2  # both queued, nothing overtook
+        handler.release(2)
+        _feed(proto, enc.encode_bytes(wire.RoundEnd(0, 0)))
+        assert await proto.receive(WAIT) == wire.RoundEnd(0, 0)
+        assert [s[0] for s in handler.seen[2:]] == ["PrivatePages", "SharedPages"]
+        assert all(s[3] != loop_thread for s in handler.seen[2:])
+        assert handler.seen[-1][2] == _page(1, 5)  # the later content is what stays
+        proto.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_a_handler_bug_on_the_loop_still_ends_the_stream_cleanly() -> None:
+    async def main() -> None:
+        def broken(msg: PageMsg) -> None:
+            raise KeyError("bug")
+
         proto = FrameProtocol()
-        proto.connection_made(FakeTransport())  # type: ignore[arg-type]
-        proto.set_page_handler(lambda msg: seen.append(threading.current_thread().name))
-        enc = wire.FrameEncoder()
-        _feed(proto, enc.encode_bytes(wire.ZeroPages(0, 512)))
-        assert seen == [threading.current_thread().name]  # inline: no thread hop for a marker
+        transport = FakeTransport()
+        proto.connection_made(transport)  # type: ignore[arg-type]
+        proto.set_page_handler(broken)
+        _feed(proto, wire.FrameEncoder().encode_bytes(wire.SharedPages(0, 1, _page(1, 9))))  # inline
+        with pytest.raises(Exception, match="internal error while placing pages"):
+            await proto.receive(WAIT)
+        (abort,) = wire.FrameDecoder().feed(bytes(transport.written))
+        assert isinstance(abort, wire.Abort) and "KeyError" in abort.reason
         proto.connection_lost(None)
 
     asyncio.run(main())

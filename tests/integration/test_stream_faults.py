@@ -17,8 +17,8 @@ what the engines made of it. Three groups:
   an attacker changes them at will (shown, and why ``[tls]`` exists);
 * **mutual TLS**: the same faults on TLS records fail the stream.
 
-Cases that hit a known engine defect call ``pytest.xfail`` only under that defect's exact
-symptom, after asserting everything else; any other outcome must satisfy the invariants.
+Cases that found engine defects say so in their docstrings; the defects are fixed and the
+cases assert the invariants outright (no ``xfail``).
 """
 
 from __future__ import annotations
@@ -492,16 +492,13 @@ def test_guest_writes_shared_pages_behind_a_slow_link_under_uvloop(tmp_path: Pat
     """No corruption at all: the daemon's loop (uvloop) queues page payloads zero-copy when the
     link is slow (a 1 s stall), while the guest keeps writing its shared pages.
 
-    KNOWN DEFECT (reported): ``FrameEncoder`` computes a shared run's CRC32 over a *view of guest
-    RAM* when the frame is queued; uvloop sends the view's bytes later, after the guest changed
-    them, and the destination fails the stream ("frame N (SHARED_PAGES) failed its CRC32 check").
-    Changed pages are dirty and would be re-sent anyway; the CRC must cover the bytes sent."""
+    Was a defect: ``FrameEncoder`` computed a shared run's CRC32 over a *view of guest RAM* when
+    the frame was queued; uvloop sent the view's bytes later, after the guest changed them, and
+    the destination failed the stream ("frame N (SHARED_PAGES) failed its CRC32 check"). The
+    source now copies a shared run before it is checksummed and queued."""
     heavy = WorkloadConfig(dirty_rate_mib_s=16, convert_rate_hz=100, seed=3)
     outcome = migrate_through(tmp_path, [Stall(1 << 20, 1.0)], workload=heavy, settle=1.0, use_uvloop=True)
     assert outcome.fired("stall")
-    if outcome.status is S.FAILED and dest_saw(outcome, "(SHARED_PAGES) failed its CRC32"):
-        outcome.assert_rolled_back()  # safely, at least
-        pytest.xfail(f"KNOWN DEFECT: a benign stall failed the stream: {outcome.dest_error}")
     outcome.assert_moved_intact()
 
 
@@ -519,18 +516,14 @@ def test_stall_past_the_destination_idle_timeout(tmp_path: Path, monkeypatch: py
 def test_destination_idle_timeout_while_pages_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No fault at all: a bandwidth-limited round 0 lasts longer than the destination's idle timeout.
 
-    KNOWN DEFECT (reported): the destination's ``idle_timeout_s`` bounds the time between
-    *control* frames (ROUND_END), not silence on the stream, so a long round (a big guest, a
-    ``max_bandwidth_mib_s`` limit) is killed while pages keep arriving (default 120 s: a 16 GiB
-    guest at 100 MiB/s)."""
+    Was a defect: the destination's ``idle_timeout_s`` bounded the time between *control* frames
+    (ROUND_END), not silence on the stream, so a long round (a big guest, a
+    ``max_bandwidth_mib_s`` limit) was killed while pages kept arriving. It now counts from the
+    last bytes received (``FrameProtocol.last_activity``)."""
     timeouts = {**DEST_TIMEOUTS, "idle_timeout_s": 1.0}
     params = MigrationParams(handshake_timeout_s=3.0, handoff_timeout_s=5.0, max_bandwidth_mib_s=3.0)
     outcome = migrate_through(tmp_path, [], params=params, monkeypatch=monkeypatch, dest_timeouts=timeouts)
     assert outcome.records == []
-    if outcome.status is S.FAILED and S.ACTIVE in outcome.progress.phase.entered_at and dest_saw(
-            outcome, "TimeoutError"):
-        outcome.assert_rolled_back()  # it fails safely, at least
-        pytest.xfail("KNOWN DEFECT: the destination idle timeout fired while page frames kept arriving")
     outcome.assert_moved_intact()
 
 
