@@ -15,7 +15,8 @@ guest (``guest_runs``, fully populated):
                                      TCP send                        sendall of 2 MiB frames
     destination daemon (event loop)  TCP receive                     recv_into a preallocated buffer
                                      frame CRC                       wire._crc
-                                     copy to the pipeline buffer     bytearray slice assignment (stream.py)
+                                     copy to the pipeline buffer     bytearray slice assignment (stream.py),
+                                                                     private runs only
     destination page worker          RECEIVE_UPDATE_DATA | write     PspFirmware.receive_update_data / GuestRam.write,
                                                                      into a fresh RAM file (first touch)
 
@@ -243,10 +244,14 @@ def page_stages(tmp: Path, hosts: tuple[PspFirmware, PspFirmware], mib: int, pri
                             header, payload = a.send_update_data(handle, src, gpa, count)
                         else:
                             header, payload = b"", memoryview(src.read(gpa, count))
-                    # stream.py _page_frame: the worker gets a copy in a reused pipeline buffer.
+                    # stream.py _page_frame: the worker gets a private run as a copy in a reused
+                    # pipeline buffer; a shared run is written from the receive buffer on the loop.
                     staged = memoryview(pipeline)[: len(payload)]
-                    with copy.timed():
-                        staged[:] = payload
+                    if private:
+                        with copy.timed():
+                            staged[:] = payload
+                    else:
+                        staged = payload
                     with receive.timed():  # as dest.py's page handler calls it
                         if private:
                             b.receive_update_data(dst_handle, dst, gpa, count, header, staged)

@@ -372,9 +372,9 @@ def _load_crc32() -> Callable[[bytes | memoryview, int], int]:
     """The fastest CRC-32 (ISO-HDLC, zlib's polynomial and values) available here.
 
     ISA-L's (``isal``, a dependency) ran at 44 GB/s against zlib 1.2.13's 2.6 GB/s on this
-    2-core machine, 1 MiB buffers: zlib's costs each end ~0.25 core-s per GiB migrated, a tenth
-    of what both daemons spend (bench/cpu_budget.py). Same function, so the wire format does not
-    depend on it; zlib remains for a platform without an isal wheel.
+    2-core machine, 1 MiB buffers: zlib's costs each end ~0.25 core-s per GiB migrated, where
+    both daemons together spend 1.2–3.8 (bench/cpu_budget.py, bench/migrate.py). Same function,
+    so the wire format does not depend on it; zlib remains for a platform without an isal wheel.
     """
     try:
         from isal.isal_zlib import crc32 as isal_crc32

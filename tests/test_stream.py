@@ -255,7 +255,15 @@ def test_a_refused_run_fails_the_stream_and_nothing_after_it_is_placed() -> None
     asyncio.run(main())
 
 
-def test_an_unexpected_handler_error_still_ends_the_stream_cleanly() -> None:
+@pytest.mark.parametrize(
+    "frame",
+    [wire.PrivatePages(0, 1, bytes(52), _page(1, 9)), wire.SharedPages(0, 1, _page(1, 9))],
+    ids=["in-the-worker", "on-the-loop"],
+)
+def test_an_unexpected_handler_error_still_ends_the_stream_cleanly(frame: PageMsg) -> None:
+    """A bug in the page handler (not a MigdError) ends the stream with an ABORT saying so,
+    wherever the frame was placed: the worker (private runs) or the loop (a shared run)."""
+
     async def main() -> None:
         def broken(msg: PageMsg) -> None:
             raise KeyError("bug")
@@ -265,11 +273,12 @@ def test_an_unexpected_handler_error_still_ends_the_stream_cleanly() -> None:
         proto.connection_made(transport)  # type: ignore[arg-type]
         proto.set_page_handler(broken)
         enc = wire.FrameEncoder()
-        _feed(proto, enc.encode_bytes(wire.PrivatePages(0, 1, bytes(52), _page(1, 9))) + enc.encode_bytes(wire.Prepare(1)))
+        _feed(proto, enc.encode_bytes(frame) + enc.encode_bytes(wire.Prepare(1)))
         with pytest.raises(Exception, match="internal error while placing pages"):
             await proto.receive(WAIT)
         (abort,) = wire.FrameDecoder().feed(bytes(transport.written))
         assert isinstance(abort, wire.Abort) and "KeyError" in abort.reason
+        proto.connection_lost(None)
 
     asyncio.run(main())
 
@@ -329,25 +338,6 @@ def test_zero_and_shared_runs_with_nothing_queued_are_placed_at_once_on_the_loop
         assert [s[0] for s in handler.seen[2:]] == ["PrivatePages", "SharedPages"]
         assert all(s[3] != loop_thread for s in handler.seen[2:])
         assert handler.seen[-1][2] == _page(1, 5)  # the later content is what stays
-        proto.connection_lost(None)
-
-    asyncio.run(main())
-
-
-def test_a_handler_bug_on_the_loop_still_ends_the_stream_cleanly() -> None:
-    async def main() -> None:
-        def broken(msg: PageMsg) -> None:
-            raise KeyError("bug")
-
-        proto = FrameProtocol()
-        transport = FakeTransport()
-        proto.connection_made(transport)  # type: ignore[arg-type]
-        proto.set_page_handler(broken)
-        _feed(proto, wire.FrameEncoder().encode_bytes(wire.SharedPages(0, 1, _page(1, 9))))  # inline
-        with pytest.raises(Exception, match="internal error while placing pages"):
-            await proto.receive(WAIT)
-        (abort,) = wire.FrameDecoder().feed(bytes(transport.written))
-        assert isinstance(abort, wire.Abort) and "KeyError" in abort.reason
         proto.connection_lost(None)
 
     asyncio.run(main())
