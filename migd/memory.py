@@ -255,6 +255,16 @@ class GuestRam:
         offset = self._offset(gpa, npages)
         return memoryview(self._mapping())[offset : offset + npages * PAGE_SIZE]
 
+    def holds(self, buf: bytes | bytearray | memoryview) -> bool:
+        """True if ``buf`` may lie in this RAM's mapping (a view of it, or of memory over it)."""
+        owner = memoryview(buf).obj
+        if owner is self._mapping():
+            return True
+        if isinstance(owner, (bytes, bytearray)):
+            return False  # memory of its own: never inside a mapping (the common case, no numpy)
+        whole = np.frombuffer(self._mapping(), dtype=np.uint8)
+        return bool(np.may_share_memory(np.frombuffer(buf, dtype=np.uint8), whole))
+
     def read(self, gpa: int, npages: int) -> bytes:
         """A copy of the raw bytes of ``npages`` pages at ``gpa``."""
         return bytes(self.view(gpa, npages))

@@ -304,15 +304,20 @@ class PspFirmware:
         npages: int,
         out: bytearray | memoryview | None = None,
     ) -> tuple[bytes, memoryview]:
-        """SEND_UPDATE_DATA over a run: VEK → plaintext → TEK. Returns (52-byte header, ciphertext)."""
+        """SEND_UPDATE_DATA over a run: VEK → plaintext → TEK. Returns (52-byte header, ciphertext).
+
+        The ciphertext is a view of ``out`` (at least ``npages`` pages, disjoint from guest RAM)
+        when given, else of a new buffer.
+        """
         ctx = self._context(handle, GuestState.SUPDATE)
         raw = self._checked_range(ram, gpa, npages)
         assert ctx.sender is not None
-        plaintext = ctx.engine.decrypt(gpa, raw)
-        # CTR in place over the scratch plaintext: one buffer per run, not two.
-        header, ciphertext = ctx.sender.seal(
-            CTX_DATA, plaintext, gpa=gpa, npages=npages, out=plaintext if out is None else out
-        )
+        if out is not None and ram.holds(out):
+            # SEND never writes guest memory: decrypting into it would leave plaintext behind.
+            raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, "SEND_UPDATE_DATA output overlaps guest memory")
+        # Decrypted into ``out`` (or a new buffer), then CTR in place: one buffer per run, not two.
+        plaintext = ctx.engine.decrypt(gpa, raw, out)
+        header, ciphertext = ctx.sender.seal(CTX_DATA, plaintext, gpa=gpa, npages=npages, out=plaintext)
         return header.pack(), ciphertext
 
     def send_update_vmsa(self, handle: int, vcpu_id: int, vmsa: bytes) -> tuple[bytes, memoryview]:

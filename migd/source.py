@@ -49,11 +49,15 @@ from migd.migration_state import MigrationStatus
 from migd.page_runs import CHUNK_PAGES, HOLE_STEP_PAGES, PageKind, classify
 from migd.progress import MigrationProgress
 from migd.psp import VMSA_SIZE
-from migd.stream import FrameProtocol, StreamClosed, StreamTimeout, open_stream
+from migd.send_buffers import SendRing
+from migd.stream import WRITE_HIGH_WATER, FrameProtocol, StreamClosed, StreamTimeout, open_stream
 
 log = logging.getLogger(__name__)
 S = MigrationStatus
 MiB = 1 << 20
+#: The payload ring: what the transport may still hold (it pauses us past WRITE_HIGH_WATER,
+#: and a step writes at most one chunk) plus the chunk being written.
+SEND_RING_BYTES = WRITE_HIGH_WATER + 2 * CHUNK_PAGES * PAGE_SIZE
 
 
 class MigrationRefused(MigdError):
@@ -139,6 +143,7 @@ class OutgoingMigration:
         self._msr_dropped = False
         self._bytes_left = 0  # bytes that have left the transport buffer so far
         self._ping_token = 0
+        self._ring: SendRing | None = None  # payload buffers, allocated at the first page frame
 
     # ------------------------------------------------------------------ control
 
@@ -208,6 +213,9 @@ class OutgoingMigration:
             self.guest.vm.on_migration_control_change = None
             if self._proto is not None:
                 self._proto.close()
+            # The daemon keeps finished migrations (their records): not their 12 MiB of buffers.
+            # Regions the transport still holds stay alive through its views until sent.
+            self._ring = None
         return self.progress
 
     def _msr_changed(self, old: int, new: int) -> None:
@@ -385,16 +393,34 @@ class OutgoingMigration:
     def _send_run(self, kind: PageKind, first: int, count: int) -> None:
         gpa = first << PAGE_SHIFT
         if kind is PageKind.ZERO:
-            msg: wire.Message = wire.ZeroPages(gpa, count)
-        elif kind is PageKind.SHARED:
-            # A copy, not a view of guest RAM: the event loop (uvloop) may send a queued view
-            # later, after the guest rewrote the page, and the bytes sent must be the bytes
-            # classified and checksummed now (one memcpy per run, ~0.1 ms per MiB).
-            msg = wire.SharedPages(gpa, count, self.guest.ram.read(gpa, count))
-        else:
-            header, ciphertext = self.guest.firmware.send_update_data(self.guest.handle, self.guest.ram, gpa, count)
-            msg = wire.PrivatePages(gpa, count, header, ciphertext)
-        nbytes = self._write(msg)
+            self.progress.count_run(kind, count, self._write(wire.ZeroPages(gpa, count)))
+            return
+        guest, proto = self.guest, self._stream()
+        if self._ring is None:
+            self._ring = SendRing(SEND_RING_BYTES)
+        # The payload goes into a ring region the transport no longer needs (None: the ring is
+        # full behind a slow link, and a new buffer is allocated as before).
+        out = self._ring.take(count * PAGE_SIZE, proto.bytes_consumed())
+        try:
+            if kind is PageKind.SHARED:
+                # A copy, not a view of guest RAM: the transport may send a queued view later,
+                # after the guest rewrote the page, and the bytes sent must be the bytes
+                # classified and checksummed now (one memcpy per run, ~0.1 ms per MiB).
+                if out is None:
+                    payload: bytes | memoryview = guest.ram.read(gpa, count)
+                else:
+                    out[:] = guest.ram.view(gpa, count)
+                    payload = out
+                msg: wire.Message = wire.SharedPages(gpa, count, payload)
+            else:
+                header, ciphertext = guest.firmware.send_update_data(guest.handle, guest.ram, gpa, count, out)
+                msg = wire.PrivatePages(gpa, count, header, ciphertext)
+            nbytes = self._write(msg)
+        except BaseException:
+            self._ring.release()
+            raise
+        if out is not None:
+            self._ring.placed(proto.bytes_sent)
         self.progress.count_run(kind, count, nbytes)
 
     def _write(self, msg: wire.Message) -> int:
@@ -402,7 +428,7 @@ class OutgoingMigration:
         nbytes = proto.write(msg)
         # Measure what left for the peer, not what was queued: bytes still in the transport's
         # buffer (a stalled link) must not look like bandwidth.
-        left = proto.bytes_sent - proto.write_buffer_size()
+        left = proto.bytes_consumed()
         now = time.monotonic()
         self._meter.record(now, max(0, left - self._bytes_left))
         self._bytes_left = max(self._bytes_left, left)

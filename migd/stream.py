@@ -57,6 +57,12 @@ _POOLED_BUFFERS = PIPELINE_DEPTH + 4
 _RECEIVE_BUFFER = 2 * (_PAYLOAD_BUFFER + (64 << 10))
 _READ_CHUNK = 1 << 20
 
+#: The transport's write-buffer limits: writers pause (``drain``) past the high mark and go on
+#: below the low one. A writer that drains before each step of at most one frame therefore
+#: never has much more than WRITE_HIGH_WATER + a frame unsent.
+WRITE_HIGH_WATER = 8 << 20
+WRITE_LOW_WATER = 2 << 20
+
 #: How long a closing side keeps reading (and discarding) after its last frame. Closing a
 #: socket with unread data makes the kernel send RST, and an RST can overtake the ABORT frame
 #: written just before it: the peer would report "connection reset" instead of the reason.
@@ -115,7 +121,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if isinstance(peername, tuple) and len(peername) >= 2:
             self.peer = f"{peername[0]}:{peername[1]}"
         # Large writes go straight to the socket; pause only past a few MiB queued.
-        transport.set_write_buffer_limits(high=8 << 20, low=2 << 20)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         self._loop = asyncio.get_running_loop()
         self.connected.set()
 
@@ -405,7 +411,15 @@ class FrameProtocol(asyncio.BufferedProtocol):
         return msg
 
     def write_buffer_size(self) -> int:
+        """Bytes written but still in the transport's buffer (not yet taken by the kernel)."""
         return self._transport.get_write_buffer_size() if self._transport is not None else 0
+
+    def bytes_consumed(self) -> int:
+        """Bytes written so far that have left the transport's buffer for the kernel.
+
+        The transport no longer needs the buffers behind them (see migd/send_buffers.py).
+        """
+        return self.bytes_sent - self.write_buffer_size()
 
     def close(self) -> None:
         """Close the connection gracefully (idempotent): what was written is delivered first.

@@ -633,3 +633,13 @@ def test_close_waits_for_a_write_in_flight(tmp_path: Path, monkeypatch: pytest.M
     assert len(fds) == 1
     with GuestRam(tmp_path / "guest.ram", 4) as again:
         assert again.read(0, 1) == b"\x05" * PAGE_SIZE
+
+
+def test_holds_tells_buffers_inside_the_mapping_from_others(tmp_path: Path) -> None:
+    with GuestRam(tmp_path / "g.ram", 8, create=True) as ram, \
+            GuestRam(tmp_path / "other.ram", 8, create=True) as other:
+        assert ram.holds(ram.view(3 * PAGE_SIZE, 2)) and ram.holds(ram.view(0, 8))
+        assert ram.holds(np.frombuffer(ram.view(0, 8), dtype=np.uint64)[512:])  # a numpy array over it
+        assert not ram.holds(bytearray(PAGE_SIZE)) and not ram.holds(memoryview(bytes(PAGE_SIZE))[1:])
+        assert not ram.holds(other.view(0, 8))
+        assert not ram.holds(np.zeros(PAGE_SIZE, dtype=np.uint8))

@@ -74,6 +74,24 @@ def test_private_run_round_trip_between_hosts(pair: Pair, rams: tuple[GuestRam, 
     assert pair.b.guest_state(dst_handle) is GuestState.RUNNING
 
 
+def test_send_into_a_caller_buffer_and_never_into_guest_memory(pair: Pair, rams: tuple[GuestRam, GuestRam]) -> None:
+    """``out`` receives the ciphertext (the source's reusable ring); guest RAM is refused as ``out``."""
+    src, dst = rams
+    plaintext = _pages(4, 5)
+    pair.src_key.write_private(src, 0, plaintext)
+    before = src.read(0, NPAGES)
+    dst_handle = pair.start()
+    out = bytearray(8 * PAGE_SIZE)
+    header, ciphertext = pair.a.send_update_data(pair.src_handle, src, 0, 4, out)
+    assert ciphertext.obj is out and bytes(ciphertext) == bytes(out[: 4 * PAGE_SIZE])
+    pair.b.receive_update_data(dst_handle, dst, 0, 4, header, ciphertext)
+    assert bytes(pair.dst_key.read_private(dst, 0, 4)) == plaintext
+    for gpa in (0, 2 * PAGE_SIZE, 8 * PAGE_SIZE):  # the run itself, a part of it, other guest pages
+        with pytest.raises(FirmwareError) as err:
+            pair.a.send_update_data(pair.src_handle, src, 0, 4, src.view(gpa, 4))
+        assert err.value.status == FirmwareStatus.INVALID_ADDRESS
+    assert src.read(0, NPAGES) == before  # nothing decrypted into guest memory
+
 @pytest.mark.parametrize("mode", [TransportMode.BOUND, TransportMode.SEV_COMPAT], ids=["bound", "sev-compat"])
 def test_vmsa_round_trip(make_firmware: Callable[..., PspFirmware], mode: TransportMode) -> None:
     pair = Pair(make_firmware, mode, policy=int(GuestPolicy.ES))

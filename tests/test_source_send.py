@@ -24,6 +24,7 @@ from migd.bitmap import PageBitmap
 from migd.guest import GuestState
 from migd.memory import GuestRam, MemoryEncryption
 from migd.page_runs import CHUNK_PAGES, HOLE_STEP_PAGES, PageRun, classify
+from migd.errors import FirmwareError
 from migd.psp import PspFirmware
 from migd.source import OutgoingMigration
 
@@ -61,8 +62,53 @@ class RecordingStream:
     def write_buffer_size(self) -> int:
         return 0
 
+    def bytes_consumed(self) -> int:
+        return self.bytes_sent
+
     async def drain(self) -> None:
         return None
+
+
+class LaggingStream(RecordingStream):
+    """A transport that holds each frame's buffers (no copy) until ``lag`` later frames came.
+
+    A payload is read only when the frame leaves, as uvloop does with a queued write: a buffer
+    the source reused before that is what gets sent. ``honest=False`` reports everything
+    consumed at once (the fault the source's ring must not fall for).
+    """
+
+    def __init__(self, lag: int, honest: bool = True) -> None:
+        super().__init__()
+        self.lag, self.honest = lag, honest
+        self.queued: list[tuple[wire.Message, list[bytes | memoryview], int]] = []
+        self.queued_bytes = 0
+
+    def write(self, msg: wire.Message) -> int:
+        parts = self.encoder.encode(msg)
+        nbytes = sum(len(p) for p in parts)
+        self.bytes_sent += nbytes
+        self.queued.append((msg, parts, nbytes))
+        self.queued_bytes += nbytes
+        while len(self.queued) > self.lag:
+            self._leave()
+        return nbytes
+
+    def _leave(self) -> None:
+        msg, parts, nbytes = self.queued.pop(0)
+        self.queued_bytes -= nbytes
+        header = getattr(msg, "header", None)
+        self.sent.append(Sent(type(msg), msg.gpa, msg.npages, None if header is None else bytes(header),
+                              bytes(getattr(msg, "payload", b""))))
+
+    def flush(self) -> None:
+        while self.queued:
+            self._leave()
+
+    def write_buffer_size(self) -> int:
+        return self.queued_bytes if self.honest else 0
+
+    def bytes_consumed(self) -> int:
+        return self.bytes_sent - self.write_buffer_size()
 
 
 def _firmwares(root: Path) -> tuple[PspFirmware, PspFirmware]:
@@ -171,3 +217,59 @@ def test_a_guest_write_into_a_hole_is_seen_by_the_next_step(shm_dir: Path) -> No
         asyncio.run(migration._send_extents(np.array([0]), np.array([NPAGES])))
         (late,) = [f for f in stream.sent if f.gpa <= late_page * PAGE_SIZE < f.gpa + f.npages * PAGE_SIZE]
         assert late.kind is wire.PrivatePages
+
+
+@pytest.mark.parametrize("honest", [True, False], ids=["transport-counts-queued-bytes", "negative-control"])
+def test_payload_buffers_are_reused_only_after_the_transport_sent_them(
+        shm_dir: Path, monkeypatch: pytest.MonkeyPatch, honest: bool) -> None:
+    """Frames wait in the transport while later runs are read: every payload must arrive intact.
+
+    The ring is made small (1 MiB) so that it wraps many times over the 8 MiB guest of short
+    alternating private and shared runs. Negative control: a transport that claims its queue
+    is empty lets the ring lend a queued frame's region again, and the replay must catch it.
+    """
+    npages = 2048
+    a, b = _firmwares(shm_dir)
+    handle = a.launch(0)
+    engine = MemoryEncryption(a.guest_key(handle))
+    shared = PageBitmap(npages)
+    monkeypatch.setattr(source, "SEND_RING_BYTES", 1 << 20)
+    with GuestRam(shm_dir / "src.ram", npages, create=True) as src, \
+            GuestRam(shm_dir / "dst.ram", npages, create=True) as dst:
+        engine.write_private(src, 0, os.urandom(npages * PAGE_SIZE))
+        for first in range(0, npages, 24):  # runs of 8 shared, 16 private pages
+            shared.set_range(first, 8)
+            src.write(first * PAGE_SIZE, os.urandom(8 * PAGE_SIZE))
+        guest = SimpleNamespace(
+            name="g", definition=SimpleNamespace(npages=npages), ram=src, firmware=a, handle=handle,
+            vm=SimpleNamespace(shared_bitmap=shared, migration_ready=True), agent=object(), state=GuestState.RUNNING,
+        )
+        migration = OutgoingMigration(guest, "127.0.0.1", 1)  # type: ignore[arg-type]
+        stream = LaggingStream(lag=5, honest=honest)
+        migration._proto = stream  # type: ignore[assignment]
+        start = a.send_start(handle, b.pdh_cert_pem)
+        asyncio.run(migration._send_extents(np.array([0]), np.array([npages])))
+        stream.flush()
+        ring = migration._ring
+        assert ring is not None and ring.lent > 100 and ring.lent * 8 * PAGE_SIZE > 4 * ring.capacity
+
+        dst_handle = b.receive_start(start.policy, start.pdh_cert_pem, start.session_blob)
+        intact = True
+        for frame in stream.sent:
+            if frame.kind is wire.PrivatePages:
+                assert frame.header is not None
+                try:
+                    b.receive_update_data(dst_handle, dst, frame.gpa, frame.npages, frame.header, frame.payload)
+                except FirmwareError:
+                    intact = False
+                    break
+            elif frame.kind is wire.SharedPages:
+                dst.write(frame.gpa, frame.payload)
+        for first in range(0, npages, 24):
+            shared_gpa, private_gpa = first * PAGE_SIZE, (first + 8) * PAGE_SIZE
+            intact &= dst.read(shared_gpa, 8) == src.read(shared_gpa, 8)
+            if intact and first + 8 < npages:
+                count = min(16, npages - first - 8)
+                intact &= b.dbg_decrypt(dst_handle, dst, private_gpa, count) == a.dbg_decrypt(
+                    handle, src, private_gpa, count)
+        assert intact is honest, "a region reused before its frame left went unnoticed" if not honest else ""
