@@ -112,7 +112,7 @@ class SendRing:
         """Where ``nbytes`` fit, given the live regions [oldest.start, head) in ring order."""
         capacity, head = len(self._buffer), self._head
         if not self._live:
-            return head if head + nbytes <= capacity else 0
+            return 0  # _retire started over at the front
         tail = self._live[0].start
         if tail < head:
             # The live span [tail, head) does not wrap: free are [head, capacity) and [0, tail).
