@@ -185,71 +185,62 @@ def test_lost_commit_is_resolved_with_the_source_and_the_guest_runs_once(
 ) -> None:
     """COMMIT is lost after PREPARED: the destination asks the source's listener (RESOLVE)
     whether the migration committed, learns it did, and starts the guest — exactly one copy."""
-    from faultproxy import DropFrame, FaultProxy, FrameSelector
-
     from migd import dest as dest_module
-    from migd.wire import FrameType
 
     monkeypatch.setattr(dest_module, "IncomingMigration",
                         functools.partial(dest_module.IncomingMigration, start_timeout_s=3.0, resolve_timeout_s=20.0))
 
     async def main() -> None:
-        a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")
-        source_listener, dest_listener = MigrationListener(a), MigrationListener(b)
-        resolve_port = await source_listener.start("127.0.0.1", 0)
-        port = await dest_listener.start("127.0.0.1", 0)
-        try:
-            async with closing(a, b), FaultProxy(
-                "127.0.0.1", port, [DropFrame(FrameSelector.of(FrameType.COMMIT))]
-            ) as proxy:
-                guest = await running_guest(a)
-                params = MigrationParams(handoff_timeout_s=2.0)
-                migration = OutgoingMigration(guest, "127.0.0.1", proxy.port, params, resolve_port=resolve_port)
-                a.add_migration(migration.progress)  # what the daemon does: the listener answers from it
-                progress = await migration.run()
-                assert proxy.fired("drop")  # the fault really happened
-                assert progress.phase.committed and guest.state is GuestState.MIGRATED
-                async with asyncio.timeout(30):
-                    while "g1" not in b.guests or b.get("g1").state is not GuestState.RUNNING:
-                        await asyncio.sleep(0.05)
-                check = await b.get("g1").wait_check(60)
-                assert check.errors == 0 and check.pages_verified == guest.definition.npages
-                # The source never resumed it: its copy stays paused (kept for the operator).
-                before = dict(guest.vm.hypercall_counts)
-                await asyncio.sleep(0.5)
-                assert guest.state is GuestState.MIGRATED and guest.vm.hypercall_counts == before
-        finally:
-            await source_listener.close()
-            await dest_listener.close()
+        async with _commit_dropped(tmp_path, source_listener=True) as (b, guest):
+            assert guest.state is GuestState.MIGRATED
+            async with asyncio.timeout(30):
+                while "g1" not in b.guests or b.get("g1").state is not GuestState.RUNNING:
+                    await asyncio.sleep(0.05)
+            check = await b.get("g1").wait_check(60)
+            assert check.errors == 0 and check.pages_verified == guest.definition.npages
+            # The source never resumed it: its copy stays paused (kept for the operator).
+            before = dict(guest.vm.hypercall_counts)
+            await asyncio.sleep(0.5)
+            assert guest.state is GuestState.MIGRATED and guest.vm.hypercall_counts == before
 
     asyncio.run(main())
 
 
 @contextlib.asynccontextmanager
-async def _commit_dropped(tmp_path: Path, resolve_port: int = 0) -> AsyncIterator[tuple[Host, HostGuest]]:
+async def _commit_dropped(
+    tmp_path: Path, resolve_port: int = 0, *, source_listener: bool = False
+) -> AsyncIterator[tuple[Host, HostGuest]]:
     """A migration that commits on the source while the proxy drops the COMMIT frame.
 
-    Yields the destination host and the source's guest once the source is done; the listener
-    closes and every guest agent stops afterwards.
+    ``source_listener``: the source host listens too and the destination is told its port, so
+    the destination can RESOLVE the outcome (else it gets ``resolve_port``). Yields the
+    destination host and the source's guest once the source is done; the listeners close and
+    every guest agent stops afterwards.
     """
     from faultproxy import DropFrame, FaultProxy, FrameSelector
 
     from migd.wire import FrameType
 
     a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")
-    listener = MigrationListener(b)
-    port = await listener.start("127.0.0.1", 0)
+    listeners = [MigrationListener(b)]
+    port = await listeners[0].start("127.0.0.1", 0)
+    if source_listener:
+        listeners.append(MigrationListener(a))
+        resolve_port = await listeners[1].start("127.0.0.1", 0)
     try:
         async with closing(a, b), FaultProxy(
             "127.0.0.1", port, [DropFrame(FrameSelector.of(FrameType.COMMIT))]
         ) as proxy:
             guest = await running_guest(a)
-            progress = await OutgoingMigration(guest, "127.0.0.1", proxy.port, MigrationParams(handoff_timeout_s=2.0),
-                                               resolve_port=resolve_port).run()
-            assert proxy.fired("drop") and progress.phase.committed
+            migration = OutgoingMigration(guest, "127.0.0.1", proxy.port, MigrationParams(handoff_timeout_s=2.0),
+                                          resolve_port=resolve_port)
+            a.add_migration(migration.progress)  # what the daemon does: the listener answers from it
+            progress = await migration.run()
+            assert proxy.fired("drop") and progress.phase.committed  # the fault really happened
             yield b, guest
     finally:
-        await listener.close()
+        for listener in listeners:
+            await listener.close()
 
 
 def test_lost_commit_without_a_resolve_address_discards_the_prepared_guest(
