@@ -7,6 +7,7 @@ key, what was expected and what came. ``config/migd.toml`` is the documented exa
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -17,6 +18,10 @@ from migd.errors import ConfigError
 from migd.sev_transport import TransportMode
 
 DEFAULT_CONFIG = Path("/etc/migd/migd.toml")
+#: Defaults of the ``[migration]`` bounds on unauthenticated and stalled peers.
+DEFAULT_MAX_PENDING_CONNECTIONS = 64
+DEFAULT_HANDSHAKE_TIMEOUT_S = 15.0
+DEFAULT_STALL_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,12 @@ class Config:
     migration_listen: Address
     downtime_limit_ms: int = 300
     max_bandwidth_mib_s: float = 0.0
+    #: Incoming connections not yet authenticated, at most; more are closed at once.
+    max_pending_connections: int = DEFAULT_MAX_PENDING_CONNECTIONS
+    #: From accepting a connection to an authenticated session (TLS and the SESSION handshake).
+    handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
+    #: A peer that sends nothing, or takes nothing of what is sent, this long ends the migration.
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
     tls: TlsConfig | None = None
     trusted_roots: tuple[Path, ...] = ()
     transport: TransportMode = TransportMode.BOUND
@@ -107,7 +118,10 @@ def read_token(path: Path) -> str:
 _SCHEMA: dict[str, Any] = {
     "state_dir": str,
     "api": {"listen": str, "token_file": str},
-    "migration": {"listen": str, "downtime_limit_ms": int, "max_bandwidth_mib_s": (int, float)},
+    "migration": {
+        "listen": str, "downtime_limit_ms": int, "max_bandwidth_mib_s": (int, float),
+        "max_pending_connections": int, "handshake_timeout_s": (int, float), "stall_timeout_s": (int, float),
+    },
     "tls": {"ca": str, "cert": str, "key": str},
     "sev": {"trusted_roots": list, "transport": str},
 }
@@ -127,6 +141,14 @@ def _check_keys(table: dict[str, Any], schema: dict[str, Any], prefix: str) -> N
         elif isinstance(value, bool) or not isinstance(value, kind):
             expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise ConfigError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+
+
+def _timeout(migration: dict[str, Any], key: str, default: float) -> float:
+    """``migration.<key>``: a finite duration > 0 in seconds (TOML allows inf and nan; neither is a deadline)."""
+    value = float(migration.get(key, default))
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"migration.{key} must be a finite number of seconds > 0, got {migration.get(key)!r}")
+    return value
 
 
 def _readable(path_text: str, key: str, base: Path) -> Path:
@@ -169,6 +191,11 @@ def parse_config(raw: dict[str, Any], *, base: Path, source: Path | None = None)
     bandwidth = float(migration.get("max_bandwidth_mib_s", 0))
     if bandwidth < 0:
         raise ConfigError(f"migration.max_bandwidth_mib_s must be >= 0 (0 = unlimited), got {bandwidth}")
+    max_pending = migration.get("max_pending_connections", DEFAULT_MAX_PENDING_CONNECTIONS)
+    if max_pending < 1:
+        raise ConfigError(f"migration.max_pending_connections must be >= 1, got {max_pending}")
+    handshake_timeout = _timeout(migration, "handshake_timeout_s", DEFAULT_HANDSHAKE_TIMEOUT_S)
+    stall_timeout = _timeout(migration, "stall_timeout_s", DEFAULT_STALL_TIMEOUT_S)
     roots = sev["trusted_roots"]
     if not roots or not all(isinstance(r, str) for r in roots):
         raise ConfigError("sev.trusted_roots must be a non-empty list of PEM file paths")
@@ -193,6 +220,9 @@ def parse_config(raw: dict[str, Any], *, base: Path, source: Path | None = None)
         migration_listen=parse_address(migration["listen"], "migration.listen"),
         downtime_limit_ms=downtime,
         max_bandwidth_mib_s=bandwidth,
+        max_pending_connections=max_pending,
+        handshake_timeout_s=handshake_timeout,
+        stall_timeout_s=stall_timeout,
         tls=tls,
         trusted_roots=tuple(_readable(r, "sev.trusted_roots", base) for r in roots),
         transport=transport,

@@ -18,6 +18,7 @@ the switch-over leaves only what is left of the limit to the pages (:func:`page_
 from __future__ import annotations
 
 import collections
+import enum
 import math
 from dataclasses import dataclass, field
 
@@ -199,3 +200,56 @@ class RateLimiter:
         self._last = now
         self._tokens -= nbytes
         return 0.0 if self._tokens >= 0 else -self._tokens / self.bytes_per_s
+
+
+class Decision(enum.Enum):
+    """What pre-copy does after a round (:meth:`SwitchoverPolicy.after_round`)."""
+
+    NEXT_ROUND = "next-round"
+    CONFIRM_LINK = "confirm-link"  # the dirty set fits: PING, and switch over if the PONG is quick
+    SWITCH_OVER = "switch-over"  # forced past the converge timeout
+    GIVE_UP = "give-up"  # not converged within the converge timeout
+
+
+@dataclass
+class SwitchoverPolicy:
+    """The switch-over decision of one migration, fed with what the source knows after each round.
+
+    Dirty bytes plus bytes still queued behind the link must fit in the page budget (the
+    downtime limit less the hand-off's predicted fixed cost, :func:`page_budget_ms`) at the
+    measured bandwidth; then the destination is asked to confirm it has placed everything
+    (PING/PONG), and a PONG slower than the limit means the link held more than the meter saw:
+    one more round. Past ``converge_timeout_s`` the migration is forced over or given up.
+    """
+
+    downtime_limit_ms: float
+    converge_timeout_s: float
+    force: bool
+    started_at: float
+    cost: HandoffCost = field(default_factory=HandoffCost)
+    expected_downtime_ms: float | None = None
+    fixed_cost_ms: float = 0.0
+
+    def after_round(self, now: float, dirty_bytes: int, queued_bytes: int, bandwidth_bps: float, npages: int,
+                    round_trip_s: float | None) -> Decision:
+        """Decide after a round; updates :attr:`expected_downtime_ms` (the REST field)."""
+        self.fixed_cost_ms = self.cost.predict_ms(npages, round_trip_s)
+        pending = dirty_bytes + queued_bytes
+        self.expected_downtime_ms = expected_downtime_ms(pending, bandwidth_bps, self.fixed_cost_ms)
+        if should_switch_over(pending, bandwidth_bps, page_budget_ms(self.downtime_limit_ms, self.fixed_cost_ms)):
+            return Decision.CONFIRM_LINK
+        return self.out_of_time(now) or Decision.NEXT_ROUND
+
+    def out_of_time(self, now: float) -> Decision | None:
+        """Past the converge timeout: force or give up; None while there is time."""
+        if now - self.started_at <= self.converge_timeout_s:
+            return None
+        return Decision.SWITCH_OVER if self.force else Decision.GIVE_UP
+
+    def link_confirmed(self, waited_s: float) -> bool:
+        """True if the PONG came within the downtime limit (else the dirty set is stale)."""
+        return waited_s * 1000.0 <= self.downtime_limit_ms
+
+    def confirm_deadline(self, sent_at: float, handshake_s: float) -> float:
+        """How long a PING may wait: a link that never catches up fails like a guest that never converges."""
+        return max(self.started_at + self.converge_timeout_s, sent_at + handshake_s)

@@ -21,11 +21,11 @@ from migd import identity
 from migd.abi import FirmwareStatus
 from migd.agent_launcher import DEFAULT_COMMAND
 from migd.config import Config, parse_address
-from migd.dest import MigrationListener
 from migd.errors import ConfigError, FirmwareError, MigdError
 from migd.guest import GuestDefinition, GuestState, GuestStateError, HostGuest
 from migd.host import Host
 from migd.journal import Journal
+from migd.listener import MigrationListener
 from migd.pki_verify import tls_client_context, tls_server_context
 from migd.progress import MigrationProgress
 from migd.psp import PspFirmware
@@ -88,7 +88,11 @@ class Daemon:
             t = config.tls
             self._server_tls = tls_server_context(t.ca, t.cert, t.key)
             self._client_tls = tls_client_context(t.ca, t.cert, t.key)
-        self.listener = MigrationListener(self.host, ssl_context=self._server_tls, client_ssl=self._client_tls)
+        self.listener = MigrationListener(
+            self.host, ssl_context=self._server_tls, client_ssl=self._client_tls,
+            max_pending=config.max_pending_connections, handshake_timeout_s=config.handshake_timeout_s,
+            stall_timeout_s=config.stall_timeout_s,
+        )
         self.migration_port: int | None = None
         self.accepting = True
 
@@ -198,6 +202,7 @@ class Daemon:
             raise ConfigError(f"destination: port must be 1..65535, got {destination!r}")
         try:
             params = MigrationParams(
+                handshake_timeout_s=self.config.handshake_timeout_s, stall_timeout_s=self.config.stall_timeout_s,
                 downtime_limit_ms=self.config.downtime_limit_ms if downtime_limit_ms is None else downtime_limit_ms,
                 max_bandwidth_mib_s=(
                     self.config.max_bandwidth_mib_s if max_bandwidth_mib_s is None else max_bandwidth_mib_s
@@ -209,6 +214,7 @@ class Daemon:
         # written the migration rolls back and the guest runs on here.
         migration = OutgoingMigration(guest, address.host, address.port, params, ssl_context=self._client_tls,
                                       on_commit=self.journal.record_commit,
+                                      on_established=lambda p, key: self.host.remember_handoff_key(p.id, key),
                                       resolve_port=self.migration_port or 0)
         task = migration.start()  # raises MigrationRefused (409) with the reason
         self.outgoing[migration.progress.id] = migration

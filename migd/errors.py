@@ -21,6 +21,14 @@ class ProtocolError(MigdError):
     """A peer sent bytes that do not follow the protocol (malformed, oversized, unexpected)."""
 
 
+class PeerAborted(MigdError):
+    """The peer ended the migration with an ABORT frame; the message is its reason (escaped)."""
+
+
+class PeerProtocolError(ProtocolError):
+    """The peer sent a message that is not legal in the session's phase, or that does not check out."""
+
+
 class TransportError(MigdError):
     """An SEV transport structure (session blob, packet header) is malformed."""
 

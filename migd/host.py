@@ -17,7 +17,7 @@ from pathlib import Path
 from migd.agent_launcher import DEFAULT_COMMAND
 from migd.errors import MigdError
 from migd.guest import INCOMING_MARKER, GuestDefinition, GuestState, GuestStateError, HostGuest
-from migd.journal import GuestRecord, Journal, JournalError, MigrationRecord
+from migd.journal import GuestRecord, Journal, JournalError, MigrationRecord, SessionReplayed
 from migd.migration_state import MigrationStatus
 from migd.progress import MigrationProgress
 from migd.psp import PspFirmware
@@ -57,6 +57,9 @@ class Host:
         self.guests: dict[str, HostGuest] = {}
         self.migrations: dict[str, MigrationProgress] = {}
         self.journal = journal
+        # Without a journal (engine tests) what the journal would remember lives here.
+        self._handoff_keys: dict[str, bytes] = {}
+        self._accepted: set[bytes | str] = set()
         self.guests_dir.mkdir(parents=True, exist_ok=True)
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         committed, in_doubt = self._committed_incoming() if journal is not None else (frozenset(), frozenset())
@@ -193,6 +196,39 @@ class Host:
             return
         progress.phase.listeners.append(lambda status: self._migration_changed(progress, status))
         self._save_migration(progress)
+
+    def session_known(self, nonce: bytes, migration_id: str) -> bool:
+        """True if this host accepted the session nonce or knows the migration id already (read only)."""
+        if migration_id in self.migrations or nonce in self._accepted or migration_id in self._accepted:
+            return True
+        return self.journal is not None and self.journal.session_known(nonce, migration_id)
+
+    def accept_session(self, nonce: bytes, migration_id: str) -> None:
+        """Remember an authenticated incoming session for good; SessionReplayed if it came before."""
+        if self.session_known(nonce, migration_id):
+            raise SessionReplayed(f"session or migration id {migration_id} was accepted here before")
+        if self.journal is not None:
+            self.journal.accept_session(nonce, migration_id)
+        self._accepted.update((nonce, migration_id))
+
+    def remember_handoff_key(self, migration_id: str, key: bytes) -> None:
+        """Keep a migration's hand-off key (journal too) to answer or check an authenticated RESOLVE."""
+        self._handoff_keys[migration_id] = key
+        if self.journal is not None:
+            try:
+                self.journal.record_handoff_key(migration_id, key)
+            except JournalError as exc:
+                log.error("journal: %s (a restart could not authenticate RESOLVE for it)", exc)
+
+    def handoff_key(self, migration_id: str) -> bytes | None:
+        """The hand-off key of a migration of this host (memory, else journal), if known."""
+        key = self._handoff_keys.get(migration_id)
+        if key is None and self.journal is not None:
+            try:
+                key = self.journal.handoff_key(migration_id)
+            except JournalError as exc:
+                log.error("journal: %s", exc)
+        return key
 
     def incoming_committed(self, progress: MigrationProgress) -> None:
         """COMMIT arrived for an incoming migration: its commit record, durable, before the guest starts.

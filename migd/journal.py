@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 JOURNAL_FILE: Final = "journal.sqlite"
 #: 2: ``migrations.resolve_address`` (where a destination in doubt asks the source, RESOLVE).
-SCHEMA_VERSION: Final = 2
+#: 3: ``migrations.handoff_key`` (authenticated RESOLVE) and ``accepted_sessions`` (no replay).
+SCHEMA_VERSION: Final = 3
 #: Finished migrations kept in the journal (the oldest are pruned at start).
 KEEP_FINISHED: Final = 1000
 MiB: Final = 1 << 20
@@ -80,11 +81,20 @@ CREATE TABLE IF NOT EXISTS migrations (
     resolve_address TEXT                  -- destination role: the source's listener "host:port" (RESOLVE)
 )""", """
 CREATE INDEX IF NOT EXISTS migrations_started ON migrations (started_at)
-""")
+""", """
+CREATE TABLE IF NOT EXISTS accepted_sessions (
+    nonce        BLOB PRIMARY KEY,        -- the session blob's nonce (SEND_START's, fresh per session)
+    migration_id TEXT NOT NULL UNIQUE,
+    accepted_at  REAL NOT NULL
+)""")
 
 
 class JournalError(MigdError):
     """The journal cannot be opened, read or written."""
+
+
+class SessionReplayed(MigdError):
+    """A session nonce or migration id this host accepted before came again (a replay, or a reused id)."""
 
 
 @dataclass(frozen=True)
@@ -204,6 +214,8 @@ class Journal:
                     columns = {row[1] for row in self._db.execute("PRAGMA table_info(migrations)")}
                     if "resolve_address" not in columns:  # a version 1 journal
                         self._db.execute("ALTER TABLE migrations ADD COLUMN resolve_address TEXT")
+                    if "handoff_key" not in columns:  # version 1 or 2
+                        self._db.execute("ALTER TABLE migrations ADD COLUMN handoff_key BLOB")
                     self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except BaseException:
             self._db.close()
@@ -333,6 +345,52 @@ class Journal:
             cursor = self._db.execute("UPDATE migrations SET resolve_address = ? WHERE id = ?", (address, migration_id))
             if cursor.rowcount != 1:
                 raise JournalError(f"journal {self.path}: no migration {migration_id} to record a resolve address for")
+
+    def record_handoff_key(self, migration_id: str, key: bytes) -> None:
+        """The session's hand-off key of migration ``migration_id`` (either role), for RESOLVE.
+
+        The source answers, and the destination checks, an authenticated RESOLVE with it, also
+        after a restart. It lives where the PDH private key lives (the state directory, 0600)
+        and authenticates nothing but this one migration's messages.
+        """
+        with self._errors(f"record the hand-off key of migration {migration_id}"), self._transaction():
+            cursor = self._db.execute("UPDATE migrations SET handoff_key = ? WHERE id = ?", (key, migration_id))
+            if cursor.rowcount != 1:
+                raise JournalError(f"journal {self.path}: no migration {migration_id} to record a hand-off key for")
+
+    def handoff_key(self, migration_id: str) -> bytes | None:
+        """The hand-off key recorded for ``migration_id``, if any."""
+        with self._errors(f"read the hand-off key of migration {migration_id}"):
+            row = self._db.execute("SELECT handoff_key FROM migrations WHERE id = ?", (migration_id,)).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def accept_session(self, nonce: bytes, migration_id: str) -> None:
+        """Remember, durably, that this host accepted session ``nonce`` for ``migration_id``.
+
+        A destination never accepts either twice (a replayed stream, a reused id), across
+        restarts: an existing one raises :class:`SessionReplayed`. Rows are never pruned
+        (about 100 bytes per migration ever received).
+        """
+        with self._errors("set synchronous=FULL"):
+            self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            with self._errors(f"accept the session of migration {migration_id}"), self._transaction():
+                if self._db.execute("SELECT 1 FROM accepted_sessions WHERE nonce = ? OR migration_id = ?",
+                                    (nonce, migration_id)).fetchone() is not None:
+                    raise SessionReplayed(f"session or migration id {migration_id} was accepted here before")
+                self._db.execute("INSERT INTO accepted_sessions (nonce, migration_id, accepted_at) VALUES (?, ?, ?)",
+                                 (nonce, migration_id, time.time()))
+        finally:
+            with self._errors("set synchronous=NORMAL"):
+                self._db.execute("PRAGMA synchronous=NORMAL")
+
+    def session_known(self, nonce: bytes, migration_id: str) -> bool:
+        """True if the session nonce or the migration id was accepted here, or the id is in the journal."""
+        with self._errors("look up accepted sessions"):
+            return self._db.execute(
+                "SELECT 1 FROM accepted_sessions WHERE nonce = ? OR migration_id = ? "
+                "UNION ALL SELECT 1 FROM migrations WHERE id = ? LIMIT 1", (nonce, migration_id, migration_id),
+            ).fetchone() is not None
 
     def finish_migration(self, migration_id: str, status: MigrationStatus, error: str) -> None:
         """Mark a migration found unfinished at start as ended (status and reason)."""

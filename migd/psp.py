@@ -51,9 +51,11 @@ from migd.sev_transport import (
     CTX_VMSA,
     PacketHeader,
     SessionBlob,
+    SessionKeys,
     TransportMode,
     TransportReceiver,
     TransportSender,
+    derive_handoff_key,
     new_session_keys,
     unwrap_session,
     wrap_session,
@@ -89,6 +91,8 @@ class SendStart:
     pdh_cert_pem: bytes
     session_blob: bytes
     policy: int
+    #: Set when SEND_START was given the receiver's nonce (migd's authenticated hand-off).
+    handoff_key: bytes | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -102,6 +106,7 @@ class _GuestContext:
     sender: TransportSender | None = None
     receiver: TransportReceiver | None = None
     vmsa: dict[int, bytes] = field(default_factory=dict)
+    handoff_key: bytes | None = field(default=None, repr=False)
     _scratch: bytearray = field(default_factory=bytearray, repr=False)
 
     def scratch(self, nbytes: int) -> memoryview:
@@ -283,18 +288,49 @@ class PspFirmware:
 
     # ------------------------------------------------------------------ send
 
-    def send_start(self, handle: int, peer_pdh_cert_pem: bytes) -> SendStart:
-        """SEND_START: check policy and the receiver's PDH chain, create the session (RUNNING → SUPDATE)."""
+    def send_start(self, handle: int, peer_pdh_cert_pem: bytes, peer_nonce: bytes | None = None) -> SendStart:
+        """SEND_START: check policy and the receiver's PDH chain, create the session (RUNNING → SUPDATE).
+
+        ``peer_nonce`` (migd extension): the receiver's fresh nonce. It joins the session id the
+        ``bound`` transport MACs, and with it the firmware derives the session's hand-off key
+        (:func:`~migd.sev_transport.derive_handoff_key`), returned in ``SendStart.handoff_key``.
+        """
         ctx = self._context(handle, GuestState.RUNNING)
         if ctx.policy & GuestPolicy.NOSEND:
             raise FirmwareError(FirmwareStatus.POLICY_FAILURE, "guest policy NOSEND forbids SEND_START")
         shared_secret = self._peer_shared_secret(peer_pdh_cert_pem)
         keys = new_session_keys()
         blob = wrap_session(shared_secret, ctx.policy, tek=keys.tek, tik=keys.tik)
-        ctx.sender = TransportSender(keys, self.transport_mode, session_id=blob.nonce)
+        session_id, ctx.handoff_key = self._session_binding(keys, blob, peer_nonce)
+        ctx.sender = TransportSender(keys, self.transport_mode, session_id=session_id)
         ctx.state = GuestState.SUPDATE
         log.debug("SEND_START handle=%d mode=%s", handle, self.transport_mode.value)
-        return SendStart(self.pdh_cert_pem, blob.pack(), ctx.policy)
+        return SendStart(self.pdh_cert_pem, blob.pack(), ctx.policy, ctx.handoff_key)
+
+    @staticmethod
+    def _session_binding(keys: SessionKeys, blob: SessionBlob, receiver_nonce: bytes | None) -> tuple[bytes, bytes | None]:
+        """The bound-mode session id and the hand-off key, with the receiver's nonce when there is one."""
+        if receiver_nonce is None:
+            return blob.nonce, None
+        try:
+            key = derive_handoff_key(keys, blob.nonce, receiver_nonce)
+        except TransportError as exc:
+            raise FirmwareError(FirmwareStatus.INVALID_LEN, str(exc)) from exc
+        return blob.nonce + bytes(receiver_nonce), key
+
+    def handoff_key(self, handle: int) -> bytes:
+        """The hand-off key of the guest's current session (migd extension; see ``send_start``)."""
+        ctx = self._context(handle, GuestState.SUPDATE, GuestState.SENT, GuestState.RUPDATE, GuestState.RUNNING)
+        if ctx.handoff_key is None:
+            raise FirmwareError(FirmwareStatus.INVALID_GUEST, f"guest {handle} has no session with a hand-off key")
+        return ctx.handoff_key
+
+    def transport_sequence(self, handle: int) -> int:
+        """Packets sealed (SUPDATE) or accepted (RUPDATE) so far in the guest's transport session."""
+        ctx = self._context(handle, GuestState.SUPDATE, GuestState.RUPDATE)
+        end = ctx.sender if ctx.state is GuestState.SUPDATE else ctx.receiver
+        assert end is not None
+        return end.next_sequence
 
     def send_update_data(
         self,
@@ -347,8 +383,13 @@ class PspFirmware:
 
     # ------------------------------------------------------------------ receive
 
-    def receive_start(self, policy: int, peer_pdh_cert_pem: bytes, session_blob: bytes) -> int:
-        """RECEIVE_START: check the sender's PDH chain, unwrap the session, new context in RUPDATE."""
+    def receive_start(self, policy: int, peer_pdh_cert_pem: bytes, session_blob: bytes,
+                      own_nonce: bytes | None = None) -> int:
+        """RECEIVE_START: check the sender's PDH chain, unwrap the session, new context in RUPDATE.
+
+        ``own_nonce``: the nonce this receiver sent (migd extension, see ``send_start``); the
+        hand-off key is then available from :meth:`handoff_key`.
+        """
         shared_secret = self._peer_shared_secret(peer_pdh_cert_pem)
         try:
             blob = SessionBlob.unpack(session_blob)
@@ -357,8 +398,10 @@ class PspFirmware:
             raise FirmwareError(FirmwareStatus.BAD_MEASUREMENT, f"session blob rejected: {exc}") from exc
         except TransportError as exc:
             raise FirmwareError(FirmwareStatus.INVALID_LEN, f"session blob rejected: {exc}") from exc
+        session_id, handoff_key = self._session_binding(keys, blob, own_nonce)
         ctx = self._new_context(policy, GuestState.RUPDATE)
-        ctx.receiver = TransportReceiver(keys, self.transport_mode, session_id=blob.nonce)
+        ctx.handoff_key = handoff_key
+        ctx.receiver = TransportReceiver(keys, self.transport_mode, session_id=session_id)
         log.debug("RECEIVE_START handle=%d mode=%s", ctx.handle, self.transport_mode.value)
         return ctx.handle
 

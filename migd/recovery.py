@@ -44,12 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from migd import wire
 from migd.errors import MigdError
 from migd.guest import INCOMING_MARKER, GuestState
 from migd.journal import Journal, MigrationRecord, restore_progress
 from migd.migration_state import MigrationStatus
-from migd.stream import open_stream
+from migd.resolve import ask_source
+from migd.session import DestinationSession
 
 if TYPE_CHECKING:
     from migd.host import Host
@@ -266,24 +266,6 @@ async def recover(host: Host, journal: Journal, *, client_ssl: ssl.SSLContext | 
 # ---------------------------------------------------------------------- in-doubt incoming guests
 
 
-async def ask_source(address: str, migration_id: str, *, client_ssl: ssl.SSLContext | None = None,
-                     timeout: float = 10.0) -> str:
-    """One RESOLVE to the source's listener at ``host:port``: its answer (``wire.RESOLUTIONS``).
-
-    Raises MigdError, OSError or TimeoutError if the source cannot be asked right now.
-    """
-    host, _, port = address.rpartition(":")
-    stream = await open_stream(host, int(port), ssl_context=client_ssl, timeout=timeout)
-    try:
-        stream.write(wire.Resolve(migration_id))
-        answer: wire.Resolved = await stream.expect(wire.Resolved, timeout)
-    finally:
-        stream.close()
-    if answer.migration_id != migration_id:
-        raise MigdError(f"RESOLVE {migration_id}: the source answered for {answer.migration_id}")
-    return answer.outcome
-
-
 async def resolve_in_doubt(
     host: Host, journal: Journal, records: Iterable[MigrationRecord], *, client_ssl: ssl.SSLContext | None = None,
     timeout_s: float = RESOLVE_TIMEOUT_S, interval_s: float = RESOLVE_INTERVAL_S,
@@ -310,10 +292,15 @@ async def _resolve_one(host: Host, journal: Journal, record: MigrationRecord, *,
         log.error("guest %s: migration %s is in doubt and its source's address was never journaled; kept "
                   "(not started) for the operator", record.guest, record.id)
         return "in doubt"
+    key = journal.handoff_key(record.id)
+    if key is None:
+        log.error("guest %s: migration %s is in doubt and its hand-off key was never journaled: the source's "
+                  "answer could not be authenticated; kept (not started) for the operator", record.guest, record.id)
+        return "in doubt"
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            outcome = await ask_source(address, record.id, client_ssl=client_ssl)
+            outcome = await ask_source(address, record.id, key, client_ssl=client_ssl)
         except (MigdError, OSError, TimeoutError) as exc:
             log.info("RESOLVE %s: source %s not reachable yet (%s)", record.id, address, exc)
         else:
@@ -340,10 +327,10 @@ def _keep_committed(host: Host, journal: Journal, record: MigrationRecord) -> st
     """The source committed: this copy is the guest. Commit record first (durable), then the
     marker goes, then the guest is registered ``stopped`` (its agent died with the old daemon)."""
     progress = host.migrations[record.id]
-    progress.phase.commit()
-    progress.phase.advance(MigrationStatus.COMPLETED, time.monotonic(),
-                           error=f"{RESTART_ERROR}, after PREPARED: the source confirmed the commit; the guest "
-                                 f"was kept here")
+    session = DestinationSession.restored_in_doubt(progress.phase, time.monotonic())
+    session.resolved_committed(time.monotonic())
+    session.fail(f"{RESTART_ERROR}, after PREPARED: the source confirmed the commit; the guest was kept here",
+                 time.monotonic())
     journal.record_commit(progress)
     (host.guest_dir(record.guest) / INCOMING_MARKER).unlink(missing_ok=True)
     (guest_record,) = [g for g in journal.guests() if g.name == record.guest]
@@ -357,8 +344,8 @@ def _keep_committed(host: Host, journal: Journal, record: MigrationRecord) -> st
 def _remove_aborted(host: Host, journal: Journal, record: MigrationRecord, outcome: str) -> str:
     """The source did not commit (its guest runs there): every trace of this copy goes."""
     progress = host.migrations[record.id]
-    progress.phase.advance(MigrationStatus.FAILED, time.monotonic(),
-                           error=f"{RESTART_ERROR}; the source says the migration {outcome}")
+    DestinationSession.restored_in_doubt(progress.phase, time.monotonic()).fail(
+        f"{RESTART_ERROR}; the source says the migration {outcome}", time.monotonic())
     journal.save_migration(progress)
     handles = [g.handle for g in journal.guests() if g.name == record.guest]
     host.remove_leftover(record.guest, handles[0] if handles else None)

@@ -59,6 +59,9 @@ U64_MAX = (1 << 64) - 1
 _KDF_LABEL_MASTER = b"sev-master-secret"
 _KDF_LABEL_KEK = b"sev-kek"
 _KDF_LABEL_KIK = b"sev-kik"
+#: migd extension: the hand-off key, one-way from TIK (see :func:`derive_handoff_key`).
+_KDF_LABEL_HANDOFF = b"migd-handoff-v1"
+HANDOFF_KEY_SIZE = 32
 
 _BLOB = struct.Struct("<16s32s16s32s32s")
 _HEADER = struct.Struct("<I16s32s")
@@ -198,6 +201,21 @@ class SessionKeys:
         _check_len(self.tik, TIK_SIZE, "TIK")
         object.__setattr__(self, "tek", bytes(self.tek))
         object.__setattr__(self, "tik", bytes(self.tik))
+
+
+def derive_handoff_key(keys: SessionKeys, session_nonce: bytes, receiver_nonce: bytes) -> bytes:
+    """The key that authenticates a migration's control messages (migd extension, not SEV API).
+
+    KDF(TIK, "migd-handoff-v1", session nonce || receiver nonce, 32 bytes): only the two
+    firmwares that hold the session's TIK can derive it, so a MAC under it proves the peer
+    unwrapped *this* session (key confirmation), and the receiver's fresh nonce makes it unique
+    to one connection: bytes recorded from any other session never verify. Being one-way from
+    TIK, handing it to the daemon reveals neither transport key.
+    """
+    _check_len(session_nonce, NONCE_SIZE, "session nonce")
+    if not 16 <= len(receiver_nonce) <= 64:
+        raise TransportError(f"receiver nonce must be 16..64 bytes, got {len(receiver_nonce)}")
+    return kdf(keys.tik, _KDF_LABEL_HANDOFF, bytes(session_nonce) + bytes(receiver_nonce), HANDOFF_KEY_SIZE)
 
 
 def new_session_keys() -> SessionKeys:

@@ -2,8 +2,9 @@
 
 The flow (QEMU's ``migration/ram.c`` pre-copy, with SEV's SEND_* commands):
 
-1. refuse unless the guest runs and its migration-control MSR is READY (DESIGN.md §3);
-2. HELLO → WELCOME (destination PDH) → SEND_START → SESSION → SESSION_ACK;
+1. refuse unless the guest runs and its migration-control MSR is READY (docs/protocol.md);
+2. HELLO → WELCOME (destination PDH, nonce) → SEND_START → SESSION → a verified SESSION_ACK
+   (key confirmation: no page goes to a destination that cannot prove it unwrapped the session);
 3. round 0 sends every page; later rounds send what the dirty log (guest writes plus
    MAP_GPA_RANGE state changes) reports, until the dirty bytes fit in
    ``bandwidth × downtime_limit``; auto-converge throttles a guest that out-dirties the link;
@@ -11,10 +12,11 @@ The flow (QEMU's ``migration/ram.c`` pre-copy, with SEV's SEND_* commands):
    migration is in ``blackout`` and sends nothing until READY returns (bounded), after which
    the dirty log (the early-boot reset marks every page whose state changed) re-sends them;
 5. stop-and-copy: pause, last dirty pages, final shared-page bitmap, vCPU state (a VMSA
-   transport packet for SEV-ES), PREPARE → PREPARED (destination holds a verified guest) →
-   journal commit + SEND_FINISH → COMMIT → STARTED.
+   transport packet for SEV-ES), PREPARE (binding the end of the stream) → a verified PREPARED
+   (destination holds exactly what was sent) → journal commit + SEND_FINISH → COMMIT → STARTED.
 
-Before the commit every failure or cancel aborts, SEND_CANCELs and resumes the guest here;
+Which message is legal when, the MACs and every deadline are :mod:`migd.session`'s; this module
+does the I/O, the firmware calls and the guest's pause and resume. Before the commit every failure or cancel aborts, SEND_CANCELs and resumes the guest here;
 after it the guest never runs here again.
 """
 
@@ -27,6 +29,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,26 +37,18 @@ from migd import wire
 from migd.abi import PAGE_SHIFT, PAGE_SIZE, GuestPolicy
 from migd.bitmap import PageBitmap
 from migd.channel import GuestChannel
-from migd.convergence import (
-    AutoConverge,
-    BandwidthMeter,
-    HandoffCost,
-    RateLimiter,
-    expected_downtime_ms,
-    page_budget_ms,
-    should_switch_over,
-)
-from migd.errors import MigdError, ProtocolError
+from migd.convergence import AutoConverge, BandwidthMeter, Decision, HandoffCost, RateLimiter, SwitchoverPolicy
+from migd.errors import MigdError
 from migd.guest import GuestState, HostGuest
-from migd.migration_state import MigrationStatus
+from migd.peer_text import printable
 from migd.page_runs import CHUNK_PAGES, HOLE_STEP_PAGES, PageKind, classify
 from migd.progress import MigrationProgress
 from migd.psp import VMSA_SIZE
 from migd.send_buffers import SendRing
-from migd.stream import WRITE_HIGH_WATER, FrameProtocol, StreamClosed, StreamTimeout, open_stream
+from migd.session import SourceSession, Timeouts
+from migd.stream import WRITE_HIGH_WATER, FrameProtocol, StreamClosed, open_stream
 
 log = logging.getLogger(__name__)
-S = MigrationStatus
 MiB = 1 << 20
 #: The payload ring: what the transport may still hold (it pauses us past WRITE_HIGH_WATER,
 #: and a step writes at most one chunk) plus the chunk being written.
@@ -79,7 +74,9 @@ class MigrationParams:
     auto_converge: bool = True
     blackout_timeout_s: float = 30.0  # how long the MSR may stay 0 mid-migration
     handshake_timeout_s: float = 15.0
-    handoff_timeout_s: float = 120.0  # PREPARED (destination verification) and STARTED (self-check)
+    handoff_timeout_s: float = 120.0  # STARTED after COMMIT (the destination's agent takes over)
+    stall_timeout_s: float = 30.0  # pre-copy: no byte taken by the destination for this long
+    stop_copy_margin_s: float = 10.0  # stop-and-copy: no progress for the downtime limit plus this
 
     def __post_init__(self) -> None:
         if self.downtime_limit_ms <= 0:
@@ -91,6 +88,9 @@ class MigrationParams:
 #: Called once the destination holds a verified guest, before COMMIT is sent. It must be
 #: synchronous and durable (the journal): once it returns, the guest belongs to the destination.
 CommitHook = Callable[[MigrationProgress], None]
+#: Called with the session's hand-off key once the destination proved it holds it (SESSION_ACK):
+#: the daemon keeps it (journal) to answer an authenticated RESOLVE about this migration.
+EstablishedHook = Callable[[MigrationProgress, bytes], None]
 
 
 def pack_vmsa(state: bytes) -> bytes:
@@ -109,7 +109,12 @@ def unpack_vmsa(page: bytes) -> bytes:
 
 
 class OutgoingMigration:
-    """One outgoing migration of ``guest`` to ``host:port``; ``run()`` drives it to the end."""
+    """One outgoing migration of ``guest`` to ``host:port``; ``run()`` drives it to the end.
+
+    The protocol (which message when, the MACs, the deadlines, the REST status) is the
+    :class:`~migd.session.SourceSession`'s; this driver does the I/O, the firmware calls and
+    the guest's pause/resume, and reports to the session what happened.
+    """
 
     def __init__(
         self,
@@ -120,15 +125,25 @@ class OutgoingMigration:
         *,
         ssl_context: ssl.SSLContext | None = None,
         on_commit: CommitHook | None = None,
+        on_established: EstablishedHook | None = None,
         resolve_port: int = 0,
     ) -> None:
         self.guest = guest
         self.host, self.port = host, port
-        self.params = params or MigrationParams()
+        self.params = p = params or MigrationParams()
         self._ssl = ssl_context
         self._on_commit = on_commit
-        self._resolve_port = resolve_port  # our listener: a destination in doubt asks it (RESOLVE)
+        self._on_established = on_established
         self.progress = MigrationProgress(guest.name, "source", f"{host}:{port}", guest.definition.npages)
+        d = guest.definition
+        self.session = SourceSession(
+            self.progress.id, wire.GuestSpec(d.name, d.npages, d.policy, d.efi, d.uefi_live_migration),
+            guest.firmware.transport_mode.value, self.progress.phase, time.monotonic(),
+            timeouts=Timeouts(handshake_s=p.handshake_timeout_s, stall_s=p.stall_timeout_s,
+                              blackout_s=p.blackout_timeout_s, handoff_s=p.handoff_timeout_s,
+                              stop_copy_margin_s=p.stop_copy_margin_s, downtime_limit_s=p.downtime_limit_ms / 1000.0),
+            resolve_port=resolve_port,  # our listener: a destination in doubt asks it (RESOLVE)
+        )
         self._proto: FrameProtocol | None = None
         self._meter = BandwidthMeter()
         self._limiter = RateLimiter(self.params.max_bandwidth_mib_s * MiB)
@@ -138,11 +153,9 @@ class OutgoingMigration:
         self._cancel_requested = False
         self._task: asyncio.Task[MigrationProgress] | None = None
         self._msr_ready = asyncio.Event()
-        self._pages_sent = 0
         self._running = False
         self._msr_dropped = False
         self._bytes_left = 0  # bytes that have left the transport buffer so far
-        self._ping_token = 0
         self._ring: SendRing | None = None  # payload buffers, allocated at the first page frame
 
     # ------------------------------------------------------------------ control
@@ -179,7 +192,7 @@ class OutgoingMigration:
         self._cancel_requested = True
         if not self._running:
             # The task has not taken its first step: nothing to undo.
-            self.progress.phase.advance(S.CANCELLED, time.monotonic(), error="cancelled by the operator")
+            self.session.cancel(time.monotonic())
         self._task.cancel()
         return True
 
@@ -188,27 +201,25 @@ class OutgoingMigration:
     async def run(self) -> MigrationProgress:
         """Migrate; returns the final progress (status completed, failed or cancelled)."""
         self._running = True
-        phase = self.progress.phase
         self.check_preconditions()
         self.guest.vm.on_migration_control_change = self._msr_changed
         self._msr_ready.set()
         try:
             await self._handshake()
-            phase.advance(S.ACTIVE, time.monotonic())
             dirty = await self._precopy()
             await self._stop_and_copy(dirty)
         except asyncio.CancelledError:
-            if phase.committed:
+            if self.session.committed:
                 raise
-            await self._roll_back(S.CANCELLED, "cancelled by the operator" if self._cancel_requested else "cancelled")
+            await self._roll_back("cancelled by the operator" if self._cancel_requested else "cancelled",
+                                  cancelled=True)
             if not self._cancel_requested:
                 raise
         except Exception as exc:  # every failure before the commit ends the same safe way
-            if phase.committed:
+            if self.session.committed:
                 self._after_commit_failure(exc)
             else:
-                peer = self._proto.peer_abort if self._proto is not None else None
-                await self._roll_back(S.FAILED, f"destination aborted: {peer}" if peer else _reason(exc))
+                await self._roll_back(_reason(exc))
         finally:
             self.guest.vm.on_migration_control_change = None
             if self._proto is not None:
@@ -228,35 +239,55 @@ class OutgoingMigration:
             self._msr_ready.clear()
             log.info("migration-control MSR dropped guest=%s msr=%#x: sending stops", self.guest.name, new)
 
+    async def _receive(self, until: type[Any]) -> Any:
+        """Feed the session the peer's messages until one of type ``until``; returns the session's result.
+
+        Waits are bounded by the session's deadline (SessionTimeout names the step); an illegal
+        message is the session's PeerProtocolError, an ABORT its PeerAborted.
+        """
+        proto, session = self._stream(), self.session
+        while True:
+            try:
+                msg = await proto.receive(session.time_left(time.monotonic()))
+            except TimeoutError:
+                session.handle_timer(time.monotonic())
+                continue
+            result = session.receive(msg, time.monotonic())
+            if isinstance(msg, until):
+                return result
+
     async def _handshake(self) -> None:
-        p = self.params
-        self._proto = proto = await open_stream(
-            self.host, self.port, ssl_context=self._ssl, timeout=p.handshake_timeout_s
-        )
-        d = self.guest.definition
-        spec = wire.GuestSpec(d.name, d.npages, d.policy, d.efi, d.uefi_live_migration)
-        proto.write(wire.Hello(self.progress.id, spec, self.guest.firmware.transport_mode.value,
-                               resolve_port=self._resolve_port))
+        session, p = self.session, self.params
         try:
-            welcome: wire.Welcome = await proto.expect(wire.Welcome, p.handshake_timeout_s)
+            self._proto = proto = await open_stream(self.host, self.port, ssl_context=self._ssl,
+                                                    timeout=p.handshake_timeout_s)
+        except TimeoutError:
+            raise MigrationFailed(f"could not connect to {self.host}:{self.port} within "
+                                  f"{p.handshake_timeout_s:g} s") from None
+        proto.write(session.hello(time.monotonic()))
+        try:
+            welcome: wire.Welcome = await self._receive(wire.Welcome)
         except StreamClosed as exc:
             hint = " (mutual TLS: does the destination trust our certificate's CA?)" if self._ssl else ""
             raise MigrationFailed(f"destination closed the stream during the handshake{hint}: {exc}") from exc
-        if welcome.version != wire.PROTOCOL_VERSION:
-            raise MigrationFailed(f"destination speaks protocol {welcome.version}, we speak {wire.PROTOCOL_VERSION}")
-        start = self.guest.firmware.send_start(self.guest.handle, welcome.pdh_cert)
+        # SEND_START checks the destination's PDH chain; the nonce binds the session to this connection.
+        start = self.guest.firmware.send_start(self.guest.handle, welcome.pdh_cert, welcome.nonce)
         self._session_open = True
-        proto.write(wire.Session(start.pdh_cert_pem, start.session_blob, start.policy))
-        await proto.expect(wire.SessionAck, p.handshake_timeout_s)
+        assert start.handoff_key is not None
+        proto.write(session.session(start.pdh_cert_pem, start.session_blob, start.policy, start.handoff_key,
+                                    time.monotonic()))
+        await self._receive(wire.SessionAck)  # key confirmation: no page before it
+        if self._on_established is not None:
+            self._on_established(self.progress, start.handoff_key)
 
     async def _precopy(self) -> PageBitmap:
         """Pre-copy rounds; returns the dirty set left for stop-and-copy."""
         channel = self._channel()
-        progress, p = self.progress, self.params
+        progress, p, guest = self.progress, self.params, self.guest
         await channel.fetch_dirty()  # start the log now: round 0 covers everything before
         progress.rounds = 1
-        sent = await self._send_extents(np.array([0]), np.array([self.guest.definition.npages]))
-        started = time.monotonic()
+        sent = await self._send_extents(np.array([0]), np.array([guest.definition.npages]))
+        policy = SwitchoverPolicy(p.downtime_limit_ms, p.converge_timeout_s, p.force_switchover, time.monotonic())
         unsent: PageBitmap | None = None  # a dirty set held back by a switch-over that waited on the link
         while True:
             dirty = await channel.fetch_dirty()
@@ -267,25 +298,24 @@ class OutgoingMigration:
             progress.remaining_pages = remaining
             self._write(wire.RoundEnd(progress.rounds - 1, remaining))
             now = time.monotonic()
-            bandwidth = self._bandwidth(now)
             # Bytes still queued behind a slow or stalled link are part of what stop-and-copy waits for.
-            queued = self._stream().write_buffer_size()
-            # The hand-off after the pages costs time too: the pages get what it leaves of the limit.
-            fixed_ms = HandoffCost().predict_ms(self.guest.definition.npages, channel.round_trip_s("fetch_dirty"))
-            progress.expected_downtime_ms = expected_downtime_ms(remaining * PAGE_SIZE + queued, bandwidth, fixed_ms)
-            budget_ms = page_budget_ms(p.downtime_limit_ms, fixed_ms)
-            if should_switch_over(remaining * PAGE_SIZE + queued, bandwidth, budget_ms):
-                if await self._link_caught_up(started):
+            decision = policy.after_round(now, remaining * PAGE_SIZE, self._stream().write_buffer_size(),
+                                          self._bandwidth(now), guest.definition.npages,
+                                          channel.round_trip_s("fetch_dirty"))
+            progress.expected_downtime_ms = policy.expected_downtime_ms
+            if decision is Decision.CONFIRM_LINK:
+                if await self._link_caught_up(policy):
                     return dirty
                 # The link held more than the meter saw (socket buffers, a stalled network):
                 # the guest ran on meanwhile, so look at its dirty log again before pausing.
-                unsent, now = dirty, time.monotonic()
-                if now - started <= p.converge_timeout_s:
+                unsent = dirty
+                decision = policy.out_of_time(time.monotonic()) or Decision.NEXT_ROUND
+                if decision is Decision.NEXT_ROUND:
                     continue
-            if now - started > p.converge_timeout_s:
-                if p.force_switchover:
-                    log.warning("forcing switchover guest=%s remaining_pages=%d", self.guest.name, remaining)
-                    return dirty
+            if decision is Decision.SWITCH_OVER:
+                log.warning("forcing switchover guest=%s remaining_pages=%d", guest.name, remaining)
+                return dirty
+            if decision is Decision.GIVE_UP:
                 raise MigrationFailed(
                     f"did not converge within {p.converge_timeout_s:g} s: {remaining} pages still dirty, "
                     f"expected downtime {progress.expected_downtime_ms or float('inf'):.0f} ms > "
@@ -293,45 +323,69 @@ class OutgoingMigration:
                 )
             throttle = self._auto.end_of_round(sent * PAGE_SIZE, remaining * PAGE_SIZE)
             if throttle is not None:
-                log.info("auto-converge guest=%s throttle=%d%%", self.guest.name, throttle)
+                log.info("auto-converge guest=%s throttle=%d%%", guest.name, throttle)
                 progress.throttle_percent = throttle
                 await channel.throttle(throttle)
             progress.rounds += 1
             starts, counts = dirty.extent_arrays(True)
             sent = await self._send_extents(starts, counts)
 
-    async def _link_caught_up(self, started: float) -> bool:
+    async def _link_caught_up(self, policy: SwitchoverPolicy) -> bool:
         """PING the destination; True if its PONG came within the downtime limit.
 
         Bytes that left our transport buffer may still sit in socket buffers or behind a
         stalled link: pausing now would turn that wait into downtime. The PONG proves that
         everything sent so far is placed; a slow one means the dirty set is stale.
         """
-        p, proto = self.params, self._stream()
-        self._ping_token = token = (self._ping_token + 1) & 0xFFFFFFFF
-        self._write(wire.Ping(token))
+        proto, session = self._stream(), self.session
         sent_at = time.monotonic()
-        # A link that never catches up fails the migration like a guest that never converges.
-        deadline = max(started + p.converge_timeout_s, sent_at + p.handshake_timeout_s)
+        self._write(session.ping(sent_at))
+        deadline = policy.confirm_deadline(sent_at, self.params.handshake_timeout_s)
         while True:
             self._check_agent()
+            now = time.monotonic()
+            if now >= deadline:
+                raise MigrationFailed(f"the destination did not confirm the pages sent within "
+                                      f"{now - sent_at:.0f} s (link stalled)")
             try:
-                pong: wire.Pong = await proto.expect(wire.Pong, max(0.01, min(0.5, deadline - time.monotonic())))
-                break
-            except StreamTimeout:
-                if time.monotonic() >= deadline:
-                    raise MigrationFailed(
-                        f"the destination did not confirm the pages sent within "
-                        f"{time.monotonic() - sent_at:.0f} s (link stalled)"
-                    ) from None
-        if pong.token != token:
-            raise ProtocolError(f"PONG {pong.token} answers no PING of ours (sent {token})")
-        waited_ms = (time.monotonic() - sent_at) * 1000.0
-        if waited_ms > p.downtime_limit_ms:
+                msg = await proto.receive(max(0.01, min(0.5, deadline - now, session.time_left(now))))
+            except TimeoutError:
+                self._account_link(time.monotonic())
+                session.handle_timer(time.monotonic())
+                continue
+            waited = session.receive(msg, time.monotonic())
+            break
+        if not policy.link_confirmed(waited):
             log.info("switch-over deferred guest=%s: the destination caught up after %.0f ms",
-                     self.guest.name, waited_ms)
+                     self.guest.name, waited * 1000.0)
             return False
         return True
+
+    async def _drain(self) -> None:
+        """Wait for the transport's buffer to drain, within the session's stall deadline."""
+        proto, session = self._stream(), self.session
+        while True:
+            try:
+                async with asyncio.timeout(session.time_left(time.monotonic())):
+                    await proto.drain()
+                return
+            except TimeoutError:
+                # A slow link still moves bytes: only no progress at all is a stall.
+                self._account_link(time.monotonic())
+                session.handle_timer(time.monotonic())
+
+    def _account_link(self, now: float) -> None:
+        """Bytes that left the transport's buffer since the last look: bandwidth, and activity on the link.
+
+        What left for the peer, not what was queued: bytes still in the transport's buffer (a
+        stalled link) must not look like bandwidth, nor like a peer that reads.
+        """
+        left = self._stream().bytes_consumed()
+        if left > self._bytes_left:
+            self._meter.record(now, left - self._bytes_left)
+            self._bytes_left = left
+            self.session.activity(now)
+        self.progress.throughput_bps = self._meter.rate(now)
 
     async def _send_extents(self, starts: np.ndarray, counts: np.ndarray) -> int:
         """Send every page of the extents, step by step; returns the pages sent.
@@ -351,7 +405,7 @@ class OutgoingMigration:
         for start, count in zip(starts.tolist(), counts.tolist(), strict=True):
             pos, end = start, start + count
             while pos < end:
-                await proto.drain()
+                await self._drain()
                 span = 0 if self._limiter.unlimited else self._step_span(pos, end, max_hole)
                 delay = self._limiter.delay(time.monotonic(), span * PAGE_SIZE)
                 if delay > 0:
@@ -367,7 +421,6 @@ class OutgoingMigration:
                 total += step
                 todo -= step
                 self.progress.remaining_pages = todo
-                self._pages_sent += step
         return total
 
     def _step_span(self, pos: int, end: int, max_hole: int) -> int:
@@ -393,6 +446,7 @@ class OutgoingMigration:
     def _send_run(self, kind: PageKind, first: int, count: int) -> None:
         gpa = first << PAGE_SHIFT
         if kind is PageKind.ZERO:
+            self.session.page_sent(kind, gpa, count)
             self.progress.count_run(kind, count, self._write(wire.ZeroPages(gpa, count)))
             return
         guest, proto = self.guest, self._stream()
@@ -412,9 +466,11 @@ class OutgoingMigration:
                     out[:] = guest.ram.view(gpa, count)
                     payload = out
                 msg: wire.Message = wire.SharedPages(gpa, count, payload)
+                self.session.page_sent(kind, gpa, count)
             else:
                 header, ciphertext = guest.firmware.send_update_data(guest.handle, guest.ram, gpa, count, out)
                 msg = wire.PrivatePages(gpa, count, header, ciphertext)
+                self.session.page_sent(kind, gpa, count, header)
             nbytes = self._write(msg)
         except BaseException:
             self._ring.release()
@@ -424,15 +480,8 @@ class OutgoingMigration:
         self.progress.count_run(kind, count, nbytes)
 
     def _write(self, msg: wire.Message) -> int:
-        proto = self._stream()
-        nbytes = proto.write(msg)
-        # Measure what left for the peer, not what was queued: bytes still in the transport's
-        # buffer (a stalled link) must not look like bandwidth.
-        left = proto.bytes_consumed()
-        now = time.monotonic()
-        self._meter.record(now, max(0, left - self._bytes_left))
-        self._bytes_left = max(self._bytes_left, left)
-        self.progress.throughput_bps = self._meter.rate(now)
+        nbytes = self._stream().write(msg)
+        self._account_link(time.monotonic())
         return nbytes
 
     def _bandwidth(self, now: float) -> float:
@@ -443,31 +492,25 @@ class OutgoingMigration:
         return self._meter.total_bytes / elapsed if elapsed > 0 else 0.0
 
     async def _blackout(self) -> None:
-        """Wait, sending nothing, until the guest's MSR is READY again (bounded)."""
-        phase = self.progress.phase
+        """Wait, sending nothing, until the guest's MSR is READY again (the session bounds it)."""
+        session = self.session
         self._msr_dropped = False
-        phase.advance(S.BLACKOUT, time.monotonic())
+        session.msr_dropped(time.monotonic())
         log.info("blackout guest=%s: waiting up to %gs for READY", self.guest.name, self.params.blackout_timeout_s)
-        try:
-            async with asyncio.timeout(self.params.blackout_timeout_s):
-                while not self.guest.vm.migration_ready:
-                    self._check_agent()
-                    self._msr_ready.clear()
-                    try:
-                        await asyncio.wait_for(self._msr_ready.wait(), 0.5)
-                    except TimeoutError:
-                        continue
-        except TimeoutError:
-            raise MigrationFailed(
-                f"guest {self.guest.name} did not re-enable migration (MSR READY) within "
-                f"{self.params.blackout_timeout_s:g} s after it dropped"
-            ) from None
-        phase.advance(S.ACTIVE, time.monotonic())
+        while not self.guest.vm.migration_ready:
+            self._check_agent()
+            self._msr_ready.clear()
+            try:
+                async with asyncio.timeout(min(0.5, session.time_left(time.monotonic()))):
+                    await self._msr_ready.wait()
+            except TimeoutError:
+                session.handle_timer(time.monotonic())
+        session.msr_ready(time.monotonic())
         log.info("blackout over guest=%s: state changes will be re-sent", self.guest.name)
 
     async def _stop_and_copy(self, dirty: PageBitmap) -> None:
-        guest, channel, proto, p = self.guest, self._channel(), self._stream(), self.params
-        phase, progress = self.progress.phase, self.progress
+        guest, channel, session = self.guest, self._channel(), self.session
+        progress = self.progress
         while True:
             self._check_agent()
             self._paused = True  # before the await: a cancel during it must still resume the guest
@@ -487,7 +530,7 @@ class OutgoingMigration:
         decision_pages = progress.remaining_pages  # the dirty set the switch-over was decided on
         decision_bandwidth = progress.throughput_bps  # the meter's rate at the decision (bytes/s)
         fixed_ms = HandoffCost().predict_ms(guest.definition.npages, channel.round_trip_s("fetch_dirty"))
-        phase.advance(S.STOP_COPY, paused_at)
+        session.paused(paused_at)
         guest.state = GuestState.PAUSED
         dirty.update(await channel.fetch_dirty())
         marks.append(("fetched", time.monotonic()))
@@ -502,7 +545,9 @@ class OutgoingMigration:
             marks.append(("pages_queued", time.monotonic()))
             final_bitmap = guest.vm.shared_bitmap.copy()
             progress.shared_bitmap_sha256 = hashlib.sha256(final_bitmap.to_bytes()).hexdigest()
-            self._write(wire.SharedBitmap(final_bitmap.encode()))
+            encoded = final_bitmap.encode()
+            session.bitmap_sent(encoded)
+            self._write(wire.SharedBitmap(encoded))
             marks.append(("bitmap_queued", time.monotonic()))
             state = await export
         except BaseException:
@@ -512,12 +557,14 @@ class OutgoingMigration:
         marks.append(("state_exported", time.monotonic()))
         if guest.definition.policy & GuestPolicy.ES:
             header, ciphertext = guest.firmware.send_update_vmsa(guest.handle, 0, pack_vmsa(state))
-            self._write(wire.VcpuState(0, header, ciphertext))
+            vcpu = wire.VcpuState(0, header, ciphertext)
         else:
-            self._write(wire.VcpuState(0, None, state))
-        self._write(wire.Prepare(self._pages_sent))
+            vcpu = wire.VcpuState(0, None, state)
+        self._write(vcpu)
+        # PREPARE binds the end of the stream: a frame dropped on the way fails it at the destination.
+        self._write(session.prepare(vcpu, guest.firmware.transport_sequence(guest.handle), time.monotonic()))
         marks.append(("prepare_queued", time.monotonic()))
-        await proto.expect(wire.Prepared, p.handoff_timeout_s)
+        await self._receive(wire.Prepared)
         marks.append(("prepared", time.monotonic()))
         # The commit point: the journal's record, durable, then COMMIT. From here the guest is the
         # destination's, and SEND_FINISH (the firmware forgets the outgoing session, a durable file
@@ -525,15 +572,14 @@ class OutgoingMigration:
         # the firmware's leftover context (migd/recovery.py), so it need not delay the hand-off.
         if self._on_commit is not None:
             self._on_commit(progress)
-        phase.commit()
-        self._write(wire.Commit())
+        self._write(session.commit(time.monotonic()))
         marks.append(("commit_sent", time.monotonic()))
         try:
             guest.firmware.send_finish(guest.handle)
         except MigdError as exc:  # the guest is the destination's either way: never resume it here
             log.error("SEND_FINISH failed after the commit guest=%s: %s", guest.name, exc)
         try:
-            await proto.expect(wire.Started, p.handoff_timeout_s)
+            await self._receive(wire.Started)
         except (MigdError, TimeoutError) as exc:
             self._after_commit_failure(exc)
             return
@@ -541,8 +587,9 @@ class OutgoingMigration:
         marks.append(("started", started_at))
         progress.downtime_ms = (started_at - paused_at) * 1000.0
         progress.remaining_pages = 0
-        guest.state = GuestState.MIGRATED  # before "completed" is visible to any poller
-        phase.advance(S.COMPLETED, time.monotonic())
+        # The session completed on the verified STARTED; the guest's state follows at once, before
+        # any poller can act on "completed" (the daemon's journal row is written by the transition).
+        guest.state = GuestState.MIGRATED
         log.info(
             "stop-and-copy timeline guest=%s id=%s decision_pages=%d final_pages=%d decision_mib_s=%.1f "
             "expected_downtime_ms=%s fixed_cost_ms=%.1f throttle=%d %s",
@@ -553,7 +600,7 @@ class OutgoingMigration:
         await guest.mark_migrated()
         log.info(
             "migration completed guest=%s rounds=%d downtime_ms=%.1f total_ms=%.1f",
-            guest.name, progress.rounds, progress.downtime_ms, phase.total_time_ms(time.monotonic()),
+            guest.name, progress.rounds, progress.downtime_ms, progress.phase.total_time_ms(time.monotonic()),
         )
 
     def _after_commit_failure(self, exc: BaseException) -> None:
@@ -561,17 +608,20 @@ class OutgoingMigration:
         # operator confirms the destination runs it (nothing is lost either way).
         reason = f"committed, but the destination did not confirm the start: {_reason(exc)}"
         log.error("migration guest=%s: %s; the guest stays paused here", self.guest.name, reason)
-        self.progress.phase.error = reason
         self.guest.state = GuestState.MIGRATED
-        if not self.progress.status.finished:
-            self.progress.phase.advance(S.COMPLETED, time.monotonic())
+        self.session.fail(reason, time.monotonic())
+        self.progress.phase.error = reason
 
-    async def _roll_back(self, status: MigrationStatus, reason: str) -> None:
+    async def _roll_back(self, reason: str, *, cancelled: bool = False) -> None:
         """Before the commit: tell the peer, cancel the session, resume the guest untouched."""
-        log.warning("migration guest=%s %s: %s", self.guest.name, status.value, reason)
+        session = self.session
+        if self._proto is not None and self._proto.peer_abort is not None:
+            reason = f"destination aborted: {printable(self._proto.peer_abort)}"
+        log.warning("migration guest=%s %s: %s", self.guest.name, "cancelled" if cancelled else "failed",
+                    printable(reason, 1024))
         if self._proto is not None and self._proto.close_reason is None:
             try:
-                self._proto.write(wire.Abort(reason))
+                self._proto.write(session.abort(reason))
             except MigdError:
                 pass
         if self._session_open:
@@ -591,7 +641,10 @@ class OutgoingMigration:
         self._paused = False
         if self.guest.state is GuestState.PAUSED:
             self.guest.state = GuestState.RUNNING
-        self.progress.phase.advance(status, time.monotonic(), error=reason)
+        if cancelled and not session.finished:
+            session.cancel(time.monotonic())
+        else:
+            session.fail(reason, time.monotonic())
 
     def _check_agent(self) -> None:
         """A guest whose agent died (a crashed VM) cannot be migrated: fail with that reason."""

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 from migd import wire
 from migd.abi import PAGE_SIZE
-from migd.errors import MigdError, ProtocolError
+from migd.errors import MigdError, PeerAborted, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,19 @@ _PAYLOAD_BUFFER = wire.MAX_RUN_PAGES * PAGE_SIZE
 #: Free payload buffers kept for reuse: a receive can bring a few frames past PIPELINE_DEPTH
 #: before reading pauses, and each needs one.
 _POOLED_BUFFERS = PIPELINE_DEPTH + 4
-#: The decoder's receive buffer holds two of the largest frames, and one read fills at most
-#: _READ_CHUNK of it: a frame cut by the buffer's end is moved to its start (a memmove of the
-#: part received) once per few MiB rather than once per read, as with a buffer of one frame,
-#: while a read still brings only a few frames for the pipeline at once.
-_RECEIVE_BUFFER = 2 * (_PAYLOAD_BUFFER + (64 << 10))
+#: The decoder's receive buffer starts small and grows to the largest frame received (the
+#: decoder allocates it when that frame's length prefix arrives): a stream that only ever
+#: carries control frames (the source side, RESOLVE, a peer that never authenticates) never
+#: holds a page frame's 2 MiB. Against the former fixed buffer of two page frames (4.25 MiB),
+#: receiving shared-page frames of mixed run sizes over loopback (uvloop, no-op handler) cost the
+#: same CPU: 0.143 against 0.149 core-s/GiB, median of ten runs each. Reads stop at the buffer's
+#: end, so a frame starting at its front fills it exactly; only one cut by a small frame is moved.
+INITIAL_RECEIVE_BUFFER = 64 << 10
+#: The largest frame legal before the peer is authenticated: control frames only (HELLO,
+#: SESSION, RESOLVE, ABORT; docs/protocol.md "Frames"), metadata at most MAX_META, no payload.
+MAX_FRAME_BEFORE_AUTHENTICATION = wire.PREFIX_SIZE + wire.MAX_META + wire.CRC_SIZE
+#: One read fills at most this much of the buffer, so a read brings only a few frames for the
+#: pipeline at once.
 _READ_CHUNK = 1 << 20
 
 #: The transport's write-buffer limits: writers pause (``drain``) past the high mark and go on
@@ -82,10 +90,20 @@ class StreamClosed(MigdError):
 
 
 class FrameProtocol(asyncio.BufferedProtocol):
-    """One migration stream connection, either side."""
+    """One migration stream connection, either side.
 
-    def __init__(self, on_pages: PageHandler | None = None) -> None:
-        self._decoder = wire.FrameDecoder(initial=_RECEIVE_BUFFER)
+    ``require_authentication`` (the listener's side): until :meth:`mark_authenticated`, any
+    frame larger than :data:`MAX_FRAME_BEFORE_AUTHENTICATION` ends the stream with a
+    ``ProtocolError`` as soon as its length prefix arrives, so a peer that has not proved who
+    it is cannot make this side buffer a page frame.
+    """
+
+    def __init__(self, on_pages: PageHandler | None = None, *, require_authentication: bool = False) -> None:
+        self._decoder = wire.FrameDecoder(
+            initial=INITIAL_RECEIVE_BUFFER,
+            max_frame=MAX_FRAME_BEFORE_AUTHENTICATION if require_authentication else None,
+        )
+        self._receive_buffer_bytes = INITIAL_RECEIVE_BUFFER
         self._encoder = wire.FrameEncoder()
         self._on_pages = on_pages
         self._queue: asyncio.Queue[wire.Message | BaseException] = asyncio.Queue()
@@ -99,6 +117,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.last_activity = time.monotonic()  # when bytes last arrived (idle timeouts)
         self.peer_abort: str | None = None  # the peer's reason, if it sent ABORT
         self.connected = asyncio.Event()
+        #: Set by :meth:`mark_authenticated` (at once without ``require_authentication``).
+        self.authenticated = asyncio.Event()
+        if not require_authentication:
+            self.authenticated.set()
+        #: The peer ended the stream (EOF or a lost connection) before this side did.
+        self.closed_by_peer = False
+        self._aborting = False  # abort() was called: the connection_lost that follows is ours
         # The page pipeline (destination): frames with the worker, and control messages held
         # back behind them, in arrival order.
         self._threaded = False
@@ -128,7 +153,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._close_reason is not None:
             return _DISCARD  # the stream is over: what still arrives is read only to be dropped
-        return self._decoder.get_buffer(sizehint)[:_READ_CHUNK]
+        view = self._decoder.get_buffer(sizehint)
+        # The decoder's whole buffer (a bytearray), not just its free part.
+        self._receive_buffer_bytes = len(view.obj)  # type: ignore[arg-type]
+        return view[:_READ_CHUNK]
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._close_reason is not None:
@@ -310,12 +338,16 @@ class FrameProtocol(asyncio.BufferedProtocol):
         return self._pending_pages
 
     def eof_received(self) -> bool:
+        if self._close_reason is None:
+            self.closed_by_peer = True
         self._fail(StreamClosed("peer closed the migration stream"))
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._linger is not None:
             self._linger.cancel()
+        if self._close_reason is None and not self._aborting:
+            self.closed_by_peer = True
         self._fail(StreamClosed(f"migration stream lost: {exc}" if exc else "migration stream closed"))
         self._can_write.set()
 
@@ -326,6 +358,19 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._can_write.set()
 
     # -- driver API
+    def mark_authenticated(self) -> None:
+        """The session has verified the peer: lift the pre-authentication frame bound (idempotent).
+
+        The receive buffer still grows only when a larger frame arrives.
+        """
+        self._decoder.max_frame = None
+        self.authenticated.set()
+
+    @property
+    def receive_buffer_bytes(self) -> int:
+        """Bytes of receive buffer this stream holds (the decoder's, as last handed to the transport)."""
+        return self._receive_buffer_bytes
+
     def set_page_handler(self, on_pages: PageHandler | None, *, threaded: bool = True) -> None:
         """Install the consumer of page frames (destination side).
 
@@ -448,6 +493,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def abort(self) -> None:
         """Drop the connection at once."""
+        self._aborting = True
         if self._transport is not None:
             self._transport.abort()
 
@@ -456,8 +502,6 @@ class StreamTimeout(MigdError, TimeoutError):
     """The peer did not send the expected message in time."""
 
 
-class PeerAborted(MigdError):
-    """The peer ended the migration with an Abort frame; the message is its reason."""
 
 
 async def open_stream(

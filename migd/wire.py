@@ -40,7 +40,9 @@ import msgpack
 from migd.abi import PAGE_SIZE
 from migd.errors import ProtocolError
 
-PROTOCOL_VERSION = 2  # 2: PING/PONG before the switch-over
+#: 2: PING/PONG before the switch-over; 3: the destination's nonce, key confirmation and the
+#: authenticated hand-off (docs/protocol.md "Authentication").
+PROTOCOL_VERSION = 3
 #: Capabilities this implementation speaks; the session uses the intersection.
 CAPABILITIES = ("zero-runs", "bound-transport", "sev-compat-transport", "vmsa")
 
@@ -56,6 +58,10 @@ MAX_BITMAP_BYTES = (MAX_GUEST_PAGES // 8) + 4096
 MAX_VCPU_STATE = 64 * 1024
 MAX_PAYLOAD = max(MAX_RUN_PAGES * PAGE_SIZE, MAX_BITMAP_BYTES)
 TRANSPORT_HEADER_SIZE = 52
+NONCE_SIZE = 32  # the destination's fresh nonce (WELCOME) and RESOLVE's
+MAC_SIZE = 32  # HMAC-SHA256 under the session's hand-off key
+DIGEST_SIZE = 32  # SHA-256
+_NO_MAC = bytes(MAC_SIZE)  # the default of an unauthenticated message: never verifies
 U64 = (1 << 64) - 1
 
 
@@ -184,6 +190,8 @@ class Welcome:
     pdh_cert: bytes
     version: int = PROTOCOL_VERSION
     capabilities: tuple[str, ...] = CAPABILITIES
+    #: The destination's fresh nonce: bound into the session, so nothing recorded elsewhere verifies.
+    nonce: bytes = bytes(NONCE_SIZE)
     TYPE: ClassVar[FrameType] = FrameType.WELCOME
 
 
@@ -192,11 +200,16 @@ class Session:
     pdh_cert: bytes
     session_blob: bytes
     policy: int
+    #: The source's proof that it holds the session keys, over the transcript (HELLO, WELCOME, this).
+    mac: bytes = _NO_MAC
     TYPE: ClassVar[FrameType] = FrameType.SESSION
 
 
 @dataclass(frozen=True)
 class SessionAck:
+    """Key confirmation: the destination unwrapped the session (MAC over the transcript)."""
+
+    mac: bytes = _NO_MAC
     TYPE: ClassVar[FrameType] = FrameType.SESSION_ACK
 
 
@@ -249,29 +262,46 @@ class VcpuState:
 
 @dataclass(frozen=True)
 class Prepare:
-    pages_sent: int
+    """The end of the stream, bound: what was sent, in what order, and the final state's digests."""
+
+    pages_sent: int  # pages of every kind, repeats included
+    frames: int = 0  # page frames
+    private: int = 0
+    shared: int = 0
+    zero: int = 0
+    transport_seq: int = 0  # SEV transport packets sealed (private runs and the VMSA)
+    stream_digest: bytes = bytes(DIGEST_SIZE)  # SHA-256 chain of every page frame's (type, gpa, npages)
+    bitmap_digest: bytes = bytes(DIGEST_SIZE)  # SHA-256 of the SHARED_BITMAP payload
+    vcpu_digest: bytes = bytes(DIGEST_SIZE)  # SHA-256 of the VCPU_STATE header and payload
+    mac: bytes = _NO_MAC
     TYPE: ClassVar[FrameType] = FrameType.PREPARE
 
 
 @dataclass(frozen=True)
 class Prepared:
     pages_received: int
+    mac: bytes = _NO_MAC
     TYPE: ClassVar[FrameType] = FrameType.PREPARED
 
 
 @dataclass(frozen=True)
 class Commit:
+    mac: bytes = _NO_MAC
     TYPE: ClassVar[FrameType] = FrameType.COMMIT
 
 
 @dataclass(frozen=True)
 class Started:
+    mac: bytes = _NO_MAC
     TYPE: ClassVar[FrameType] = FrameType.STARTED
 
 
 @dataclass(frozen=True)
 class Abort:
+    """The end of a migration; ``mac`` (once the session has keys) proves which peer said it."""
+
     reason: str
+    mac: bytes | None = None
     TYPE: ClassVar[FrameType] = FrameType.ABORT
 
 
@@ -298,9 +328,15 @@ RESOLUTIONS = ("committed", "aborted", "pending", "unknown")
 
 @dataclass(frozen=True)
 class Resolve:
-    """A destination that lost the stream between PREPARED and COMMIT asks the source."""
+    """A destination that lost the stream between PREPARED and COMMIT asks the source.
+
+    ``mac`` under that migration's hand-off key proves the asker is its destination; the fresh
+    ``nonce`` makes the answer's MAC unique to this question.
+    """
 
     migration_id: str
+    nonce: bytes = bytes(NONCE_SIZE)
+    mac: bytes = _NO_MAC
     TYPE: ClassVar[FrameType] = FrameType.RESOLVE
 
 
@@ -308,6 +344,7 @@ class Resolve:
 class Resolved:
     migration_id: str
     outcome: str  # one of RESOLUTIONS
+    mac: bytes = _NO_MAC
     TYPE: ClassVar[FrameType] = FrameType.RESOLVED
 
 
@@ -342,9 +379,9 @@ def _meta_of(msg: Message) -> dict[str, Any]:
             "resolve_port": msg.resolve_port,
         }
     if isinstance(msg, Welcome):
-        return {"version": msg.version, "caps": list(msg.capabilities), "pdh": msg.pdh_cert}
+        return {"version": msg.version, "caps": list(msg.capabilities), "pdh": msg.pdh_cert, "nonce": msg.nonce}
     if isinstance(msg, Session):
-        return {"pdh": msg.pdh_cert, "blob": msg.session_blob, "policy": msg.policy}
+        return {"pdh": msg.pdh_cert, "blob": msg.session_blob, "policy": msg.policy, "mac": msg.mac}
     if isinstance(msg, PrivatePages):
         return {"gpa": msg.gpa, "n": msg.npages, "hdr": msg.header}
     if isinstance(msg, (SharedPages, ZeroPages)):
@@ -354,18 +391,33 @@ def _meta_of(msg: Message) -> dict[str, Any]:
     if isinstance(msg, VcpuState):
         return {"vcpu": msg.vcpu_id, "hdr": msg.header}
     if isinstance(msg, Prepare):
-        return {"pages": msg.pages_sent}
+        return {"pages": msg.pages_sent, "frames": msg.frames, "kinds": [msg.private, msg.shared, msg.zero],
+                "seq": msg.transport_seq, "stream": msg.stream_digest, "bitmap": msg.bitmap_digest,
+                "vcpu": msg.vcpu_digest, "mac": msg.mac}
     if isinstance(msg, Prepared):
-        return {"pages": msg.pages_received}
+        return {"pages": msg.pages_received, "mac": msg.mac}
     if isinstance(msg, Abort):
-        return {"reason": msg.reason[:1024]}
+        return {"reason": msg.reason[:1024], "mac": msg.mac}
     if isinstance(msg, Resolve):
-        return {"id": msg.migration_id}
+        return {"id": msg.migration_id, "nonce": msg.nonce, "mac": msg.mac}
     if isinstance(msg, Resolved):
-        return {"id": msg.migration_id, "outcome": msg.outcome}
+        return {"id": msg.migration_id, "outcome": msg.outcome, "mac": msg.mac}
     if isinstance(msg, (Ping, Pong)):
         return {"token": msg.token}
+    if isinstance(msg, (SessionAck, Commit, Started)):
+        return {"mac": msg.mac}
     return {}
+
+
+def authenticated_bytes(msg: Message) -> bytes:
+    """What a message's MAC covers of it: its type and every metadata field but ``mac``.
+
+    msgpack of the sorted fields: both ends compute it from the decoded message, so the bytes
+    do not depend on how the peer happened to encode its map.
+    """
+    meta = _meta_of(msg)
+    meta.pop("mac", None)
+    return bytes([msg.TYPE]) + msgpack.packb(dict(sorted(meta.items())), use_bin_type=True)
 
 
 def _load_crc32() -> Callable[[bytes | memoryview, int], int]:
@@ -509,37 +561,51 @@ def decode_frame(ftype: int, meta_bytes: memoryview, payload: memoryview) -> Mes
             pdh_cert=_bytes(meta, "pdh", what, max_size=16384),
             version=_int(meta, "version", what, 0, 0xFFFF),
             capabilities=_capabilities(meta, what),
+            nonce=_bytes(meta, "nonce", what, NONCE_SIZE),
         )
     if frame_type is FrameType.SESSION:
         return Session(
             pdh_cert=_bytes(meta, "pdh", what, max_size=16384),
             session_blob=_bytes(meta, "blob", what, 128),
             policy=_int(meta, "policy", what, 0, 0xFFFFFFFF),
+            mac=_bytes(meta, "mac", what, MAC_SIZE),
         )
     if frame_type is FrameType.ROUND_END:
         return RoundEnd(_int(meta, "round", what, 0, 1 << 32), _int(meta, "dirty", what, 0, MAX_GUEST_PAGES))
     if frame_type is FrameType.PREPARE:
-        return Prepare(_int(meta, "pages", what))
+        kinds = _field(meta, "kinds", list, what)
+        if len(kinds) != 3 or not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= U64
+                                      for k in kinds):
+            raise ProtocolError(f"{what}: field 'kinds' must be three page counts")
+        return Prepare(
+            pages_sent=_int(meta, "pages", what), frames=_int(meta, "frames", what),
+            private=kinds[0], shared=kinds[1], zero=kinds[2], transport_seq=_int(meta, "seq", what),
+            stream_digest=_bytes(meta, "stream", what, DIGEST_SIZE),
+            bitmap_digest=_bytes(meta, "bitmap", what, DIGEST_SIZE),
+            vcpu_digest=_bytes(meta, "vcpu", what, DIGEST_SIZE), mac=_bytes(meta, "mac", what, MAC_SIZE),
+        )
     if frame_type is FrameType.PREPARED:
-        return Prepared(_int(meta, "pages", what))
+        return Prepared(_int(meta, "pages", what), _bytes(meta, "mac", what, MAC_SIZE))
     if frame_type is FrameType.ABORT:
-        return Abort(_str(meta, "reason", what, 1024))
+        mac = meta.get("mac")
+        return Abort(_str(meta, "reason", what, 1024), None if mac is None else _bytes(meta, "mac", what, MAC_SIZE))
     if frame_type is FrameType.SESSION_ACK:
-        return SessionAck()
+        return SessionAck(_bytes(meta, "mac", what, MAC_SIZE))
     if frame_type is FrameType.COMMIT:
-        return Commit()
+        return Commit(_bytes(meta, "mac", what, MAC_SIZE))
     if frame_type is FrameType.RESOLVE:
-        return Resolve(_str(meta, "id", what, 64))
+        return Resolve(_str(meta, "id", what, 64), _bytes(meta, "nonce", what, NONCE_SIZE),
+                       _bytes(meta, "mac", what, MAC_SIZE))
     if frame_type is FrameType.RESOLVED:
         outcome = _str(meta, "outcome", what, 16)
         if outcome not in RESOLUTIONS:
             raise ProtocolError(f"{what}: outcome must be one of {RESOLUTIONS}, got {outcome!r}")
-        return Resolved(_str(meta, "id", what, 64), outcome)
+        return Resolved(_str(meta, "id", what, 64), outcome, _bytes(meta, "mac", what, MAC_SIZE))
     if frame_type is FrameType.PING:
         return Ping(_int(meta, "token", what, 0, 0xFFFFFFFF))
     if frame_type is FrameType.PONG:
         return Pong(_int(meta, "token", what, 0, 0xFFFFFFFF))
-    return Started()
+    return Started(_bytes(meta, "mac", what, MAC_SIZE))
 
 
 class FrameDecoder:
@@ -552,8 +618,13 @@ class FrameDecoder:
     dead, as the stream can no longer be trusted.
     """
 
-    def __init__(self, initial: int = 1 << 20) -> None:
+    def __init__(self, initial: int = 1 << 20, *, max_frame: int | None = None) -> None:
         self._buf = bytearray(max(initial, PREFIX_SIZE))
+        #: The largest whole frame (length prefix to CRC) accepted, checked from the prefix
+        #: before the frame is buffered; None: only the per-type payload limits. A stream that
+        #: has not authenticated its peer yet accepts only control frames (migd/stream.py), so
+        #: an unauthenticated peer cannot make the buffer grow to a page frame's 2 MiB.
+        self.max_frame = max_frame
         self._start = 0  # first unconsumed byte
         self._end = 0  # one past the last received byte
         self._need = 0  # size of the incomplete frame at _start, once its prefix is known
@@ -628,6 +699,10 @@ class FrameDecoder:
                         f"{FrameType(ftype).name} frame carries {payload_len} payload bytes, at most {limit} allowed"
                     )
                 total = 4 + length
+                if self.max_frame is not None and total > self.max_frame:
+                    raise ProtocolError(
+                        f"{FrameType(ftype).name} frame of {total} bytes, at most {self.max_frame} allowed here"
+                    )
                 if self._end - self._start < total:
                     self._need = total
                     break

@@ -33,6 +33,17 @@ Faults apply to every connection the proxy accepts, each with fresh offsets and 
 (``FaultRecord.connection`` tells them apart). A frame whose length field announces more
 than ``max_frame`` bytes (a corrupted header) makes the proxy stop parsing that direction and
 forward the rest raw, recorded as ``framing-lost``: it never buffers without bound.
+
+For attack tests (tests/integration/test_attacks.py): with ``record=True`` the proxy keeps, per
+connection, the raw bytes of each direction and the interleaved sequence of frames as it saw
+them (:class:`Recording`); :func:`replay` sends a recording's upstream frames again to a
+listener, each reply of the recording awaited from the listener before what followed it (a
+host operator who replays a migration it recorded), and :func:`rewrite_meta` changes a frame
+no key covers (a replayed HELLO's migration id). With ``server_ssl``/``client_ssl`` the proxy
+terminates TLS on both sides, so it records and faults the plaintext of a mutual-TLS stream.
+:class:`HoldBeforeFrame` holds a frame until :meth:`FaultProxy.release` (a hand-off kept open
+for as long as a test needs), and :class:`DropLastFrameBefore` drops the last frame of some
+types before a frame of another type (truncating the stop-and-copy round).
 """
 
 from __future__ import annotations
@@ -40,9 +51,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import enum
 import ipaddress
 import logging
+import ssl
 import struct
 import time
 import zlib
@@ -190,10 +203,42 @@ class StallBeforeFrame:
 
 
 @dataclass(frozen=True)
+class HoldBeforeFrame:
+    """Hold the selected frame, and everything after it in that direction, until
+    :meth:`FaultProxy.release` is called (at most ``seconds``): a stall at a protocol point
+    whose end the test decides (e.g. COMMIT held while something else happens)."""
+
+    select: FrameSelector
+    seconds: float = 60.0
+    direction: Direction = Direction.UPSTREAM
+
+
+@dataclass(frozen=True)
+class DropLastFrameBefore:
+    """Do not forward the last frame of ``types`` sent before the first frame of
+    ``before_type`` (e.g. the last PRIVATE_PAGES run before SHARED_BITMAP: the stop-and-copy
+    round truncated by one run).
+
+    Which frame is the last is only known when the next one comes, so the latest frame of
+    ``types`` and every frame after it are held back (in order, nothing reordered) until
+    another frame of ``types`` comes (they are forwarded) or the ``before_type`` frame (the
+    held frame of ``types`` is dropped, the rest forwarded). A frame of ``flush_types`` also
+    forwards what is held: its sender waits for an answer (migd's PING), and holding it would
+    stall the stream; the frames before it are then not the last ones."""
+
+    types: frozenset[int]
+    before_type: int
+    flush_types: frozenset[int] = frozenset({int(wire.FrameType.PING)})
+    direction: Direction = Direction.UPSTREAM
+
+
+@dataclass(frozen=True)
 class _Pause:
-    """Marker in a frame stage's output: the byte stage waits this long before what follows."""
+    """Marker in a frame stage's output: the byte stage waits this long before what follows
+    (or, with ``until``, until that event is set, at most this long)."""
 
     seconds: float
+    until: asyncio.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -263,7 +308,8 @@ class FlipFrameBit:
 
 
 ByteFault = Union[Cut, Stall, FlipBit]
-FrameFault = Union[CutBeforeFrame, StallBeforeFrame, DropFrame, DuplicateFrame, ReplayFrame, RollbackFrame, SwapFrames, FlipFrameBit]
+FrameFault = Union[CutBeforeFrame, StallBeforeFrame, DropFrame, DuplicateFrame, ReplayFrame, RollbackFrame, SwapFrames,
+                   FlipFrameBit, HoldBeforeFrame, DropLastFrameBefore]
 Fault = Union[ByteFault, FrameFault]
 
 
@@ -271,7 +317,7 @@ Fault = Union[ByteFault, FrameFault]
 class FaultRecord:
     """What the proxy did, once: the evidence a test asserts on."""
 
-    action: str  # cut | stall | flip | drop | duplicate | replay | rollback | swap | framing-lost
+    action: str  # cut | stall | hold | flip | drop | duplicate | replay | rollback | swap | framing-lost
     direction: Direction
     connection: int
     offset: int  # byte faults: stream offset; frame faults: offset of the (first) frame
@@ -281,6 +327,44 @@ class FaultRecord:
     new: int | None = None  # flip: the byte after
     bit: int | None = None
     seconds: float | None = None
+
+
+# ---------------------------------------------------------------------- recording
+
+
+@dataclass(frozen=True)
+class RecordedFrame:
+    """One frame of a recorded connection, as its sender sent it (before any fault)."""
+
+    direction: Direction
+    type: int
+    data: bytes
+
+
+@dataclass
+class Recording:
+    """What one proxied connection carried (``FaultProxy(record=True)``): the raw bytes of each
+    direction as the senders sent them, and the frames of both directions interleaved in the
+    order the proxy read them. That order is causal: a reply is read only after the frames it
+    answers were read (and forwarded), so :func:`replay` can wait for each reply in its place."""
+
+    connection: int
+    frames: list[RecordedFrame] = field(default_factory=list)
+    raw: dict[Direction, bytearray] = field(default_factory=lambda: {d: bytearray() for d in Direction})
+
+    def sent(self, direction: Direction = Direction.UPSTREAM) -> bytes:
+        """Every byte the sender of ``direction`` sent."""
+        return bytes(self.raw[direction])
+
+    def types(self, direction: Direction = Direction.UPSTREAM) -> list[int]:
+        """The types of the frames of ``direction``, in order."""
+        return [f.type for f in self.frames if f.direction is direction]
+
+    def replacing(self, index: int, data: bytes) -> Recording:
+        """A copy with ``frames[index]`` carrying ``data`` instead (e.g. from :func:`rewrite_meta`)."""
+        frames = list(self.frames)
+        frames[index] = dataclasses.replace(frames[index], data=data)
+        return Recording(self.connection, frames, {d: bytearray(b) for d, b in self.raw.items()})
 
 
 # ---------------------------------------------------------------------- framing
@@ -306,6 +390,21 @@ def reseal(frame: bytes, sequence: int) -> bytes:
     body = memoryview(frame)[4 : len(frame) - _MIGD_CRC.size]
     crc = zlib.crc32(body, zlib.crc32(_MIGD_SEQ.pack(sequence)))
     return frame[: len(frame) - _MIGD_CRC.size] + _MIGD_CRC.pack(crc)
+
+
+def rewrite_meta(frame: bytes, sequence: int, **fields: object) -> bytes:
+    """The migd ``frame`` with its metadata ``fields`` set (the msgpack map re-encoded), its
+    length fields and CRC32 trailer recomputed as frame number ``sequence``: what anyone on the
+    path can do to a frame no key covers (e.g. give a replayed HELLO a fresh migration id)."""
+    length, ftype, meta_len = _MIGD_PREFIX.unpack_from(frame)
+    meta = msgpack.unpackb(frame[_MIGD_PREFIX.size : _MIGD_PREFIX.size + meta_len], raw=False)
+    if not isinstance(meta, dict):
+        raise ValueError(f"frame type {ftype}: metadata is not a map")
+    meta.update(fields)
+    packed = msgpack.packb(meta, use_bin_type=True)
+    payload = frame[_MIGD_PREFIX.size + meta_len : 4 + length - _MIGD_CRC.size]
+    body = _MIGD_PREFIX.pack(3 + len(packed) + len(payload) + _MIGD_CRC.size, ftype, len(packed)) + packed + payload
+    return reseal(body + bytes(_MIGD_CRC.size), sequence)
 
 
 def _page_range(framing: Framing, frame: bytes, prefix_len: int, meta_len: int) -> tuple[int | None, int | None]:
@@ -352,6 +451,7 @@ class _Connection:
         self.writers: list[asyncio.StreamWriter] = []
         self.cut = False
         self.cut_pending = False  # a CutBeforeFrame fired: forward what came before, then reset
+        self.recording: Recording | None = None  # FaultProxy(record=True)
 
     def record(self, record: FaultRecord) -> None:
         self.proxy.records.append(record)
@@ -380,6 +480,7 @@ class _FrameFaultState:
         self.stored_bytes = 0
         self.overlaps = 0
         self.after_seen = 0  # replay: matching frames since the saved one
+        self.held_run: list[tuple[list[bytes], bytes, FrameInfo]] = []  # drop-last: (output, frame, info)
         select = getattr(fault, "select", None)
         self.armed = select is None or select.after_type is None
 
@@ -398,6 +499,8 @@ class _FrameFaultState:
     def on_frame(self, raw: bytes, info: FrameInfo, emit: list[bytes]) -> list[bytes]:
         """Transform the output ``emit`` of the frame ``raw`` (as sent: ``info``)."""
         fault = self.fault
+        if isinstance(fault, DropLastFrameBefore):
+            return self._drop_last(raw, info, emit)
         if isinstance(fault, RollbackFrame):
             return self._rollback(raw, info, emit)
         if isinstance(fault, SwapFrames):
@@ -429,6 +532,10 @@ class _FrameFaultState:
             self.done = True
             self._record("stall", info, seconds=fault.seconds)
             return [_Pause(fault.seconds), *emit]
+        if isinstance(fault, HoldBeforeFrame):
+            self.done = True
+            self._record("hold", info, seconds=fault.seconds)
+            return [_Pause(fault.seconds, self.conn.proxy.released), *emit]
         if isinstance(fault, DropFrame):
             self.done = True
             self._record("drop", info)
@@ -524,8 +631,39 @@ class _FrameFaultState:
             self.stored_bytes += len(raw)
         return emit
 
+    def _drop_last(self, raw: bytes, info: FrameInfo, emit: list[bytes]) -> list[bytes]:
+        fault = self.fault
+        assert isinstance(fault, DropLastFrameBefore)
+        if self.done:
+            return emit
+        if info.type == fault.before_type:
+            self.done = True  # only the first frame of before_type counts
+            if not self.held_run:
+                return emit  # no frame of ``types`` since the last flush: nothing to drop
+            (first_out, first_raw, first_info), rest = self.held_run[0], self.held_run[1:]
+            self.held_run = []
+            self._record("drop", first_info, partner=info)
+            kept = [part for part in first_out if part is not first_raw]
+            return kept + [part for out, _, _ in rest for part in out] + emit
+        if info.type in fault.types:
+            released = [part for out, _, _ in self.held_run for part in out]
+            self.held_run = [(emit, raw, info)]
+            return released
+        if self.held_run:
+            if info.type in fault.flush_types:
+                released = [part for out, _, _ in self.held_run for part in out]
+                self.held_run = []
+                return released + emit
+            self.held_run.append((emit, raw, info))
+            return []
+        return emit
+
     def flush(self) -> list[bytes]:
         """Frames still held back when the sender's stream ends."""
+        if self.held_run:
+            released = [part for out, _, _ in self.held_run for part in out]
+            self.held_run = []
+            return released
         if self.held is not None:
             held, self.held = self.held[0], None
             return [held]
@@ -536,14 +674,14 @@ class _FrameStage:
     """Cuts one direction into frames and runs them through that direction's frame faults."""
 
     def __init__(self, faults: Sequence[FrameFault], framing: Framing, conn: _Connection, direction: Direction,
-                 max_frame: int, observe: bool, reseal: bool) -> None:
+                 max_frame: int, observe: bool, reseal: bool, record: bool = False) -> None:
         self.framing = framing
         self.conn = conn
         self.direction = direction
         self.max_frame = max_frame
         self.states = [_FrameFaultState(f, framing, conn, direction) for f in faults]
         self.reseal = reseal and framing is Framing.MIGD
-        self.active = bool(faults) or observe or self.reseal
+        self.active = bool(faults) or observe or self.reseal or record
         self.buf = bytearray()
         self.offset = 0  # sender-stream offset of buf[0]
         self.ordinal = 0
@@ -583,6 +721,8 @@ class _FrameStage:
             gpa, npages = _page_range(self.framing, raw, prefix_len, meta_len)
             info = FrameInfo(self.offset, self.ordinal, ftype, total, prefix_len, meta_len, trailer_len, gpa, npages)
             self.conn.proxy.frames_seen[(self.direction, ftype)] += 1
+            if self.conn.recording is not None:
+                self.conn.recording.frames.append(RecordedFrame(self.direction, ftype, raw))
             self.offset += total
             self.ordinal += 1
             emit = [raw]
@@ -631,7 +771,12 @@ class _ByteStage:
         """Forward ``data``; False once a cut ended the connection."""
         if isinstance(data, _Pause):  # a StallBeforeFrame: what came before is delivered, then nothing
             await _flush(writer)
-            await asyncio.sleep(data.seconds)
+            if data.until is None:
+                await asyncio.sleep(data.seconds)
+            else:  # a HoldBeforeFrame: until released
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(data.seconds):
+                        await data.until.wait()
             return True
         while (held := self.conn.proxy.held_until[self.direction] - time.monotonic()) > 0:
             await asyncio.sleep(held)
@@ -700,6 +845,9 @@ class FaultProxy:
         reseal: bool = False,
         max_frame: int = DEFAULT_MAX_FRAME,
         rollback_store: int = DEFAULT_ROLLBACK_STORE,
+        record: bool = False,
+        server_ssl: ssl.SSLContext | None = None,
+        client_ssl: ssl.SSLContext | None = None,
     ) -> None:
         if not _is_loopback(target_host):
             raise ValueError(f"the fault proxy only forwards to loopback, got {target_host!r}")
@@ -716,6 +864,14 @@ class FaultProxy:
         self.reseal = reseal
         self.max_frame = max_frame
         self.rollback_store = rollback_store
+        #: record=True: one Recording per accepted connection, in accept order.
+        self.record = record
+        self.recordings: list[Recording] = []
+        #: TLS termination: the proxy is the TLS server of its clients (``server_ssl``) and a TLS
+        #: client of its target (``client_ssl``), and sees the plaintext in between.
+        self.server_ssl = server_ssl
+        self.client_ssl = client_ssl
+        self.released = asyncio.Event()  # HoldBeforeFrame: set by release()
         self.records: list[FaultRecord] = []
         self.frames_seen: collections.Counter[tuple[Direction, int]] = collections.Counter()
         self.flip_offsets: list[int] = []  # sender-stream offsets of frame-relative flips
@@ -747,15 +903,17 @@ class FaultProxy:
                 raise ValueError(f"{fault}: bit must be in [0, 7] (or name a field)")
             if fault.region is Region.META and framing is Framing.TLS:
                 raise ValueError("TLS records have no metadata region")
-        if isinstance(fault, StallBeforeFrame) and not fault.seconds >= 0:
+        if isinstance(fault, (StallBeforeFrame, HoldBeforeFrame)) and not fault.seconds >= 0:
             raise ValueError(f"{fault}: seconds must be >= 0")
+        if isinstance(fault, DropLastFrameBefore) and (not fault.types or fault.before_type in fault.types):
+            raise ValueError(f"{fault}: needs types, and before_type must not be one of them")
         if isinstance(fault, ReplayFrame) and fault.after < 0:
             raise ValueError(f"{fault}: after must be >= 0")
 
     # -- lifetime
     async def start(self) -> int:
         """Start listening on 127.0.0.1; returns the port."""
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.server_ssl)
         return self.port
 
     @property
@@ -807,6 +965,10 @@ class FaultProxy:
         self.records.append(FaultRecord("stall", direction, self.connections, self.bytes_forwarded[direction],
                                         seconds=seconds))
 
+    def release(self) -> None:
+        """End every :class:`HoldBeforeFrame` hold, present and future (call it on the proxy's loop)."""
+        self.released.set()
+
     def fired(self, action: str | None = None) -> list[FaultRecord]:
         """The records of faults that happened (of one ``action``, or all but ``framing-lost``)."""
         if action is None:
@@ -825,10 +987,14 @@ class FaultProxy:
         conn = _Connection(self, self.connections)
         self.connections += 1
         self._conns.append(conn)
+        if self.record:
+            conn.recording = Recording(conn.number)
+            self.recordings.append(conn.recording)
         conn.writers.append(client_writer)
         try:
             try:
-                server_reader, server_writer = await asyncio.open_connection(*self.target)
+                server_reader, server_writer = await asyncio.open_connection(
+                    *self.target, ssl=self.client_ssl, server_hostname=self.target[0] if self.client_ssl else None)
             except OSError as exc:
                 log.warning("proxy cannot reach %s:%d: %s", *self.target, exc)
                 client_writer.transport.abort()
@@ -854,7 +1020,7 @@ class FaultProxy:
     async def _pump(self, conn: _Connection, direction: Direction, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> None:
         frames = _FrameStage([f for f in self.faults if isinstance(f, _FRAME_FAULTS) and f.direction is direction],
-                             self.framing, conn, direction, self.max_frame, self.observe, self.reseal)
+                             self.framing, conn, direction, self.max_frame, self.observe, self.reseal, self.record)
         raw = _ByteStage([f for f in self.faults if isinstance(f, (Cut, Stall, FlipBit)) and f.direction is direction],
                          conn, direction)
         try:
@@ -862,6 +1028,8 @@ class FaultProxy:
                 data = await reader.read(READ_SIZE)
                 if conn.cut:
                     return
+                if conn.recording is not None:
+                    conn.recording.raw[direction] += data
                 if not data:
                     for part in frames.flush():
                         if not await raw.write(part, writer):
@@ -884,4 +1052,114 @@ class FaultProxy:
             conn.abort()
 
 
-_FRAME_FAULTS = (CutBeforeFrame, StallBeforeFrame, DropFrame, DuplicateFrame, ReplayFrame, RollbackFrame, SwapFrames, FlipFrameBit)
+_FRAME_FAULTS = (CutBeforeFrame, StallBeforeFrame, DropFrame, DuplicateFrame, ReplayFrame, RollbackFrame, SwapFrames,
+                 FlipFrameBit, HoldBeforeFrame, DropLastFrameBefore)
+
+
+# ---------------------------------------------------------------------- replay
+
+
+@dataclass
+class ReplayReport:
+    """What :func:`replay` sent and what the listener answered."""
+
+    sent: list[int] = field(default_factory=list)  # types of the frames written, in order
+    received: list[int] = field(default_factory=list)  # types of the listener's frames read
+    end: str = "done"  # done (every recorded frame went) | closed | timeout | refused
+    abort_reason: str | None = None  # the listener's ABORT, if it sent one
+
+    def summary(self) -> str:
+        """One line for an assertion message: frames by type each way, and how it ended."""
+
+        def names(types: list[int]) -> str:
+            counts = collections.Counter(types)
+            return ", ".join(f"{_type_name(t)}×{n}" if n > 1 else _type_name(t) for t, n in counts.items()) or "nothing"
+
+        reason = f" ({self.abort_reason})" if self.abort_reason else ""
+        return f"sent {names(self.sent)}; received {names(self.received)}; ended {self.end}{reason}"
+
+
+def _type_name(ftype: int) -> str:
+    try:
+        return wire.FrameType(ftype).name
+    except ValueError:
+        return str(ftype)
+
+
+async def _read_migd_frame(reader: asyncio.StreamReader, timeout: float) -> bytes | str:
+    """One whole migd frame from ``reader``, or why there is none: "closed" or "timeout"."""
+    try:
+        async with asyncio.timeout(timeout):
+            prefix = await reader.readexactly(4)
+            (length,) = struct.unpack(">I", prefix)
+            if length > DEFAULT_MAX_FRAME:
+                return "closed"  # not a migd frame: nothing sensible follows
+            return prefix + await reader.readexactly(length)
+    except TimeoutError:
+        return "timeout"
+    except (asyncio.IncompleteReadError, ConnectionError, OSError):
+        return "closed"
+
+
+def _abort_reason(frame: bytes) -> str | None:
+    """The ``reason`` of an ABORT frame, read from its metadata (no codec: any protocol version)."""
+    if len(frame) < _MIGD_PREFIX.size:
+        return None
+    _, _, meta_len = _MIGD_PREFIX.unpack_from(frame)
+    try:
+        meta = msgpack.unpackb(frame[_MIGD_PREFIX.size : _MIGD_PREFIX.size + meta_len], raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return None
+    reason = meta.get("reason") if isinstance(meta, dict) else None
+    return reason if isinstance(reason, str) else None
+
+
+async def replay(recording: Recording, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None,
+                 reply_timeout: float = 10.0) -> ReplayReport:
+    """Replay a recorded migd connection's upstream frames to ``host:port`` (loopback only).
+
+    The recording's frames are walked in order: an upstream frame is sent as recorded; a
+    downstream one means the original listener answered there, so one frame is read from this
+    listener (whatever it is) before going on. The replay ends early when the listener sends
+    ABORT, closes, or says nothing for ``reply_timeout`` seconds. With ``ssl_context`` the
+    connection is mutual TLS under whatever certificate the context holds. Bytes are replayed
+    as recorded: the frame numbers and CRC32 trailers are the originals, and a listener that
+    accepts them has accepted the recorded migration again.
+    """
+    if not _is_loopback(host):
+        raise ValueError(f"replay only targets loopback, got {host!r}")
+    report = ReplayReport()
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ssl_context, server_hostname=host if ssl_context else None),
+            reply_timeout)
+    except (OSError, ssl.SSLError, TimeoutError) as exc:
+        log.info("replay: cannot connect to %s:%d: %s", host, port, exc)
+        report.end = "refused"
+        return report
+    try:
+        for frame in recording.frames:
+            if frame.direction is Direction.UPSTREAM:
+                writer.write(frame.data)
+                report.sent.append(frame.type)
+                await writer.drain()
+                continue
+            answer = await _read_migd_frame(reader, reply_timeout)
+            if isinstance(answer, str):
+                report.end = answer
+                break
+            report.received.append(answer[4])
+            if answer[4] == wire.FrameType.ABORT:
+                report.abort_reason = _abort_reason(answer)
+                report.end = "closed"
+                break
+    except (ConnectionError, OSError) as exc:
+        log.info("replay: the listener ended the stream: %s", exc)
+        report.end = "closed"
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError, ssl.SSLError):
+            async with asyncio.timeout(2):
+                await writer.wait_closed()
+        writer.transport.abort()
+    return report

@@ -12,6 +12,7 @@ from migd import wire
 from migd.abi import PAGE_SIZE
 from migd.bitmap import PageBitmap
 from migd.dest import IncomingMigration
+from session_pair import established
 from migd.errors import ProtocolError
 from migd.memory import GuestRam
 from migd.progress import MigrationProgress
@@ -24,7 +25,7 @@ def _incoming(ram: GuestRam) -> IncomingMigration:
     incoming.guest = SimpleNamespace(definition=SimpleNamespace(npages=NPAGES), ram=ram)  # type: ignore[assignment]
     incoming._received = PageBitmap(NPAGES)
     incoming.progress = MigrationProgress("g", "destination", "peer", NPAGES)
-    incoming._accepting_pages = True
+    established(dest=incoming.session)  # page frames are legal once the session is authenticated
     return incoming
 
 
@@ -57,6 +58,6 @@ def test_run_outside_the_guest_is_refused(tmp_path: Path) -> None:
         incoming = _incoming(ram)
         with pytest.raises(ProtocolError, match="outside the guest"):
             incoming._place(wire.ZeroPages((NPAGES - 1) * PAGE_SIZE, 2))
-        incoming._accepting_pages = False
-        with pytest.raises(ProtocolError, match="outside the page-transfer phase"):
+        incoming.session.receive(wire.VcpuState(0, None, b"state"), 0.0)  # the last frame before PREPARE
+        with pytest.raises(ProtocolError, match="ZERO_PAGES frame in phase await-prepare"):
             incoming._place(wire.ZeroPages(0, 1))

@@ -21,12 +21,13 @@ from migd import wire
 from migd.abi import PAGE_SIZE
 from migd.guest import INCOMING_MARKER, GuestDefinition, GuestState
 from migd.host import Host
-from migd.journal import JOURNAL_FILE, GuestRecord, Journal, JournalError, MigrationRecord, restore_progress
+from migd.journal import JOURNAL_FILE, SCHEMA_VERSION, GuestRecord, Journal, JournalError, MigrationRecord, restore_progress
 from migd.memory import MemoryEncryption
 from migd.migration_state import MigrationStatus
 from migd.page_runs import PageKind
 from migd.progress import MigrationProgress
 from migd.psp import PspFirmware
+from migd.session_auth import check_resolve, resolved_answer
 from migd.stream import FrameProtocol
 from migd.recovery import (
     RESTART_ERROR,
@@ -371,7 +372,7 @@ def test_resolve_address_round_trip_and_a_version_1_journal_gains_the_column(tmp
     upgraded = Journal.open(old)
     (row,) = upgraded.migrations()
     assert row.id == "m0" and row.resolve_address is None
-    assert upgraded._db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert upgraded._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     upgraded.close()
 
 
@@ -394,8 +395,12 @@ def test_guest_fate_of_a_prepared_incoming_guest(
         assert guest_fate("incoming", latest, dir_exists=False, marker=False) is Fate.REMOVE
 
 
-async def _fake_source(outcomes: list[str], asked: list[str]) -> asyncio.Server:
-    """A source listener answering RESOLVE with ``outcomes`` in turn (the last one repeats)."""
+HANDOFF_KEY = bytes(range(32))  # what the migration's session gave both ends
+
+
+async def _fake_source(outcomes: list[str], asked: list[str], key: bytes = HANDOFF_KEY,
+                       check: bool = True) -> asyncio.Server:
+    """A source listener answering RESOLVE with ``outcomes`` in turn (the last one repeats), MACed with ``key``."""
     loop = asyncio.get_running_loop()
 
     def connection() -> FrameProtocol:
@@ -405,7 +410,9 @@ async def _fake_source(outcomes: list[str], asked: list[str]) -> asyncio.Server:
             await proto.connected.wait()
             msg = await proto.receive(5)
             asked.append(msg.migration_id)
-            proto.write(wire.Resolved(msg.migration_id, outcomes.pop(0) if len(outcomes) > 1 else outcomes[0]))
+            if check:
+                check_resolve(msg, key)
+            proto.write(resolved_answer(msg, outcomes.pop(0) if len(outcomes) > 1 else outcomes[0], key))
             await proto.drain()
             proto.close()
 
@@ -426,6 +433,7 @@ def _prepared_then_crash(tmp_path: Path, make_firmware: Callable[..., PspFirmwar
     MemoryEncryption(fw.guest_key(handle)).write_private(guest.ram, 0, b"\x5a" * PAGE_SIZE)
     progress = _progress("g1", "destination", status=S.STOP_COPY)
     host.add_migration(progress)
+    journal.record_handoff_key(progress.id, HANDOFF_KEY)
     if address is not None:
         journal.record_resolve_address(progress.id, address)
     guest.ram.close()
@@ -494,6 +502,24 @@ def test_a_prepared_guest_is_removed_when_the_source_did_not_commit(
         assert journal.guests() == [] and "g1" not in host.guests
         (row,) = journal.migrations()
         assert row.status is S.FAILED and not row.committed and answer in (row.error or "")
+        journal.close()
+
+    asyncio.run(main())
+
+
+def test_a_forged_answer_does_not_decide_an_in_doubt_guest(
+    tmp_path: Path, make_firmware: Callable[..., PspFirmware]
+) -> None:
+    """A listener at the source's address without the migration's key says "aborted": the
+    prepared guest (maybe the only copy) is neither removed nor started. The honest answer in
+    the test above is the control."""
+    async def main() -> None:
+        server = await _fake_source(["aborted"], [], key=bytes(32), check=False)  # signs with a key of its own
+        mid = _prepared_then_crash(tmp_path, make_firmware, f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        host, journal, resolve = _restart(tmp_path, make_firmware, resolve_timeout_s=0.5)
+        assert await resolve() == {mid: "in doubt"}  # type: ignore[operator]
+        server.close()
+        assert host.guest_dir("g1").exists() and "g1" not in host.guests
         journal.close()
 
     asyncio.run(main())

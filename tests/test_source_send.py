@@ -21,12 +21,13 @@ import pytest
 from migd import identity, source, wire
 from migd.abi import PAGE_SIZE
 from migd.bitmap import PageBitmap
-from migd.guest import GuestState
+from migd.guest import GuestDefinition, GuestState
 from migd.memory import GuestRam, MemoryEncryption
 from migd.page_runs import CHUNK_PAGES, HOLE_STEP_PAGES, PageRun, classify
 from migd.errors import FirmwareError
 from migd.psp import PspFirmware
 from migd.source import OutgoingMigration
+from session_pair import established
 
 NPAGES = 3 * HOLE_STEP_PAGES // 2  # 192 MiB of guest, sparse: the file holds a few MiB
 PRIVATE_RUNS = [(0, 300), (20_000, 1), (40_000, 8)]  # (first page, pages); 20_000 sits deep in a hole
@@ -133,10 +134,11 @@ def test_sparse_guest_sends_holes_as_zero_runs_and_every_populated_page(
             src.write(first * PAGE_SIZE, os.urandom(count * PAGE_SIZE))
         allocated = os.stat(src.path).st_blocks
         guest = SimpleNamespace(
-            name="g", definition=SimpleNamespace(npages=NPAGES), ram=src, firmware=a, handle=handle,
+            name="g", definition=GuestDefinition("g", NPAGES * PAGE_SIZE >> 20, 0), ram=src, firmware=a, handle=handle,
             vm=SimpleNamespace(shared_bitmap=shared, migration_ready=True), agent=object(), state=GuestState.RUNNING,
         )
         migration = OutgoingMigration(guest, "127.0.0.1", 1)  # type: ignore[arg-type]
+        established(migration.session)
         stream = RecordingStream()
         migration._proto = stream  # type: ignore[assignment]
         start = a.send_start(handle, b.pdh_cert_pem)
@@ -197,11 +199,12 @@ def test_a_guest_write_into_a_hole_is_seen_by_the_next_step(shm_dir: Path) -> No
     handle = a.launch(0)
     with GuestRam(shm_dir / "src.ram", NPAGES, create=True) as src:
         guest = SimpleNamespace(
-            name="g", definition=SimpleNamespace(npages=NPAGES), ram=src, firmware=a, handle=handle,
+            name="g", definition=GuestDefinition("g", NPAGES * PAGE_SIZE >> 20, 0), ram=src, firmware=a, handle=handle,
             vm=SimpleNamespace(shared_bitmap=PageBitmap(NPAGES), migration_ready=True), agent=object(),
             state=GuestState.RUNNING,
         )
         migration = OutgoingMigration(guest, "127.0.0.1", 1)  # type: ignore[arg-type]
+        established(migration.session)
         stream = RecordingStream()
         late_page = NPAGES - 10
         real_write = stream.write
@@ -241,10 +244,11 @@ def test_payload_buffers_are_reused_only_after_the_transport_sent_them(
             shared.set_range(first, 8)
             src.write(first * PAGE_SIZE, os.urandom(8 * PAGE_SIZE))
         guest = SimpleNamespace(
-            name="g", definition=SimpleNamespace(npages=npages), ram=src, firmware=a, handle=handle,
+            name="g", definition=GuestDefinition("g", npages * PAGE_SIZE >> 20, 0), ram=src, firmware=a, handle=handle,
             vm=SimpleNamespace(shared_bitmap=shared, migration_ready=True), agent=object(), state=GuestState.RUNNING,
         )
         migration = OutgoingMigration(guest, "127.0.0.1", 1)  # type: ignore[arg-type]
+        established(migration.session)
         stream = LaggingStream(lag=5, honest=honest)
         migration._proto = stream  # type: ignore[assignment]
         start = a.send_start(handle, b.pdh_cert_pem)

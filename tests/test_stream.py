@@ -8,7 +8,9 @@ handler blocks on events the test releases, so every ordering is forced, never t
 from __future__ import annotations
 
 import asyncio
+import struct
 import threading
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -16,8 +18,8 @@ import pytest
 
 from migd import wire
 from migd.abi import PAGE_SIZE, FirmwareStatus
-from migd.errors import FirmwareError
-from migd.stream import PIPELINE_DEPTH, FrameProtocol
+from migd.errors import FirmwareError, ProtocolError
+from migd.stream import INITIAL_RECEIVE_BUFFER, MAX_FRAME_BEFORE_AUTHENTICATION, PIPELINE_DEPTH, FrameProtocol
 
 PageMsg = wire.PrivatePages | wire.SharedPages | wire.ZeroPages
 WAIT = 10.0  # bound on every wait for the worker (never reached when things work)
@@ -365,3 +367,79 @@ def test_page_frames_without_a_handler_are_a_protocol_error() -> None:
             await proto.receive(WAIT)
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- before authentication
+
+
+def test_before_authentication_a_page_frame_is_refused_from_its_length_prefix() -> None:
+    """A frame announcing 2 MiB before mark_authenticated() ends the stream when its prefix
+    arrives: the receive buffer stays at its initial 64 KiB and nothing near 2 MiB is ever
+    allocated. The negative control: after mark_authenticated() the same frame is taken, and
+    only then does the buffer grow to it."""
+    frame = wire.FrameEncoder().encode_bytes(wire.SharedPages(0, 512, _page(512, 7)))
+    # The first read fills the initial buffer; the transport then asks for room for the next one,
+    # which is where an unbounded decoder grows to the announced frame.
+    two_reads = frame[:INITIAL_RECEIVE_BUFFER + 4096]
+    assert len(frame) > 2 << 20
+
+    async def main() -> None:
+        placed: list[tuple[int, bytes]] = []
+
+        def handler(msg: PageMsg) -> None:
+            placed.append((msg.npages, bytes(getattr(msg, "payload", b"")[:1])))
+
+        proto = FrameProtocol(require_authentication=True)
+        transport = FakeTransport()
+        proto.connection_made(transport)  # type: ignore[arg-type]
+        proto.set_page_handler(handler, threaded=False)
+        assert not proto.authenticated.is_set()
+        tracemalloc.start()
+        try:
+            _feed(proto, two_reads)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        # Well under the frame's 2 MiB (msgpack takes 256 KiB of scratch to encode the ABORT).
+        assert peak < 1 << 20, f"{peak} bytes allocated for a refused frame"
+        assert proto.receive_buffer_bytes == INITIAL_RECEIVE_BUFFER
+        with pytest.raises(ProtocolError, match=f"SHARED_PAGES frame of {len(frame)} bytes, at most "
+                                                f"{MAX_FRAME_BEFORE_AUTHENTICATION} allowed"):
+            await proto.receive(WAIT)
+        (abort,) = wire.FrameDecoder().feed(bytes(transport.written))
+        assert isinstance(abort, wire.Abort) and "at most" in abort.reason  # the peer is told why
+        assert placed == []
+        proto.connection_lost(None)
+
+        trusted = FrameProtocol(require_authentication=True)
+        trusted.connection_made(FakeTransport())  # type: ignore[arg-type]
+        trusted.set_page_handler(handler, threaded=False)
+        trusted.mark_authenticated()
+        assert trusted.authenticated.is_set() and trusted.receive_buffer_bytes == INITIAL_RECEIVE_BUFFER
+        _feed(trusted, frame)
+        assert placed == [(512, b"\x07")]
+        assert trusted.receive_buffer_bytes >= len(frame)
+        trusted.connection_lost(None)
+
+    asyncio.run(main())
+
+
+def test_the_pre_authentication_bound_is_the_largest_control_frame() -> None:
+    """64 KiB of metadata and no payload pass the size check; one byte more does not, whatever
+    the type. (Only prefixes are fed: the decoder decides from them before buffering.)"""
+    bound = MAX_FRAME_BEFORE_AUTHENTICATION
+    assert bound == wire.PREFIX_SIZE + wire.MAX_META + wire.CRC_SIZE
+
+    def prefix(ftype: wire.FrameType, total: int) -> bytes:
+        return struct.pack(">IBH", total - 4, ftype, wire.MAX_META)
+
+    for ftype in (wire.FrameType.HELLO, wire.FrameType.PRIVATE_PAGES):
+        decoder = wire.FrameDecoder(initial=INITIAL_RECEIVE_BUFFER, max_frame=bound)
+        assert decoder.feed(prefix(ftype, bound)) == [] and decoder.pending_bytes == wire.PREFIX_SIZE
+    decoder = wire.FrameDecoder(initial=INITIAL_RECEIVE_BUFFER, max_frame=bound)
+    with pytest.raises(ProtocolError, match=f"PRIVATE_PAGES frame of {bound + 1} bytes, at most {bound}"):
+        decoder.feed(prefix(wire.FrameType.PRIVATE_PAGES, bound + 1))
+    # Without the bound (an authenticated stream, or FrameProtocol() by default) only the type's
+    # own limit applies.
+    assert wire.FrameDecoder(initial=INITIAL_RECEIVE_BUFFER).feed(prefix(wire.FrameType.PRIVATE_PAGES, bound + 1)) == []
+    assert FrameProtocol().authenticated.is_set()

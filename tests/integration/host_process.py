@@ -30,7 +30,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from migd import identity  # noqa: E402
-from migd.dest import MigrationListener  # noqa: E402
+from migd.listener import MigrationListener  # noqa: E402
 from migd.host import Host  # noqa: E402
 from migd.psp import PspFirmware  # noqa: E402
 

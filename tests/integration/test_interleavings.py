@@ -11,7 +11,7 @@ under write and page-conversion load. Rules interleave, in any order hypothesis 
 * the final switchover.
 
 The switchover is the machine's decision, not the convergence heuristic's: ``should_switch_over``
-in :mod:`migd.source` is replaced by a gate the ``switchover`` rule opens (QEMU's tests drive
+in :mod:`migd.convergence` is replaced by a gate the ``switchover`` rule opens (QEMU's tests drive
 convergence the same way, through ``migrate-set-parameters`` mid-migration). Pre-copy rounds
 keep running until then.
 
@@ -50,11 +50,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from migd import source as source_module
+from migd import convergence
 from migd.channel import CheckReport, GuestChannel
-from migd.dest import MigrationListener
 from migd.guest import GuestDefinition, GuestState, HostGuest
 from migd.host import Host
+from migd.listener import MigrationListener
 from migd.migration_state import MigrationStatus
 from migd.progress import MigrationProgress
 from migd.source import MigrationParams, OutgoingMigration
@@ -111,7 +111,7 @@ class InterleavingMachine(RuleBasedStateMachine):
         self.runner = asyncio.Runner()
         self.root = Path(tempfile.mkdtemp(prefix="migd-interleave-"))
         self.gate_open = False
-        self._patch = mock.patch.object(source_module, "should_switch_over", self._gate)
+        self._patch = mock.patch.object(convergence, "should_switch_over", self._gate)
         self._patch.start()
         self.hosts: list[Host] = []
         self.listeners: list[MigrationListener] = []

@@ -14,10 +14,10 @@ import pytest
 from migd import identity
 from migd.abi import FirmwareStatus, GuestPolicy
 from migd.channel import CheckReport
-from migd.dest import MigrationListener
 from migd.errors import FirmwareError
 from migd.guest import GuestDefinition, GuestState, HostGuest
 from migd.host import Host
+from migd.listener import MigrationListener
 from migd.migration_state import MigrationStatus
 from migd.pki_verify import tls_client_context, tls_server_context
 from migd.progress import MigrationProgress
@@ -233,7 +233,8 @@ async def _commit_dropped(
         ) as proxy:
             guest = await running_guest(a)
             migration = OutgoingMigration(guest, "127.0.0.1", proxy.port, MigrationParams(handoff_timeout_s=2.0),
-                                          resolve_port=resolve_port)
+                                          resolve_port=resolve_port,
+                                          on_established=lambda p, key: a.remember_handoff_key(p.id, key))
             a.add_migration(migration.progress)  # what the daemon does: the listener answers from it
             progress = await migration.run()
             assert proxy.fired("drop") and progress.phase.committed  # the fault really happened

@@ -1,0 +1,113 @@
+"""The daemon's configuration (migd/config.py): the ``[migration]`` bounds on unauthenticated
+and stalled peers, and the documented example ``config/migd.toml``."""
+
+from __future__ import annotations
+
+import asyncio
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from migd import identity
+from migd.config import (
+    DEFAULT_HANDSHAKE_TIMEOUT_S,
+    DEFAULT_MAX_PENDING_CONNECTIONS,
+    DEFAULT_STALL_TIMEOUT_S,
+    Config,
+    parse_config,
+)
+from migd.daemon import Daemon
+from migd.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "migd.toml"
+
+
+@pytest.fixture
+def raw(tmp_path: Path) -> dict[str, Any]:
+    """A minimal valid document: identity under tmp_path/ca, a token file."""
+    state = tmp_path / "hostA"
+    identity.init_host(state, tmp_path / "ca", common_name="hostA")
+    token_file = state / "api.token"
+    token_file.write_text("c0ffee" * 6 + "\n")
+    return {
+        "state_dir": str(state),
+        "api": {"listen": "127.0.0.1:0", "token_file": str(token_file)},
+        "migration": {"listen": "127.0.0.1:0"},
+        "sev": {"trusted_roots": [str(tmp_path / "ca" / identity.CA_CERT)]},
+    }
+
+
+def _parse(raw: dict[str, Any], **migration: Any) -> Config:
+    doc = {**raw, "migration": {**raw["migration"], **migration}}
+    return parse_config(doc, base=Path("/"))
+
+
+def test_the_bounds_default_when_absent(raw: dict[str, Any]) -> None:
+    config = _parse(raw)
+    assert (config.max_pending_connections, config.handshake_timeout_s, config.stall_timeout_s) == (
+        DEFAULT_MAX_PENDING_CONNECTIONS, DEFAULT_HANDSHAKE_TIMEOUT_S, DEFAULT_STALL_TIMEOUT_S) == (64, 15.0, 30.0)
+
+
+def test_the_bounds_are_read(raw: dict[str, Any]) -> None:
+    config = _parse(raw, max_pending_connections=1, handshake_timeout_s=2, stall_timeout_s=0.5)
+    assert (config.max_pending_connections, config.handshake_timeout_s, config.stall_timeout_s) == (1, 2.0, 0.5)
+    assert isinstance(config.handshake_timeout_s, float)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("max_pending_connections", 0, "must be >= 1, got 0"),
+        ("max_pending_connections", -3, "must be >= 1, got -3"),
+        ("max_pending_connections", 1.5, "expected int, got float"),
+        ("max_pending_connections", True, "expected int, got bool"),
+        ("max_pending_connections", "64", "expected int, got str"),
+        ("handshake_timeout_s", 0, "finite number of seconds > 0, got 0"),
+        ("handshake_timeout_s", -1.0, "finite number of seconds > 0, got -1.0"),
+        ("handshake_timeout_s", float("inf"), "finite number of seconds > 0, got inf"),
+        ("handshake_timeout_s", float("nan"), "finite number of seconds > 0, got nan"),
+        ("handshake_timeout_s", False, "expected int or float, got bool"),
+        ("handshake_timeout_s", "15", "expected int or float, got str"),
+        ("stall_timeout_s", 0.0, "finite number of seconds > 0, got 0.0"),
+        ("stall_timeout_s", float("inf"), "finite number of seconds > 0, got inf"),
+        ("stall_timeout_s", [30], "expected int or float, got list"),
+    ],
+)
+def test_bad_bounds_are_refused_naming_the_key(raw: dict[str, Any], key: str, value: Any, why: str) -> None:
+    with pytest.raises(ConfigError, match=rf"migration\.{key}.*{why}"):
+        _parse(raw, **{key: value})
+
+
+def test_unknown_migration_keys_are_still_errors(raw: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'migration\.max_pending'.*max_pending_connections"):
+        _parse(raw, max_pending=3)
+    with pytest.raises(ConfigError, match=r"unknown key 'migration\.idle_timeout_s'.*stall_timeout_s"):
+        _parse(raw, idle_timeout_s=3)
+
+
+def test_the_documented_example_names_every_migration_key_with_its_default(raw: dict[str, Any]) -> None:
+    """config/migd.toml documents each [migration] key; its values are the defaults, and it
+    validates once its files exist."""
+    example = tomllib.loads(EXAMPLE.read_text())
+    documented = example["migration"]
+    assert {"max_pending_connections", "handshake_timeout_s", "stall_timeout_s"} <= set(documented)
+    config = _parse(raw, **{k: v for k, v in documented.items() if k != "listen"})
+    assert config.max_pending_connections == DEFAULT_MAX_PENDING_CONNECTIONS
+    assert config.handshake_timeout_s == DEFAULT_HANDSHAKE_TIMEOUT_S
+    assert config.stall_timeout_s == DEFAULT_STALL_TIMEOUT_S
+
+
+def test_the_daemon_gives_the_bounds_to_its_listener(raw: dict[str, Any]) -> None:
+    config = _parse(raw, max_pending_connections=5, handshake_timeout_s=2.5)
+
+    async def main() -> None:
+        daemon = Daemon(config)
+        await daemon.start()
+        try:
+            assert (daemon.listener.max_pending, daemon.listener.handshake_timeout_s) == (5, 2.5)
+        finally:
+            await daemon.shutdown()
+
+    asyncio.run(main())

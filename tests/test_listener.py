@@ -1,0 +1,495 @@
+"""The migration listener's bounds before authentication (migd/listener.py), on a real socket.
+
+A real listener on 127.0.0.1 with a real ``Host`` (firmware identity under a test CA, no
+guests) takes hundreds of connections that never authenticate: garbage, silence, TLS clients
+without a certificate or with one from another CA, frames too large for an unauthenticated
+peer. What it holds afterwards is measured three ways: the listener's own count of live
+connection tasks and receive-buffer bytes, the ``FrameProtocol`` objects and asyncio tasks
+alive in the process, and its RSS. The negative control runs the same measurement against
+the former listener's connection handling (``create_server(ssl=...)`` and a task waiting for
+``connection_made`` without a deadline) and sees every failed handshake stay behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import gc
+import logging
+import re
+import ssl
+import struct
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from migd import dest, identity, listener, wire
+from migd.errors import MigdError
+from migd.host import Host
+from migd.listener import MigrationListener, Refusal
+from migd.pki_verify import tls_client_context, tls_server_context
+from migd.psp import PspFirmware
+from migd.stream import MAX_FRAME_BEFORE_AUTHENTICATION, FrameProtocol
+
+try:
+    _MALLOC_TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
+except OSError:  # no C library by that name: RSS is then read untrimmed
+    _MALLOC_TRIM = None
+WAIT = 10.0  # bound on every wait of a client or for the listener to settle (never reached when things work)
+SHORT_HANDSHAKE_S = 1.0  # the listener's handshake_timeout_s in these tests
+MiB = 1 << 20
+
+pytestmark = pytest.mark.fault_class("attack: unauthenticated connections to the migration listener")
+
+
+# ---------------------------------------------------------------------- set-up
+
+
+@dataclass(frozen=True)
+class Pki:
+    """The destination host's TLS files, a client of the same owner CA, and a rogue client."""
+
+    root: Path
+
+    def files(self, name: str) -> tuple[Path, Path, Path]:
+        host = self.root / name
+        return self.root / "ca" / identity.CA_CERT, host / identity.TLS_CERT, host / identity.TLS_KEY
+
+    def server(self) -> ssl.SSLContext:
+        return tls_server_context(*self.files("hostA"))
+
+    def client(self) -> ssl.SSLContext:
+        return tls_client_context(*self.files("hostB"))
+
+    def rogue(self) -> ssl.SSLContext:
+        """A client whose certificate comes from another CA (it trusts ours, to get as far as it can)."""
+        ca, _, _ = self.files("hostA")
+        _, cert, key = self.files("rogue")
+        return tls_client_context(ca, cert, key)
+
+    def anonymous(self) -> ssl.SSLContext:
+        """A client with no certificate at all."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cafile=self.files("hostA")[0])
+        return context
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    for name in ("hostA", "hostB"):
+        identity.init_host(tmp_path / name, tmp_path / "ca", common_name=name)
+    identity.init_host(tmp_path / "rogue", tmp_path / "rogue-ca", common_name="hostB")
+    return Pki(tmp_path)
+
+
+@pytest.fixture
+def host(pki: Pki) -> Host:
+    """The cheapest real destination: firmware and registry, no guests, no journal."""
+    state = pki.root / "hostA"
+    firmware = PspFirmware.from_state_dir(state, [pki.root / "ca" / identity.CA_CERT])
+    return Host(state, firmware, runtime_dir=pki.root / "run")
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]], loop: str = "asyncio") -> None:
+    """The daemon runs on uvloop; the engine tests on asyncio: the listener must hold on both."""
+    (uvloop.run if loop == "uvloop" else asyncio.run)(main())
+
+
+# ---------------------------------------------------------------------- measurements
+
+
+def rss_mib() -> float:
+    """VmRSS, after handing the allocator's free memory back to the kernel.
+
+    glibc keeps freed heap memory (a TLS connection frees ~256 KiB of asyncio's SSL buffer, a
+    client's as well), so without the trim RSS shows the high-water mark of a wave of
+    connections rather than what is still held.
+    """
+    gc.collect()
+    if _MALLOC_TRIM is not None:  # glibc's; other C libraries have none
+        _MALLOC_TRIM(0)
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@dataclass(frozen=True)
+class Held:
+    """What the process holds for migration streams: protocols alive, their receive buffers, tasks."""
+
+    protocols: int
+    buffer_bytes: int
+    tasks: int
+
+    @classmethod
+    def now(cls) -> Held:
+        gc.collect()
+        protocols = [o for o in gc.get_objects() if isinstance(o, FrameProtocol)]
+        return cls(len(protocols), sum(p.receive_buffer_bytes for p in protocols), len(asyncio.all_tasks()))
+
+
+async def settled(lst: MigrationListener) -> None:
+    """Until the listener holds no connection (bounded)."""
+    async with asyncio.timeout(WAIT):
+        while lst.live_connections or lst.pending_connections:
+            await asyncio.sleep(0.02)
+
+
+async def released(before: Held) -> Held:
+    """What is held once it is ``before`` again (TimeoutError after WAIT).
+
+    A session that refused its peer closes gracefully: its transport (and protocol) lingers
+    until the peer closes too, at most LINGER_S (migd/stream.py), after its task has ended.
+    """
+    async with asyncio.timeout(WAIT):
+        while (held := Held.now()) != before:
+            await asyncio.sleep(0.1)
+    return held
+
+
+# ---------------------------------------------------------------------- clients that never authenticate
+
+
+async def _until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Read until the listener closes the connection; what it sent (an ABORT frame, or nothing)."""
+    data = b""
+    try:
+        while chunk := await reader.read(65536):
+            data += chunk
+    except (OSError, asyncio.IncompleteReadError):  # reset, or a TLS alert
+        pass
+    return data
+
+
+async def _client(port: int, kind: str, pki: Pki, tls: bool) -> bytes:
+    """One connection of ``kind`` that fails to authenticate; returns what the listener sent."""
+    contexts = {"anonymous": pki.anonymous, "rogue": pki.rogue, "tls-then-silence": pki.client}
+    async with asyncio.timeout(WAIT):
+        if kind in contexts:
+            try:
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, ssl=contexts[kind](), server_hostname="hostA")
+            except OSError:  # refused during the handshake (TLS 1.2 behaviour): fine too
+                return b""
+        else:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            if kind == "garbage":
+                writer.write(b"GET / HTTP/1.0\r\nHost: migd\r\n\r\n" if tls else b"\x00\x00\x00\x09\x2a" + b"\xff" * 64)
+            elif kind == "zeros":
+                writer.write(bytes(300))
+            elif kind == "huge-frame":
+                # A PRIVATE_PAGES frame announcing 512 pages (2 MiB) before authentication: the
+                # prefix alone must end it (the rest never comes).
+                length = 1 + 2 + 16 + 512 * 4096 + 4
+                writer.write(struct.pack(">IBH", length, wire.FrameType.PRIVATE_PAGES, 16) + bytes(16) + bytes(4096))
+            elif kind == "close-at-once":
+                writer.close()
+                return b""
+            # "silence", "tls-then-silence", "anonymous", "rogue": say nothing; TLS 1.3 reports a
+            # refused client certificate after the client's side of the handshake, on the next read.
+            return await _until_closed(reader)
+        finally:
+            writer.close()
+
+
+PLAIN_KINDS = ("garbage", "zeros", "huge-frame", "silence", "close-at-once")
+TLS_KINDS = ("garbage", "zeros", "anonymous", "rogue", "silence", "tls-then-silence", "close-at-once")
+
+
+async def _flood(port: int, pki: Pki, tls: bool, n: int, concurrency: int = 60) -> list[bytes]:
+    """``n`` failing connections of every kind in turn, ``concurrency`` at a time: a leak grows
+    with ``n``, the allocator's high-water mark only with ``concurrency``."""
+    kinds = TLS_KINDS if tls else PLAIN_KINDS
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> bytes:
+        async with slots:
+            return await _client(port, kinds[i % len(kinds)], pki, tls)
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def _expected_refusals(tls: bool, n: int) -> dict[str, int]:
+    """How many of each kind ``_flood`` opens."""
+    kinds = TLS_KINDS if tls else PLAIN_KINDS
+    return {kind: len(range(i, n, len(kinds))) for i, kind in enumerate(kinds)}
+
+
+# ---------------------------------------------------------------------- the leak, fixed
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+def test_connections_that_never_authenticate_leave_nothing_behind(host: Host, pki: Pki, tls: bool, loop: str) -> None:
+    """300 connections fail in every way: afterwards no task, protocol or buffer is left and RSS is flat."""
+    n = 300
+
+    async def main() -> None:
+        lst = MigrationListener(host, ssl_context=pki.server() if tls else None, client_ssl=pki.client(),
+                                max_pending=1000, handshake_timeout_s=SHORT_HANDSHAKE_S)
+        port = await lst.start("127.0.0.1", 0)
+        try:
+            await _flood(port, pki, tls, 120)  # warm-up: OpenSSL tables, code paths, allocator arenas
+            await settled(lst)
+            before, rss_before = Held.now(), rss_mib()
+            lst.refused.clear()
+
+            sent = await _flood(port, pki, tls, n)
+            await settled(lst)
+            try:
+                after = await released(before)
+            except TimeoutError:
+                after = Held.now()
+            rss_after = rss_mib()
+            print(f"\n{loop} {'tls' if tls else 'plain'}: {n} failed connections: RSS {rss_before:.1f} -> "
+                  f"{rss_after:.1f} MiB; held before {before}, after {after}; refused {dict(lst.refused)}")
+        finally:
+            await lst.close()
+
+        assert lst.pending_connections == 0 and lst.receive_buffer_bytes == 0
+        assert after == before, "a failed connection left a protocol, a buffer or a task behind"
+        assert rss_after - rss_before < 20, f"RSS grew by {rss_after - rss_before:.1f} MiB"
+        # Every connection was refused, and for the reason its kind gives.
+        kinds = _expected_refusals(tls, n)
+        assert sum(lst.refused.values()) == n, lst.refused
+        assert lst.refused[Refusal.CAPACITY] == 0
+        timeouts = kinds["silence"] + (kinds["tls-then-silence"] if tls else 0)
+        assert lst.refused[Refusal.HANDSHAKE_TIMEOUT] == timeouts
+        if tls:
+            # Garbage and zeros fail the handshake; so do the anonymous and the rogue client,
+            # from the listener's side (their own side may have finished before the refusal).
+            failed = kinds["garbage"] + kinds["zeros"] + kinds["anonymous"] + kinds["rogue"]
+            assert lst.refused[Refusal.TLS_HANDSHAKE] == failed
+        else:
+            assert lst.refused[Refusal.PROTOCOL_ERROR] == kinds["garbage"] + kinds["zeros"] + kinds["huge-frame"]
+            # The huge frame was refused by its prefix: the ABORT says so.
+            huge = sent[PLAIN_KINDS.index("huge-frame")::len(PLAIN_KINDS)]
+            aborts = [wire.FrameDecoder().feed(data) for data in huge]
+            assert all(isinstance(m[0], wire.Abort) and f"at most {MAX_FRAME_BEFORE_AUTHENTICATION}" in m[0].reason
+                       for m in aborts), aborts[:1]
+
+    run(main, loop)
+
+
+class _ListenerAsItWas:
+    """The former listener's connection handling, kept as the negative control: ``create_server``
+    with the TLS context, a ``FrameProtocol`` per connection and a task that waits for its
+    ``connection_made`` without a deadline (a failed handshake never calls it)."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None) -> None:
+        self._ssl = ssl_context
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.get_running_loop().create_server(self._connection, "127.0.0.1", 0, ssl=self._ssl)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _connection(self) -> FrameProtocol:
+        proto = FrameProtocol()
+
+        async def serve() -> None:
+            await proto.connected.wait()
+            proto.close()
+
+        task = asyncio.get_running_loop().create_task(serve())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return proto
+
+    async def close(self) -> None:
+        self._server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def test_negative_control_the_measurement_sees_the_former_leak(pki: Pki) -> None:
+    """The same failed TLS handshakes against the former handling: each leaves its task and protocol."""
+    n = 50
+
+    async def main() -> None:
+        old = _ListenerAsItWas(pki.server())
+        port = await old.start()
+        try:
+            before = Held.now()
+            kinds = ("garbage", "anonymous", "rogue", "close-at-once")
+            await asyncio.gather(*(_client(port, kinds[i % len(kinds)], pki, True) for i in range(n)))
+            await asyncio.sleep(0.3)  # what would have ended has ended
+            after = Held.now()
+            print(f"\nformer listener: {n} failed handshakes: held before {before}, after {after}")
+            assert after.tasks - before.tasks == n and len(old.tasks) == n
+            assert after.protocols - before.protocols == n
+            assert after.buffer_bytes - before.buffer_bytes >= n * 64 * 1024
+        finally:
+            await old.close()
+
+    run(main)
+
+
+# ---------------------------------------------------------------------- the cap
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+@pytest.mark.parametrize("max_pending", [3, 100])
+def test_past_max_pending_a_connection_is_closed_at_once_and_counted(
+    host: Host, pki: Pki, tls: bool, max_pending: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With max_pending=3 the 4th..10th silent connection is closed at once (counted "capacity",
+    logged rate-limited); once the first three time out, a new one is taken again. With 100
+    (the negative control) the same seven wait for their handshake deadline like the rest."""
+    caplog.set_level(logging.WARNING, logger="migd.listener")
+
+    async def main() -> None:
+        lst = MigrationListener(host, ssl_context=pki.server() if tls else None, max_pending=max_pending,
+                                handshake_timeout_s=SHORT_HANDSHAKE_S)
+        port = await lst.start("127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+        try:
+            first = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+            async with asyncio.timeout(WAIT):
+                while lst.pending_connections < 3:
+                    await asyncio.sleep(0.01)
+            started = loop.time()
+            extra = [await asyncio.open_connection("127.0.0.1", port) for _ in range(7)]
+            ends = await asyncio.gather(*(_until_closed(reader) for reader, _ in extra))
+            waited = loop.time() - started
+            assert ends == [b""] * 7
+            if max_pending == 3:
+                assert waited < SHORT_HANDSHAKE_S / 2, f"refused connections stayed open {waited:.2f} s"
+                assert lst.refused == {Refusal.CAPACITY: 7} and lst.pending_connections == 3
+            else:
+                assert waited >= SHORT_HANDSHAKE_S * 0.9
+                assert lst.refused[Refusal.CAPACITY] == 0 and lst.refused[Refusal.HANDSHAKE_TIMEOUT] >= 7
+            # The first three time out; then a new connection is taken (pending, not refused).
+            assert [await _until_closed(reader) for reader, _ in first] == [b""] * 3
+            await settled(lst)
+            assert lst.refused[Refusal.HANDSHAKE_TIMEOUT] == (3 if max_pending == 3 else 10)
+            capacity = lst.refused[Refusal.CAPACITY]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            async with asyncio.timeout(WAIT):
+                while lst.pending_connections < 1:
+                    await asyncio.sleep(0.01)
+            assert lst.refused[Refusal.CAPACITY] == capacity
+            for _, w in (*first, *extra, (reader, writer)):
+                w.close()
+        finally:
+            await lst.close()
+
+        # One warning line per REFUSAL_LOG_INTERVAL_S at most; each says how many it held back,
+        # and close() reports the rest: every refusal is accounted for.
+        lines = [r.getMessage() for r in caplog.records if r.name == "migd.listener"]
+        refusal_lines = [line for line in lines if line.startswith("incoming connection refused ")]
+        held_back = sum(int(m.group(1)) for line in lines if (m := re.search(r"suppressed=(\d+)", line)))
+        assert len(refusal_lines) == 1  # the whole test takes less than the interval
+        assert len(refusal_lines) + held_back == sum(lst.refused.values())
+
+    run(main)
+
+
+# ---------------------------------------------------------------------- the deadline holds whatever the session does
+
+
+class _StubbornSession:
+    """A session that would wait an hour for the peer's first frame."""
+
+    def __init__(self, host: Host, proto: FrameProtocol, peer: str, **_: Any) -> None:
+        self.proto = proto
+
+    async def run(self) -> None:
+        try:
+            await self.proto.receive(3600)
+        except MigdError:
+            pass
+        finally:
+            self.proto.close()
+
+
+class _DeafSession(_StubbornSession):
+    """A session that ignores its stream altogether."""
+
+    async def run(self) -> None:
+        await asyncio.sleep(3600)
+
+
+@pytest.fixture
+def short_wind_down(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(listener, "WIND_DOWN_S", 0.3)
+    yield
+
+
+@pytest.mark.parametrize("session", [_StubbornSession, _DeafSession], ids=["stubborn", "deaf"])
+def test_the_listener_closes_an_unauthenticated_connection_whatever_its_session_does(
+    host: Host, pki: Pki, session: type, monkeypatch: pytest.MonkeyPatch, short_wind_down: None
+) -> None:
+    """The session's own handshake timeout is not relied on: at the listener's deadline the
+    stream is closed, and a session that does not end then is cancelled (WIND_DOWN_S later)."""
+    monkeypatch.setattr(dest, "IncomingMigration", session)
+
+    async def main() -> None:
+        lst = MigrationListener(host, max_pending=5, handshake_timeout_s=SHORT_HANDSHAKE_S)
+        port = await lst.start("127.0.0.1", 0)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            closed = await asyncio.gather(*(_client(port, "silence", pki, False) for _ in range(5)))
+            # Closed at the listener's deadline (the slack is for a busy machine; the session
+            # alone would have waited an hour).
+            assert closed == [b""] * 5 and loop.time() - started < SHORT_HANDSHAKE_S + 2
+            await settled(lst)
+            assert loop.time() - started < SHORT_HANDSHAKE_S + listener.WIND_DOWN_S + 2
+            assert lst.refused == {Refusal.HANDSHAKE_TIMEOUT: 5}
+        finally:
+            await lst.close()
+
+    run(main)
+
+
+def test_an_authenticated_connection_is_no_longer_pending_nor_bounded(host: Host, pki: Pki,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """mark_authenticated() (what the session calls once SESSION verifies) takes the connection
+    out of the pending count at once and past the handshake deadline; the stream then takes a
+    2 MiB frame it refused before."""
+
+    received: list[wire.Message] = []
+
+    class TrustingSession(_StubbornSession):
+        async def run(self) -> None:
+            self.proto.set_page_handler(lambda msg: received.append(wire.detached(msg)), threaded=False)
+            self.proto.mark_authenticated()
+            try:
+                received.append(await self.proto.receive(WAIT))
+            finally:
+                self.proto.close()
+
+    monkeypatch.setattr(dest, "IncomingMigration", TrustingSession)
+
+    async def main() -> None:
+        lst = MigrationListener(host, max_pending=1, handshake_timeout_s=0.3)
+        port = await lst.start("127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            async with asyncio.timeout(WAIT):  # accepted, then authenticated by its session
+                while not (lst.live_connections == 1 and lst.pending_connections == 0):
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.5)  # past the handshake deadline: still open
+            assert lst.live_connections == 1 and not lst.refused
+            encoder = wire.FrameEncoder()
+            writer.write(encoder.encode_bytes(wire.SharedPages(0, 512, bytes(512 * 4096)))
+                         + encoder.encode_bytes(wire.RoundEnd(0, 0)))
+            await _until_closed(reader)
+            writer.close()
+            await settled(lst)
+        finally:
+            await lst.close()
+        assert [type(m).__name__ for m in received] == ["SharedPages", "RoundEnd"]
+        assert not lst.refused
+
+    run(main)
