@@ -35,6 +35,7 @@ from migd.guest import GuestDefinition, HostGuest
 from migd.host import Host
 from migd.journal import JournalError
 from migd.migration_state import MigrationPhase
+from migd.page_runs import PageKind
 from migd.peer_text import printable
 from migd.progress import MigrationProgress
 from migd.sev_transport import NONCE_SIZE
@@ -184,9 +185,14 @@ class IncomingMigration:
         self._prepare(msg)
         marks.append(("verified", time.monotonic()))
         await self._agent_ready  # a destination that cannot start the guest must not say PREPARED
+        if proto.close_reason is not None:
+            # The stream ended while we verified: PREPARED never left, the source cannot have
+            # committed, so this is an ordinary failure (the copy goes), not doubt.
+            raise StreamClosed(f"the stream ended before PREPARED could be sent: {proto.close_reason}")
         # From here the source may commit at any moment: until it says how the migration
         # ended, this copy may be the only one and nothing here may discard it (not even a
-        # shutdown; a restart asks the source, migd.recovery).
+        # shutdown; a restart asks the source, migd.recovery). No await between the check above
+        # and this write: the stream cannot end in between.
         proto.write(session.prepared(self._received.count(), time.monotonic()))
         marks.append(("prepared_sent", time.monotonic()))
         try:
@@ -198,8 +204,10 @@ class IncomingMigration:
             # forged an ABORT). Ask it before throwing away what may now be the only copy.
             session.stream_lost(_reason(exc), time.monotonic())
             outcome = await self._resolve_in_doubt(hello, key, exc)
-            if outcome == "unreachable":
-                raise  # kept in doubt (not started, not discarded): a restart asks again
+            if outcome in ("unreachable", "unknown"):
+                # Kept in doubt (not started, not discarded): a restart asks again. "unknown" under
+                # the key means a source that lost its record of the migration: it may have committed.
+                raise
             if outcome != "committed":
                 self._source_says = outcome  # not in doubt any more: _fail removes this copy
                 raise IncomingRefused(f"in doubt after PREPARED ({_reason(exc)}); the source says: {outcome}") from exc
@@ -241,7 +249,7 @@ class IncomingMigration:
         if not hello.resolve_port or not host_part:
             # A source that gave no address cannot be asked (an engine without a listener):
             # it keeps its paused copy, so this one goes.
-            return "unknown"
+            return "not askable (no resolve address)"
         address = f"{host_part}:{hello.resolve_port}"
         log.warning("migration %s in doubt after PREPARED (%s): asking %s", hello.migration_id, cause, address)
         deadline = time.monotonic() + self.resolve_timeout_s
@@ -285,7 +293,10 @@ class IncomingMigration:
         nothing queued ahead. Touches only this migration's guest RAM, firmware context,
         counters and the session's frame chain (which only this path writes, in stream order).
         """
-        kind = self.session.page_received(msg)
+        with self.session.page_frame(msg) as kind:
+            self._place_run(msg, kind)
+
+    def _place_run(self, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages, kind: PageKind) -> None:
         guest, received, progress = self.guest, self._received, self.progress
         assert guest is not None and received is not None and progress is not None
         first = msg.gpa >> PAGE_SHIFT

@@ -209,16 +209,19 @@ class Host:
             raise SessionReplayed(f"session or migration id {migration_id} was accepted here before")
         if self.journal is not None:
             self.journal.accept_session(nonce, migration_id)
-        self._accepted.update((nonce, migration_id))
+        else:
+            self._accepted.update((nonce, migration_id))
 
     def remember_handoff_key(self, migration_id: str, key: bytes) -> None:
         """Keep a migration's hand-off key (journal too) to answer or check an authenticated RESOLVE."""
-        self._handoff_keys[migration_id] = key
-        if self.journal is not None:
-            try:
-                self.journal.record_handoff_key(migration_id, key)
-            except JournalError as exc:
-                log.error("journal: %s (a restart could not authenticate RESOLVE for it)", exc)
+        if self.journal is None:
+            self._handoff_keys[migration_id] = key
+            return
+        try:
+            self.journal.record_handoff_key(migration_id, key)
+        except JournalError as exc:
+            log.error("journal: %s (a restart could not authenticate RESOLVE for it)", exc)
+            self._handoff_keys[migration_id] = key  # this run can still answer
 
     def handoff_key(self, migration_id: str) -> bytes | None:
         """The hand-off key of a migration of this host (memory, else journal), if known."""

@@ -304,7 +304,7 @@ async def _resolve_one(host: Host, journal: Journal, record: MigrationRecord, *,
         except (MigdError, OSError, TimeoutError) as exc:
             log.info("RESOLVE %s: source %s not reachable yet (%s)", record.id, address, exc)
         else:
-            if outcome in ("committed", "aborted", "unknown"):
+            if outcome in ("committed", "aborted"):  # "unknown" under the key: a source that lost its record
                 try:
                     if outcome == "committed":
                         return _keep_committed(host, journal, record)

@@ -54,7 +54,10 @@ async def ask_source(address: str, migration_id: str, key: bytes, *, client_ssl:
 
 
 def resolution(host: _MigrationRecords, migration_id: str) -> str:
-    """How an outgoing migration of this host ended (``wire.RESOLUTIONS``), from memory or the journal."""
+    """How an outgoing migration of this host ended (``wire.RESOLUTIONS``), from memory or the journal.
+
+    ``unknown``: this host was not the source of that migration (or no longer remembers it).
+    """
     progress = host.migrations.get(migration_id)
     if progress is not None and getattr(progress, "role", None) == "source":
         phase = progress.phase  # type: ignore[attr-defined]
@@ -85,6 +88,12 @@ def answer(host: _MigrationRecords, request: wire.Resolve, peer: str) -> wire.Re
         log.warning("RESOLVE refused migration=%s from=%s: %s", printable(request.migration_id), printable(peer), exc)
         return None
     outcome = resolution(host, request.migration_id)
+    if outcome == "unknown":
+        # Only the source of a migration answers for it. A destination holds the same key: its
+        # own listener must never answer its own question (a reflected RESOLVE), nor anyone's.
+        log.warning("RESOLVE refused migration=%s from=%s: this host is not that migration's source",
+                    printable(request.migration_id), printable(peer))
+        return None
     log.info("RESOLVE migration=%s from=%s: %s", printable(request.migration_id), printable(peer), outcome)
     return resolved_answer(request, outcome, key)
 

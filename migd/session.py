@@ -28,10 +28,12 @@ COMMIT and STARTED are MACed over the whole transcript.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import struct
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -279,6 +281,7 @@ class _Session:
         #: state, so an ABORT verifies whether or not the peer had seen our last message.
         self._abort_context = b""
         self._peer_role = R.DESTINATION if self.ROLE is R.SOURCE else R.SOURCE
+        self._pages_lock = threading.Lock()
 
     # -- the table
     def _transition(self, event: Event, now: float, error: str | None = None) -> Phase:
@@ -290,7 +293,13 @@ class _Session:
                 raise PeerProtocolError(f"{self.ROLE.value} in phase {self.phase.value}: unexpected {name} from the peer")
             raise LocalProtocolError(f"{self.ROLE.value} in phase {self.phase.value}: {name} is not a step from here")
         new = TRANSITIONS[key]
-        self.phase, self.entered_at = new, now
+        if self.phase in PAGE_PHASES[self.ROLE] and new not in PAGE_PHASES[self.ROLE]:
+            # Leaving the page phase waits for a frame being placed (page_frame): once the phase
+            # says "no more pages", no page frame is between its check and guest RAM.
+            with self._pages_lock:
+                self.phase, self.entered_at = new, now
+        else:
+            self.phase, self.entered_at = new, now
         status = STATUS.get(new, self.status.status)
         if new in _COMMITTED and not self.status.committed:
             self.status.commit()
@@ -624,8 +633,18 @@ class DestinationSession(_Session):
         self._transition(Local.SESSION_ACCEPTED, now)
         return ack
 
+    @contextlib.contextmanager
+    def page_frame(self, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages) -> Iterator[PageKind]:
+        """Admit one page frame and hold the page phase open while the driver places it.
+
+        The page worker runs beside the event loop: without this, a frame checked just before
+        the loop handled VCPU_STATE and PREPARE could reach guest RAM after PREPARE was verified.
+        """
+        with self._pages_lock:
+            yield self.page_received(msg)
+
     def page_received(self, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages) -> PageKind:
-        """One page frame, in stream order (the page worker calls this; it reads the phase only)."""
+        """One page frame, in stream order: checked against the phase, added to the chain."""
         if self.phase not in PAGE_PHASES[R.DESTINATION]:
             raise PeerProtocolError(f"{msg.TYPE.name} frame in phase {self.phase.value}")
         kind = _KIND_OF[type(msg)]

@@ -86,21 +86,27 @@ class Transcript:
 # ---------------------------------------------------------------- RESOLVE
 
 
+#: RESOLVE's labels: a question and an answer MAC under labels no other message uses, so neither
+#: can be reflected as the other (nor as a hand-off message of the live session).
+RESOLVE_QUESTION = "destination-asks-resolve"
+RESOLVE_ANSWER = "source-answers-resolve"
+
+
 def resolve_request(migration_id: str, key: bytes, nonce: bytes | None = None) -> wire.Resolve:
     """The destination's authenticated question: did ``migration_id`` commit?"""
     unsigned = wire.Resolve(migration_id, new_nonce() if nonce is None else nonce)
-    return wire.Resolve(unsigned.migration_id, unsigned.nonce, compute_mac(key, "destination", b"", unsigned))
+    return wire.Resolve(unsigned.migration_id, unsigned.nonce, compute_mac(key, RESOLVE_QUESTION, b"", unsigned))
 
 
 def check_resolve(msg: wire.Resolve, key: bytes) -> None:
     """The source's check that the asker is the destination of that migration."""
-    verify_mac(key, "destination", b"", msg, msg.mac)
+    verify_mac(key, RESOLVE_QUESTION, b"", msg, msg.mac)
 
 
 def resolved_answer(request: wire.Resolve, outcome: str, key: bytes) -> wire.Resolved:
     """The source's answer, MACed together with the asker's nonce (an old answer never verifies)."""
     unsigned = wire.Resolved(request.migration_id, outcome)
-    return wire.Resolved(request.migration_id, outcome, compute_mac(key, "source", request.nonce, unsigned))
+    return wire.Resolved(request.migration_id, outcome, compute_mac(key, RESOLVE_ANSWER, request.nonce, unsigned))
 
 
 def check_resolved(answer: wire.Resolved, request: wire.Resolve, key: bytes) -> str:
@@ -108,5 +114,5 @@ def check_resolved(answer: wire.Resolved, request: wire.Resolve, key: bytes) -> 
     if answer.migration_id != request.migration_id:
         raise AuthenticationError(f"RESOLVED answers migration {printable(answer.migration_id)}, "
                                   f"not {request.migration_id}")
-    verify_mac(key, "source", request.nonce, answer, answer.mac)
+    verify_mac(key, RESOLVE_ANSWER, request.nonce, answer, answer.mac)
     return answer.outcome

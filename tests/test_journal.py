@@ -488,7 +488,7 @@ def test_a_prepared_guest_is_kept_when_the_source_committed(
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("answer", ["aborted", "unknown"])
+@pytest.mark.parametrize("answer", ["aborted"])
 def test_a_prepared_guest_is_removed_when_the_source_did_not_commit(
     tmp_path: Path, make_firmware: Callable[..., PspFirmware], answer: str
 ) -> None:
@@ -502,6 +502,23 @@ def test_a_prepared_guest_is_removed_when_the_source_did_not_commit(
         assert journal.guests() == [] and "g1" not in host.guests
         (row,) = journal.migrations()
         assert row.status is S.FAILED and not row.committed and answer in (row.error or "")
+        journal.close()
+
+    asyncio.run(main())
+
+
+def test_an_authenticated_unknown_keeps_the_guest_in_doubt(
+    tmp_path: Path, make_firmware: Callable[..., PspFirmware]
+) -> None:
+    """A source that holds the key but no longer knows the migration may have committed: the
+    prepared copy (maybe the only one) is kept, not removed (compare "aborted" above)."""
+    async def main() -> None:
+        server = await _fake_source(["unknown"], [])
+        mid = _prepared_then_crash(tmp_path, make_firmware, f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        host, journal, resolve = _restart(tmp_path, make_firmware, resolve_timeout_s=0.5)
+        assert await resolve() == {mid: "in doubt"}  # type: ignore[operator]
+        server.close()
+        assert host.guest_dir("g1").exists() and "g1" not in host.guests
         journal.close()
 
     asyncio.run(main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +215,34 @@ def test_page_frames_outside_the_page_phases_are_refused(nsteps: int) -> None:
     else:
         with pytest.raises(PeerProtocolError):
             pair.dest.page_received(frame)
+
+
+def test_leaving_the_page_phase_waits_for_a_frame_being_placed() -> None:
+    """The page worker runs beside the loop: a frame admitted just before VCPU_STATE is handled
+    must reach guest RAM before the phase closes, never after PREPARE was verified."""
+    pair = pair_after(5)
+    frame = wire.ZeroPages(0, 1)
+    admitted, release = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        with pair.dest.page_frame(frame):
+            admitted.set()
+            release.wait(5)  # the placement, in progress
+
+    placing = threading.Thread(target=worker)
+    placing.start()
+    assert admitted.wait(5)
+    closing = threading.Thread(target=lambda: pair.dest.receive(wire.VcpuState(0, None, b"s"), pair.now))
+    closing.start()
+    closing.join(0.3)
+    assert closing.is_alive() and pair.dest.phase is Phase.RECEIVING  # waits for the frame
+    release.set()
+    placing.join(5)
+    closing.join(5)
+    assert pair.dest.phase is Phase.AWAIT_PREPARE
+    with pytest.raises(PeerProtocolError):
+        with pair.dest.page_frame(frame):
+            pass
 
 
 def test_our_own_misuse_is_a_local_error_not_the_peers() -> None:
