@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -36,6 +37,7 @@ import pytest
 
 from faultproxy import (
     Direction,
+    DropFrame,
     DropLastFrameBefore,
     FaultProxy,
     FaultRecord,
@@ -667,3 +669,68 @@ def test_an_unauthenticated_hello_creates_no_record(tmp_path: Path, daemon: Call
     if records := migration_records(b):
         problems.append(f"B's journal keeps them across a restart: {records}")
     no_problems(problems)
+
+
+async def _redirect(target_port: int) -> tuple[asyncio.Server, int]:
+    """"The network": a TCP forwarder that leads every connection to ``target_port``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.fault_class("attacker: reflected RESOLVE")
+def test_a_reflected_resolve_never_discards_a_committed_copy(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """COMMIT is dropped and the destination's RESOLVE is routed back to its own listener, which
+    holds the same hand-off key. The source committed: the destination must keep its copy in doubt
+    (never answer itself, never take its own question for an answer). Found in review of the
+    first version of the authenticated RESOLVE: there the destination answered itself "unknown"
+    and discarded the guest, which then ran nowhere."""
+    from migd import dest as dest_module
+
+    monkeypatch.setattr(dest_module, "IncomingMigration",
+                        functools.partial(dest_module.IncomingMigration, start_timeout_s=3.0, resolve_timeout_s=3.0))
+
+    async def main() -> None:
+        a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")
+        listener = MigrationListener(b)
+        port = await listener.start("127.0.0.1", 0)
+        redirect, redirect_port = await _redirect(port)
+        try:
+            async with closing(a, b), FaultProxy("127.0.0.1", port, [DropFrame(FrameSelector.of(F.COMMIT))]) as proxy:
+                guest = await running_guest(a)
+                migration = OutgoingMigration(guest, "127.0.0.1", proxy.port, MigrationParams(handoff_timeout_s=2.0),
+                                              resolve_port=redirect_port,
+                                              on_established=lambda p, key: a.remember_handoff_key(p.id, key))
+                a.add_migration(migration.progress)
+                progress = await asyncio.wait_for(migration.run(), 60)
+                assert proxy.fired("drop")
+                assert progress.phase.committed and guest.state is GuestState.MIGRATED  # the source gave it up
+                (incoming,) = b.migrations.values()
+                async with asyncio.timeout(30):  # the destination asks, is refused, and gives up asking
+                    while "in doubt" not in (incoming.phase.error or ""):
+                        await asyncio.sleep(0.1)
+                await asyncio.sleep(5.0)  # past its 3 s of asking (refused each time)
+                assert "g1" in b.guests and b.guests["g1"].state is GuestState.INCOMING, \
+                    ("the prepared copy was discarded although the source committed", incoming.phase.error)
+                assert incoming.status is S.STOP_COPY and not incoming.phase.committed
+        finally:
+            await listener.close()
+            redirect.close()
+
+    asyncio.run(main())
