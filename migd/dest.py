@@ -39,7 +39,8 @@ from migd.page_runs import PageKind
 from migd.peer_text import printable
 from migd.progress import MigrationProgress
 from migd.sev_transport import NONCE_SIZE
-from migd.session import DestinationSession, Phase, SessionTimeout, Timeouts
+from migd.dest_session import DestinationSession
+from migd.session import Phase, SessionTimeout, Timeouts
 from migd.source import unpack_vmsa
 from migd.stream import FrameProtocol, StreamClosed
 

@@ -49,7 +49,7 @@ from migd.guest import INCOMING_MARKER, GuestState
 from migd.journal import Journal, MigrationRecord, restore_progress
 from migd.migration_state import MigrationStatus
 from migd.resolve import ask_source
-from migd.session import DestinationSession
+from migd.dest_session import DestinationSession
 
 if TYPE_CHECKING:
     from migd.host import Host

@@ -16,23 +16,17 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from migd import wire
 from migd.peer_text import printable
 from migd.session_auth import AuthenticationError, check_resolve, check_resolved, resolve_request, resolved_answer
 from migd.stream import open_stream
 
+if TYPE_CHECKING:  # the host registry imports the recovery that imports this: types only
+    from migd.host import Host
+
 log = logging.getLogger(__name__)
-
-
-class _MigrationRecords(Protocol):
-    """What :func:`resolution` needs of this host (``migd.host.Host``)."""
-
-    migrations: dict[str, object]
-    journal: object | None
-
-    def handoff_key(self, migration_id: str) -> bytes | None: ...
 
 
 async def ask_source(address: str, migration_id: str, key: bytes, *, client_ssl: ssl.SSLContext | None = None,
@@ -53,26 +47,24 @@ async def ask_source(address: str, migration_id: str, key: bytes, *, client_ssl:
     return check_resolved(answer, request, key)
 
 
-def resolution(host: _MigrationRecords, migration_id: str) -> str:
+def resolution(host: Host, migration_id: str) -> str:
     """How an outgoing migration of this host ended (``wire.RESOLUTIONS``), from memory or the journal.
 
     ``unknown``: this host was not the source of that migration (or no longer remembers it).
     """
     progress = host.migrations.get(migration_id)
-    if progress is not None and getattr(progress, "role", None) == "source":
-        phase = progress.phase  # type: ignore[attr-defined]
-        if phase.committed:
+    if progress is not None and progress.role == "source":
+        if progress.phase.committed:
             return "committed"
-        return "aborted" if phase.status.finished else "pending"
-    journal = host.journal
-    if journal is not None:
-        for record in journal.migrations():  # type: ignore[attr-defined]
+        return "aborted" if progress.status.finished else "pending"
+    if host.journal is not None:
+        for record in host.journal.migrations():
             if record.id == migration_id and record.role == "source":
                 return "committed" if record.committed else "aborted"
     return "unknown"
 
 
-def answer(host: _MigrationRecords, request: wire.Resolve, peer: str) -> wire.Resolved | None:
+def answer(host: Host, request: wire.Resolve, peer: str) -> wire.Resolved | None:
     """The source's authenticated answer to ``request``, or None if the asker is not that migration's destination.
 
     Nothing is said to a peer that cannot prove it: not even whether the migration exists.

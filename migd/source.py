@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import ssl
 import time
 from collections.abc import Callable
@@ -45,7 +46,8 @@ from migd.page_runs import CHUNK_PAGES, HOLE_STEP_PAGES, PageKind, classify
 from migd.progress import MigrationProgress
 from migd.psp import VMSA_SIZE
 from migd.send_buffers import SendRing
-from migd.session import SourceSession, Timeouts
+from migd.session import Timeouts
+from migd.source_session import SourceSession
 from migd.stream import WRITE_HIGH_WATER, FrameProtocol, StreamClosed, open_stream
 
 log = logging.getLogger(__name__)
@@ -79,10 +81,15 @@ class MigrationParams:
     stop_copy_margin_s: float = 10.0  # stop-and-copy: no progress for the downtime limit plus this
 
     def __post_init__(self) -> None:
-        if self.downtime_limit_ms <= 0:
-            raise ValueError(f"downtime_limit_ms must be > 0, got {self.downtime_limit_ms}")
-        if self.max_bandwidth_mib_s < 0:
-            raise ValueError(f"max_bandwidth_mib_s must be >= 0, got {self.max_bandwidth_mib_s}")
+        if not (self.downtime_limit_ms > 0 and math.isfinite(self.downtime_limit_ms)):
+            raise ValueError(f"downtime_limit_ms must be a finite number > 0, got {self.downtime_limit_ms}")
+        if not (self.max_bandwidth_mib_s >= 0 and math.isfinite(self.max_bandwidth_mib_s)):
+            raise ValueError(f"max_bandwidth_mib_s must be a finite number >= 0, got {self.max_bandwidth_mib_s}")
+        for name in ("converge_timeout_s", "blackout_timeout_s", "handshake_timeout_s", "handoff_timeout_s",
+                     "stall_timeout_s", "stop_copy_margin_s"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
 #: Called once the destination holds a verified guest, before COMMIT is sent. It must be
@@ -396,7 +403,7 @@ class OutgoingMigration:
         instead of 65536 chunks scanned (and, on tmpfs, allocated by the scan).
         """
         total = 0
-        guest, proto = self.guest, self._stream()
+        guest = self.guest
         todo = int(counts.sum()) if len(counts) else 0
         # Under a bandwidth limit every page of a step is charged before it, zero pages included
         # (as before holes were skipped), and holes go in chunk-sized steps, so no single wait

@@ -10,7 +10,8 @@ import os
 
 from migd import wire
 from migd.migration_state import MigrationPhase
-from migd.session import DestinationSession, SourceSession
+from migd.dest_session import DestinationSession
+from migd.source_session import SourceSession
 from migd.sev_transport import derive_handoff_key, new_session_keys
 
 GUEST = wire.GuestSpec("g", 256, 0)
