@@ -14,8 +14,10 @@ from migd.convergence import (
     MIN_PAGE_BUDGET_SHARE,
     AutoConverge,
     BandwidthMeter,
+    Decision,
     HandoffCost,
     RateLimiter,
+    SwitchoverPolicy,
     expected_downtime_ms,
     page_budget_ms,
     should_switch_over,
@@ -218,3 +220,35 @@ def test_a_fixed_cost_beyond_the_limit_still_converges() -> None:
     never = simulate_precopy(lambda rem, bw: should_switch_over(rem, bw, LIMIT - 400.0), auto=AutoConverge(),
                              **heavy)
     assert not never.switched
+
+
+# ---------------------------------------------------------------- SwitchoverPolicy
+
+
+def _policy(force: bool = False) -> SwitchoverPolicy:
+    return SwitchoverPolicy(downtime_limit_ms=300.0, converge_timeout_s=10.0, force=force, started_at=0.0,
+                            cost=HandoffCost(base_ms=0.0, per_gib_ms=0.0, round_trips=0.0))
+
+
+def test_policy_confirms_the_link_once_the_dirty_set_fits_and_not_before() -> None:
+    policy = _policy()
+    budget_bytes = 100 * 2**20 * 0.3 * BANDWIDTH_MARGIN  # what 100 MiB/s moves in the page budget
+    assert policy.after_round(1.0, int(budget_bytes * 0.9), 0, 100 * 2**20, 1024, None) is Decision.CONFIRM_LINK
+    assert policy.after_round(1.0, int(budget_bytes * 1.1), 0, 100 * 2**20, 1024, None) is Decision.NEXT_ROUND
+    # Bytes still queued behind the link count as dirty: the same set no longer fits.
+    assert policy.after_round(1.0, int(budget_bytes * 0.9), int(budget_bytes * 0.2), 100 * 2**20, 1024,
+                              None) is Decision.NEXT_ROUND
+    assert policy.expected_downtime_ms is not None and policy.expected_downtime_ms > 0
+
+
+def test_policy_past_the_converge_timeout_forces_or_gives_up() -> None:
+    assert _policy().after_round(11.0, 1 << 30, 0, 1.0, 1024, None) is Decision.GIVE_UP
+    assert _policy(force=True).after_round(11.0, 1 << 30, 0, 1.0, 1024, None) is Decision.SWITCH_OVER
+    assert _policy().out_of_time(9.0) is None
+
+
+def test_policy_a_slow_pong_means_the_dirty_set_is_stale() -> None:
+    policy = _policy()
+    assert policy.link_confirmed(0.29) and not policy.link_confirmed(0.31)
+    assert policy.confirm_deadline(sent_at=3.0, handshake_s=15.0) == 18.0  # at least the handshake timeout
+    assert policy.confirm_deadline(sent_at=-10.0, handshake_s=1.0) == 10.0  # else the converge timeout
