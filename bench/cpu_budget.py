@@ -84,14 +84,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.migrate import guest_runs  # noqa: E402
-from migd import identity, wire  # noqa: E402
-from migd.abi import PAGE_SIZE  # noqa: E402
+from migd import wire  # noqa: E402
+from migd.platform import identity
+from migd.abi import PAGE_SIZE, MiB  # noqa: E402
 from migd.bitmap import PageBitmap  # noqa: E402
-from migd.memory import GuestRam, MemoryEncryption  # noqa: E402
+from migd.platform.memory import GuestRam, MemoryEncryption  # noqa: E402
 from migd.page_runs import chunks, classify  # noqa: E402
-from migd.psp import PspFirmware  # noqa: E402
+from migd.platform.psp import PspFirmware  # noqa: E402
 
-MiB = 1 << 20
 GiB = 1 << 30
 FRAME = wire.MAX_RUN_PAGES * PAGE_SIZE  # one page frame's payload (2 MiB)
 CORES = 2

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from migd import identity
+from migd.platform import identity
 from migd.abi import PAGE_SIZE
-from migd.memory import GuestRam, MemoryEncryption
-from migd.psp import PspFirmware, SendStart
+from migd.platform.memory import GuestRam, MemoryEncryption
+from migd.platform.psp import PspFirmware, SendStart
 from migd.sev_transport import TransportMode
 
 RUN_SIZES = (1, 16, 64, 256)

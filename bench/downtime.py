@@ -2,10 +2,10 @@
 """Benchmark: downtime of a guest under write load, against its ``downtime_limit_ms``.
 
 Issue 7's target: a guest writing 64 MiB/s with ``downtime_limit_ms = 300`` converges and its
-measured downtime (the source's pause → the destination's STARTED, DESIGN.md §7
-``downtime_ms``) is within the limit in at least 9 of 10 runs. Each run starts two real
-``migd serve`` daemons on 127.0.0.1 (``migd.demo.DemoWorkspace``), creates and populates a
-guest, starts its write load, migrates it and reads the REST migration object; then it reads
+measured downtime (the source's pause → the destination's STARTED, the migration object's
+``downtime_ms``, docs/design.md §9 "External contract") is within the limit in at least 9 of 10
+runs. Each run starts two real ``migd serve`` daemons on 127.0.0.1
+(``migd.cli.demo.DemoWorkspace``), creates and populates a guest, starts its write load, migrates it and reads the REST migration object; then it reads
 the two daemons' logs for the stop-and-copy timelines (``stop-and-copy timeline`` on the
 source, ``incoming hand-off timeline`` on the destination: ``time.monotonic()`` stamps, one
 clock for every process of the host) and splits the downtime into its steps:
@@ -55,10 +55,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from migd.client import MigdClient  # noqa: E402
-from migd.demo import DemoHost, DemoWorkspace  # noqa: E402
+from migd.abi import MiB  # noqa: E402
+from migd.cli.client import MigdClient  # noqa: E402
+from migd.cli.demo import DemoHost, DemoWorkspace  # noqa: E402
 
-MiB = 1 << 20
 GUEST = "bench"
 MIGRATION_TIMEOUT_S = 600.0
 CHECK_TIMEOUT_S = 300.0

@@ -48,17 +48,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from migd import identity, wire  # noqa: E402
-from migd.abi import PAGE_SIZE  # noqa: E402
-from migd.client import MigdClient  # noqa: E402
-from migd.demo import DemoWorkspace  # noqa: E402
-from migd.guest_layout import GuestLayout  # noqa: E402
-from migd.memory import GuestRam, MemoryEncryption  # noqa: E402
+from migd import wire  # noqa: E402
+from migd.platform import identity
+from migd.abi import PAGE_SIZE, MiB  # noqa: E402
+from migd.cli.client import MigdClient  # noqa: E402
+from migd.cli.demo import DemoWorkspace  # noqa: E402
+from migd.guest.guest_layout import GuestLayout  # noqa: E402
+from migd.platform.memory import GuestRam, MemoryEncryption  # noqa: E402
 from migd.page_runs import chunks  # noqa: E402
-from migd.psp import PspFirmware  # noqa: E402
-from migd.workload import MAX_WRITE_RUN_PAGES  # noqa: E402
+from migd.platform.psp import PspFirmware  # noqa: E402
+from migd.guest.workload import MAX_WRITE_RUN_PAGES  # noqa: E402
 
-MiB = 1 << 20
 
 
 # ---------------------------------------------------------------------- limits, same machine, same run
@@ -96,7 +96,7 @@ def tcp_loopback_mib_s(total_mib: int = 1024, chunk: int = 1 << 20) -> float:
 def guest_runs(memory_mib: int, private_fraction: float, populated_fraction: float) -> list[tuple[int, int, bool]]:
     """The non-zero page runs migd sends for the benchmark's guest: (first page, pages, private).
 
-    Rebuilt from the guest layout and the workload's populate pattern (migd/workload.py: steps
+    Rebuilt from the guest layout and the workload's populate pattern (migd/guest/workload.py: steps
     of ``MAX_WRITE_RUN_PAGES`` data pages, the first ``shared_fraction`` of each made shared),
     then cut exactly as the source cuts them (``page_runs.chunks`` of ``CHUNK_PAGES``, split by
     kind). The kernel page and ledger (a few KiB per MiB) are left out.

@@ -2,6 +2,6 @@
 
 import sys
 
-from migd.cli import main
+from migd.cli.commands import main
 
 sys.exit(main())

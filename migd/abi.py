@@ -12,7 +12,11 @@ import enum
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
-# --- KVM paravirt interface (DESIGN.md §3) -------------------------------------------------
+#: Binary units (the REST API and the config speak MiB: `memory_mib`, `max_bandwidth_mib_s`).
+MiB = 1 << 20
+GiB = 1 << 30
+
+# --- KVM paravirt interface (docs/design.md §3 "Guest-visible interface") -------------------
 KVM_HC_MAP_GPA_RANGE = 12
 KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
 KVM_MAP_GPA_RANGE_PAGE_SZ_2M = 1

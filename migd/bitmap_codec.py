@@ -27,14 +27,26 @@ import operator
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from migd.errors import ProtocolError
 
-if TYPE_CHECKING:
-    from migd.bitmap import PageBitmap
+
+class EncodableBitmap(Protocol):
+    """What the encoder needs of a bitmap (``migd.bitmap.PageBitmap``, which imports this module)."""
+
+    @property
+    def npages(self) -> int: ...
+
+    def copy(self) -> EncodableBitmap: ...
+
+    def run_count(self) -> int: ...
+
+    def extent_arrays(self, value: bool = True) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def to_bytes(self) -> bytes: ...
 
 __all__ = [
     "BitmapDecodeError",
@@ -89,7 +101,7 @@ class DecodedBitmap:
             raise ValueError("DecodedBitmap needs exactly one of packed and runs")
 
 
-def encode_bitmap(bitmap: PageBitmap) -> bytes:
+def encode_bitmap(bitmap: EncodableBitmap) -> bytes:
     """Encode ``bitmap`` (a consistent snapshot of it: writers may go on meanwhile)."""
     snapshot = bitmap.copy()
     npages = snapshot.npages

@@ -22,7 +22,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from migd.abi import PAGE_SIZE
+from migd.abi import PAGE_SIZE, GiB
 
 AUTO_CONVERGE_INITIAL = 20
 AUTO_CONVERGE_INCREMENT = 10
@@ -30,7 +30,6 @@ AUTO_CONVERGE_MAX = 99
 DIRTY_SYNC_THRESHOLD = 0.5
 ROUNDS_BEFORE_THROTTLE = 2
 
-GiB = 1 << 30
 #: Hand-off fixed cost (:class:`HandoffCost`), fitted to bench/downtime.py on the 2-core
 #: development machine: a 1 GiB guest's hand-off (all but the pages) took 15–30 ms, quiet to
 #: loaded host, which the model puts at 10 + 4 + 4 × 1–4 ms. This term: what depends neither on
@@ -42,7 +41,7 @@ HANDOFF_PER_GIB_MS = 4.0
 #: Process hops on the hand-off's critical path, counted in agent round trips (two wake-ups
 #: each): the final dirty log (source agent), PREPARE → PREPARED and COMMIT → STARTED across
 #: the two daemons, and the destination agent's start. Each costs what the probe (the source's
-#: recent ``fetch_dirty`` round trips, :meth:`migd.channel.GuestChannel.round_trip_s`) costs
+#: recent ``fetch_dirty`` round trips, :meth:`migd.guest.channel.GuestChannel.round_trip_s`) costs
 #: now: on a loaded host every wake-up waits for a CPU, and this term grows with it.
 HANDOFF_ROUND_TRIPS = 4.0
 #: When the predicted fixed cost eats more of the limit than this leaves, the pages still get

@@ -28,10 +28,10 @@ import time
 from typing import Any
 
 from migd import resolve, wire
-from migd.abi import PAGE_SHIFT, PAGE_SIZE, GuestPolicy
+from migd.abi import PAGE_SHIFT, PAGE_SIZE, GuestPolicy, MiB
 from migd.bitmap import PageBitmap
 from migd.errors import MigdError, PeerAborted, ProtocolError
-from migd.guest import GuestDefinition, HostGuest
+from migd.guest.host_guest import GuestDefinition, HostGuest
 from migd.host import Host
 from migd.journal import JournalError
 from migd.migration_state import MigrationPhase
@@ -41,11 +41,9 @@ from migd.progress import MigrationProgress
 from migd.sev_transport import NONCE_SIZE
 from migd.dest_session import DestinationSession
 from migd.session import Phase, SessionTimeout, Timeouts
-from migd.source import unpack_vmsa
 from migd.stream import FrameProtocol, StreamClosed
 
 log = logging.getLogger(__name__)
-MiB = 1 << 20
 
 
 class IncomingRefused(MigdError):
@@ -192,7 +190,7 @@ class IncomingMigration:
             raise StreamClosed(f"the stream ended before PREPARED could be sent: {proto.close_reason}")
         # From here the source may commit at any moment: until it says how the migration
         # ended, this copy may be the only one and nothing here may discard it (not even a
-        # shutdown; a restart asks the source, migd.recovery). No await between the check above
+        # shutdown; a restart asks the source, migd.daemon.recovery). No await between the check above
         # and this write: the stream cannot end in between.
         proto.write(session.prepared(self._received.count(), time.monotonic()))
         marks.append(("prepared_sent", time.monotonic()))
@@ -235,7 +233,7 @@ class IncomingMigration:
         )
 
     def _record_resolve_address(self, hello: wire.Hello) -> None:
-        """Where a restart after PREPARED asks how the migration ended (migd.recovery)."""
+        """Where a restart after PREPARED asks how the migration ended (migd.daemon.recovery)."""
         source_host = self.peer.rpartition(":")[0]
         if self.host.journal is None or not hello.resolve_port or not source_host or self.progress is None:
             return
@@ -331,7 +329,7 @@ class IncomingMigration:
             guest.firmware.receive_update_vmsa(guest.handle, 0, msg.header, msg.payload)
             vmsa = guest.firmware.guest_vmsa(guest.handle, 0)
             assert vmsa is not None
-            state = unpack_vmsa(vmsa)
+            state = wire.unpack_vmsa(vmsa)
         else:
             if msg.header is not None:
                 raise ProtocolError("a non-ES guest's vCPU state comes in plaintext")

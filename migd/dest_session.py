@@ -11,7 +11,7 @@ from migd import wire
 from migd.errors import PeerProtocolError
 from migd.migration_state import MigrationPhase, MigrationStatus
 from migd.page_runs import PageKind
-from migd.session import PAGE_PHASES, Local, LocalProtocolError, Phase, Role, Session, Timeouts, vcpu_digest
+from migd.session import PAGE_PHASES, Local, LocalProtocolError, Phase, Role, Session, Timeouts, agree, vcpu_digest
 from migd.session_auth import AuthenticationError, new_nonce, verify_mac
 
 P, R = Phase, Role
@@ -27,6 +27,7 @@ class DestinationSession(Session):
                  nonce: bytes | None = None) -> None:
         super().__init__(status, timeouts or Timeouts(), now, P.AWAIT_HELLO)
         self.nonce = new_nonce() if nonce is None else nonce
+        self.capabilities: tuple[str, ...] = ()  # agreed on HELLO
         self.hello_msg: wire.Hello | None = None
         self.session_msg: wire.Session | None = None
         self._bitmap_digest: bytes | None = None
@@ -36,7 +37,7 @@ class DestinationSession(Session):
     def restored_in_doubt(cls, status: MigrationPhase, now: float) -> DestinationSession:
         """The session of a migration reloaded from the journal as prepared without a commit record.
 
-        A restarted daemon (migd.recovery) has no stream and no keys for it: only RESOLVE's
+        A restarted daemon (migd.daemon.recovery) has no stream and no keys for it: only RESOLVE's
         answer moves it on (``resolved_committed`` then ``fail``: kept, or ``fail``: removed).
         """
         if status.status is not MigrationStatus.STOP_COPY or status.committed:
@@ -46,6 +47,8 @@ class DestinationSession(Session):
         return session
 
     def _on_hello(self, msg: wire.Hello, now: float) -> wire.Hello:
+        if msg.version == wire.PROTOCOL_VERSION:  # another version is refused by the driver, with its reason
+            self.capabilities = agree(wire.CAPABILITIES, msg.capabilities, msg.transport_mode, msg.guest.policy)
         self._transition(wire.Hello, now)
         self.transcript.absorb(msg)
         self.hello_msg = msg

@@ -3,7 +3,7 @@
 With a :class:`~migd.journal.Journal` every change of the registry is recorded as it happens
 (guests created, started, stopped, deleted; migrations registered, each status transition,
 the destination's commit record), so a restarted daemon can rebuild it
-(:mod:`migd.recovery`). Without one (engine tests) it is memory only.
+(:mod:`migd.daemon.recovery`). Without one (engine tests) it is memory only.
 """
 
 from __future__ import annotations
@@ -14,15 +14,14 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from migd.agent_launcher import DEFAULT_COMMAND
+from migd.guest.agent_launcher import DEFAULT_COMMAND, process_start_ticks
 from migd.errors import MigdError
-from migd.guest import INCOMING_MARKER, GuestDefinition, GuestState, GuestStateError, HostGuest
+from migd.guest.host_guest import INCOMING_MARKER, GuestDefinition, GuestState, GuestStateError, HostGuest
 from migd.journal import GuestRecord, Journal, JournalError, MigrationRecord, SessionReplayed
 from migd.migration_state import MigrationStatus
 from migd.progress import MigrationProgress
-from migd.psp import PspFirmware
-from migd.recovery import process_start_ticks
-from migd.workload import WorkloadConfig
+from migd.platform.psp import PspFirmware
+from migd.guest.workload import WorkloadConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ class Host:
         A guest whose commit record is in the journal is kept (the crash came between the
         record and the marker's removal): the source has given it up, this copy is the guest.
         One prepared without a commit record is kept as it is, marker included: its source may
-        have committed (:mod:`migd.recovery` asks it).
+        have committed (:mod:`migd.daemon.recovery` asks it).
         """
         removed = []
         for guest_dir in sorted(self.guests_dir.iterdir()):
@@ -169,7 +168,7 @@ class Host:
         """Stop every running guest (RAM files stay) and drop half-received ones.
 
         A prepared incoming guest whose source has not said how the migration ended stays on
-        disk, journaled in doubt: the next start asks the source (migd.recovery).
+        disk, journaled in doubt: the next start asks the source (migd.daemon.recovery).
         """
         for guest in list(self.guests.values()):
             if guest.state is GuestState.INCOMING and self.prepared_in_doubt(guest.name):

@@ -6,7 +6,7 @@ history, and decides the fate of every migration that was in flight from one rec
 **commit record** of the two-phase hand-off. The source writes it before COMMIT goes out
 (:meth:`Journal.record_commit` from ``OutgoingMigration``'s ``on_commit`` hook), the
 destination when COMMIT arrives; without it the guest belongs to the source, with it to the
-destination (DESIGN.md §5, invariants 4 and 5). One case it cannot decide alone: a destination
+destination (docs/design.md §8 "Invariants", 4 and 5). One case it cannot decide alone: a destination
 that journaled PREPARED (``stop-copy``) but no commit record; for it the journal keeps where
 the source answers RESOLVE (``resolve_address``, written at HELLO), so a restart can ask.
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from migd.abi import PAGE_SIZE
+from migd.abi import PAGE_SIZE, MiB
 from migd.errors import MigdError
 from migd.migration_state import MigrationPhase, MigrationStatus
 from migd.page_runs import PageKind
@@ -47,7 +47,6 @@ JOURNAL_FILE: Final = "journal.sqlite"
 SCHEMA_VERSION: Final = 3
 #: Finished migrations kept in the journal (the oldest are pruned at start).
 KEEP_FINISHED: Final = 1000
-MiB: Final = 1 << 20
 
 _SCHEMA: Final = ("""
 CREATE TABLE IF NOT EXISTS guests (
@@ -142,7 +141,7 @@ class MigrationRecord:
     def prepared_in_doubt(self) -> bool:
         """An incoming migration that reached PREPARED (the destination verified the guest and ran
         RECEIVE_FINISH: status ``stop-copy``) without a commit record: the source may have
-        committed, so this copy may be the only one (DESIGN.md §5, invariant 4)."""
+        committed, so this copy may be the only one (docs/design.md §8 "Invariants", 4)."""
         return self.role == "destination" and not self.committed and self.status is MigrationStatus.STOP_COPY
 
 
@@ -336,7 +335,7 @@ class Journal:
 
         Written once at HELLO, after the migration's row exists: a destination that restarts
         after PREPARED without a commit record asks there whether the source committed
-        (:mod:`migd.recovery`). Raises JournalError if the row is missing.
+        (:mod:`migd.daemon.recovery`). Raises JournalError if the row is missing.
         """
         host, sep, port = address.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

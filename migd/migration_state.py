@@ -9,7 +9,7 @@
 
 ``stop-copy`` includes the two-phase hand-off. The hand-off's commit point is recorded
 here too: before it any failure or cancel leaves (and resumes) the guest on the source;
-after it the source never resumes the guest and a cancel is refused (DESIGN.md §5, inv. 4).
+after it the source never resumes the guest and a cancel is refused (docs/design.md §8, 4).
 Time is passed in (``now``), never read, so tests drive it.
 """
 
@@ -23,7 +23,7 @@ from migd.errors import MigdError
 
 
 class MigrationStatus(str, enum.Enum):
-    """The ``status`` field of the REST migration object (DESIGN.md §7)."""
+    """The ``status`` field of the REST migration object (docs/design.md §9 "External contract")."""
 
     SETUP = "setup"
     ACTIVE = "active"

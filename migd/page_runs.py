@@ -1,7 +1,7 @@
 """Splitting a range of guest pages into the runs the stream sends: private, shared, zero.
 
-A page is routed by the shared-page bitmap *as it is when the page is read* (DESIGN.md §5,
-invariant 2), so callers classify and read a chunk in one synchronous step. Never-populated
+A page is routed by the shared-page bitmap *as it is when the page is read* (docs/design.md §8
+"Invariants", 2), so callers classify and read a chunk in one synchronous step. Never-populated
 pages (raw bytes all zero) of either kind go as zero markers, as QEMU does with zero pages;
 holes of the sparse RAM file are known to be zero without reading them
 (:meth:`GuestRam.nonzero_pages`).
@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from migd.bitmap import PageBitmap
-from migd.memory import GuestRam
+from migd.platform.memory import GuestRam
 
 #: Pages classified and read in one step, so at most one frame per run of one kind: 2 MiB, the
 #: largest run a frame may carry (wire.MAX_RUN_PAGES). Per-frame work (msgpack, CRC set-up,

@@ -1,4 +1,4 @@
-"""Progress and statistics of one migration: the REST migration object (DESIGN.md §7)."""
+"""Progress and statistics of one migration: the REST migration object (docs/design.md §9)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from migd.abi import PAGE_SIZE
+from migd.abi import PAGE_SIZE, MiB
 from migd.migration_state import MigrationPhase, MigrationStatus
 from migd.page_runs import PageKind
 
-MiB = 1 << 20
 
 
 @dataclass

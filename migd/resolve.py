@@ -9,7 +9,7 @@ ask, and only its source can answer — a forged ``committed`` would start a sec
 forged ``aborted`` would discard the only one.
 
 Here: the asking side (:func:`ask_source`, used live by ``migd.dest`` and after a restart by
-``migd.recovery``) and the answering side (:func:`answer`, on the source's listener).
+``migd.daemon.recovery``) and the answering side (:func:`answer`, on the source's listener).
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from migd import wire
+from migd.abi import GuestPolicy
 from migd.errors import MigdError, PeerAborted, PeerProtocolError
 from migd.migration_state import MigrationPhase, MigrationStatus
 from migd.page_runs import PageKind
@@ -256,6 +257,24 @@ class StreamChain:
 
     def digest(self) -> bytes:
         return self._hash.copy().digest()
+
+
+def required_capabilities(transport_mode: str, policy: int) -> frozenset[str]:
+    """What a migration of this guest needs both ends to speak (the rest is optional)."""
+    needed = {"zero-runs", "bound-transport" if transport_mode == "bound" else "sev-compat-transport"}
+    if policy & GuestPolicy.ES:
+        needed.add("vmsa")  # the vCPU state travels as a VMSA transport packet
+    return frozenset(needed)
+
+
+def agree(ours: tuple[str, ...], theirs: tuple[str, ...], transport_mode: str, policy: int) -> tuple[str, ...]:
+    """The capabilities both ends speak; PeerProtocolError if this migration needs one the peer lacks."""
+    agreed = wire.negotiate(ours, theirs)
+    missing = sorted(required_capabilities(transport_mode, policy) - set(agreed))
+    if missing:
+        raise PeerProtocolError(f"the peer does not speak {', '.join(missing)}, which this migration needs "
+                                f"(it speaks: {printable(', '.join(theirs))})")
+    return agreed
 
 
 def vcpu_digest(msg: wire.VcpuState) -> bytes:

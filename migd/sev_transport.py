@@ -4,7 +4,7 @@ Sans-I/O: pure functions and two small stateful objects (:class:`TransportSender
 :class:`TransportReceiver`) that the emulated PSP firmware calls from SEND_START /
 SEND_UPDATE_* and RECEIVE_START / RECEIVE_UPDATE_*. Formats follow the SEV API (AMD pub.
 55766, "SEND_START", "SEND_UPDATE_DATA", "Key Derivation Function") as AMD's firmware
-implements them, with the exact values of DESIGN.md §4.
+implements them, with the exact values of docs/design.md §5 "SEV firmware transport".
 
 Two transport modes:
 

@@ -35,23 +35,21 @@ from typing import Any
 import numpy as np
 
 from migd import wire
-from migd.abi import PAGE_SHIFT, PAGE_SIZE, GuestPolicy
+from migd.abi import PAGE_SHIFT, PAGE_SIZE, GuestPolicy, MiB
 from migd.bitmap import PageBitmap
-from migd.channel import GuestChannel
+from migd.guest.channel import GuestChannel
 from migd.convergence import AutoConverge, BandwidthMeter, Decision, HandoffCost, RateLimiter, SwitchoverPolicy
 from migd.errors import MigdError
-from migd.guest import GuestState, HostGuest
+from migd.guest.host_guest import GuestState, HostGuest
 from migd.peer_text import printable
 from migd.page_runs import CHUNK_PAGES, HOLE_STEP_PAGES, PageKind, classify
 from migd.progress import MigrationProgress
-from migd.psp import VMSA_SIZE
 from migd.send_buffers import SendRing
 from migd.session import Timeouts
 from migd.source_session import SourceSession
 from migd.stream import WRITE_HIGH_WATER, FrameProtocol, StreamClosed, open_stream
 
 log = logging.getLogger(__name__)
-MiB = 1 << 20
 #: The payload ring: what the transport may still hold (it pauses us past WRITE_HIGH_WATER,
 #: and a step writes at most one chunk) plus the chunk being written.
 SEND_RING_BYTES = WRITE_HIGH_WATER + 2 * CHUNK_PAGES * PAGE_SIZE
@@ -98,21 +96,6 @@ CommitHook = Callable[[MigrationProgress], None]
 #: Called with the session's hand-off key once the destination proved it holds it (SESSION_ACK):
 #: the daemon keeps it (journal) to answer an authenticated RESOLVE about this migration.
 EstablishedHook = Callable[[MigrationProgress, bytes], None]
-
-
-def pack_vmsa(state: bytes) -> bytes:
-    """vCPU state in one 4 KiB VMSA page: u32 length, state, zero padding."""
-    if len(state) > VMSA_SIZE - 4:
-        raise MigrationFailed(f"vCPU state of {len(state)} bytes does not fit a {VMSA_SIZE}-byte VMSA")
-    return len(state).to_bytes(4, "little") + state + bytes(VMSA_SIZE - 4 - len(state))
-
-
-def unpack_vmsa(page: bytes) -> bytes:
-    """Inverse of :func:`pack_vmsa`, checked."""
-    length = int.from_bytes(page[:4], "little")
-    if len(page) != VMSA_SIZE or length > VMSA_SIZE - 4:
-        raise MigrationFailed(f"malformed VMSA page (length field {length})")
-    return bytes(page[4 : 4 + length])
 
 
 class OutgoingMigration:
@@ -563,7 +546,7 @@ class OutgoingMigration:
             raise
         marks.append(("state_exported", time.monotonic()))
         if guest.definition.policy & GuestPolicy.ES:
-            header, ciphertext = guest.firmware.send_update_vmsa(guest.handle, 0, pack_vmsa(state))
+            header, ciphertext = guest.firmware.send_update_vmsa(guest.handle, 0, wire.pack_vmsa(state))
             vcpu = wire.VcpuState(0, header, ciphertext)
         else:
             vcpu = wire.VcpuState(0, None, state)
@@ -576,7 +559,7 @@ class OutgoingMigration:
         # The commit point: the journal's record, durable, then COMMIT. From here the guest is the
         # destination's, and SEND_FINISH (the firmware forgets the outgoing session, a durable file
         # removal) runs while COMMIT is on its way: after a crash the journal's record decides, not
-        # the firmware's leftover context (migd/recovery.py), so it need not delay the hand-off.
+        # the firmware's leftover context (migd/daemon/recovery.py), so it need not delay the hand-off.
         if self._on_commit is not None:
             self._on_commit(progress)
         self._write(session.commit(time.monotonic()))

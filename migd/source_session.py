@@ -10,7 +10,7 @@ from migd.errors import PeerAborted, PeerProtocolError
 from migd.migration_state import MigrationPhase
 from migd.page_runs import PageKind
 from migd.peer_text import printable
-from migd.session import PAGE_PHASES, Local, LocalProtocolError, Phase, Role, Session, Timeouts, vcpu_digest
+from migd.session import PAGE_PHASES, Local, LocalProtocolError, Phase, Role, Session, Timeouts, agree, vcpu_digest
 
 P, R = Phase, Role
 
@@ -29,6 +29,7 @@ class SourceSession(Session):
         self._ping_sent_at: float | None = None
         self._paused_at: float | None = None
         self._bitmap_digest: bytes | None = None
+        self.capabilities: tuple[str, ...] = ()  # agreed on WELCOME
 
     def hello(self, now: float) -> wire.Hello:
         """The first message."""
@@ -40,6 +41,8 @@ class SourceSession(Session):
     def _on_welcome(self, msg: wire.Welcome, now: float) -> wire.Welcome:
         if msg.version != wire.PROTOCOL_VERSION:
             raise PeerProtocolError(f"destination speaks protocol {msg.version}, we speak {wire.PROTOCOL_VERSION}")
+        hello = self._hello
+        self.capabilities = agree(hello.capabilities, msg.capabilities, hello.transport_mode, hello.guest.policy)
         self._transition(wire.Welcome, now)
         self.transcript.absorb(msg)
         self._welcome = msg

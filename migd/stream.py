@@ -1,22 +1,16 @@
 """The asyncio adapter for the migration stream: a thin layer over :mod:`migd.wire`.
 
 Receiving uses ``asyncio.BufferedProtocol`` so the kernel copies straight into the frame
-decoder's buffer (plain ``StreamReader.read()`` was ~6x slower under uvloop, DESIGN.md §6).
+decoder's buffer (plain ``StreamReader.read()`` was ~6x slower under uvloop; docs/design.md §10
+"Performance rules").
 Page frames go to the ``on_pages`` callback; every other message is queued for the task that
 drives the migration, but only once every page frame received before it has been handled:
 a control frame (ROUND_END, PING, VCPU_STATE, PREPARE) always finds the pages sent before it
 in place, and the SEV transport sees its packets in sequence.
 
-The destination's page pipeline (``set_page_handler(..., threaded=True)``): each private-page
-frame's payload is copied out of the receive buffer into one of a few reusable buffers and
-handed, in order, to one worker thread, which runs the handler (RECEIVE_UPDATE_DATA and the
-write into guest RAM; both release the GIL). A zero or shared run with nothing queued ahead of
-it is placed at once on the loop (a marker, one pwrite: cheaper than the copy and the hand-off);
-behind a queued frame it goes to the worker too, so frames are always placed in stream order.
-The event loop meanwhile receives, checks CRCs and decodes the next frames. At most
-:data:`PIPELINE_DEPTH` frames wait for the worker; past that the transport stops reading (TCP
-back-pressure reaches the source). A frame the handler refuses fails the stream (ABORT with
-the reason); frames queued behind it are never handled.
+The destination's page pipeline (``set_page_handler(..., threaded=True)``) is
+:mod:`migd.page_pipeline`: page frames placed in stream order by a worker thread beside the loop,
+control messages held behind them, reading paused while it is full.
 
 Sending writes ``encode()``'s buffer list with ``writelines`` and honours flow control.
 """
@@ -24,32 +18,18 @@ Sending writes ``encode()``'s buffer list with ``writelines`` and honours flow c
 from __future__ import annotations
 
 import asyncio
-import collections
-import dataclasses
 import logging
 import ssl
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import Any
 
 from migd import wire
-from migd.abi import PAGE_SIZE
 from migd.errors import MigdError, PeerAborted, ProtocolError
+from migd.page_pipeline import PageHandler, PagePipeline
 
 log = logging.getLogger(__name__)
 
 PAGE_FRAMES = (wire.PrivatePages, wire.SharedPages, wire.ZeroPages)
-PageHandler = Callable[[wire.PrivatePages | wire.SharedPages | wire.ZeroPages], None]
-
-#: Page frames handed to the worker thread and not yet handled, before reading pauses. Each
-#: holds one buffer of at most a frame's payload (2 MiB): 4 bound the pipeline to ~8 MiB and
-#: keep the worker busy while the loop receives the next frame.
-PIPELINE_DEPTH = 4
-_PAYLOAD_BUFFER = wire.MAX_RUN_PAGES * PAGE_SIZE
-#: Free payload buffers kept for reuse: a receive can bring a few frames past PIPELINE_DEPTH
-#: before reading pauses, and each needs one.
-_POOLED_BUFFERS = PIPELINE_DEPTH + 4
 #: The decoder's receive buffer starts small and grows to the largest frame received (the
 #: decoder allocates it when that frame's length prefix arrives): a stream that only ever
 #: carries control frames (the source side, RESOLVE, a peer that never authenticates) never
@@ -78,13 +58,6 @@ LINGER_S = 2.0
 _DISCARD = memoryview(bytearray(64 * 1024))
 
 
-class _PendingPages(NamedTuple):
-    """One page frame in the worker's hands: its future and the buffer its payload occupies."""
-
-    future: Future[None]
-    buffer: bytearray | None
-
-
 class StreamClosed(MigdError):
     """The peer closed the migration stream, or it broke."""
 
@@ -105,7 +78,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
         )
         self._receive_buffer_bytes = INITIAL_RECEIVE_BUFFER
         self._encoder = wire.FrameEncoder()
-        self._on_pages = on_pages
+        # Page frames go to the page pipeline (migd/page_pipeline.py) once a handler is installed.
+        self._pipeline: PagePipeline | None = None if on_pages is None else PagePipeline(on_pages, self, None,
+                                                                                         threaded=False)
         self._queue: asyncio.Queue[wire.Message | BaseException] = asyncio.Queue()
         self._transport: asyncio.Transport | None = None
         self._can_write = asyncio.Event()
@@ -124,17 +99,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
         #: The peer ended the stream (EOF or a lost connection) before this side did.
         self.closed_by_peer = False
         self._aborting = False  # abort() was called: the connection_lost that follows is ours
-        # The page pipeline (destination): frames with the worker, and control messages held
-        # back behind them, in arrival order.
-        self._threaded = False
-        self._executor: ThreadPoolExecutor | None = None
-        self._backlog: collections.deque[_PendingPages | wire.Message] = collections.deque()
-        self._pending_pages = 0
-        self._held_messages = 0
-        self._wake_loop = False  # the loop waits for the worker (see _page_done)
-        self._pipeline_stopped = False  # a frame failed or the stream ended: the worker stops
-        self._buffers: list[bytearray] = []
-        self._reading_paused = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._linger: asyncio.TimerHandle | None = None  # set while closing gracefully
 
@@ -166,25 +130,23 @@ class FrameProtocol(asyncio.BufferedProtocol):
             messages = self._decoder.buffer_updated(nbytes)
             for msg in messages:
                 if isinstance(msg, PAGE_FRAMES):
-                    if self._on_pages is None:
+                    if self._pipeline is None:
                         raise ProtocolError(f"unexpected {msg.TYPE.name} frame on this side of the stream")
-                    self._page_frame(msg)
+                    self._pipeline.page_frame(msg)
                 else:
                     # Its payload (a bitmap, vCPU state) points into the receive buffer, which
                     # the next read overwrites before the driving task gets to it.
                     msg = wire.detached(msg)
                     if isinstance(msg, wire.Abort):
                         self.peer_abort = msg.reason  # kept even if a later write fails first
-                    if self._backlog:
-                        self._backlog.append(msg)  # delivered once the pages before it are handled
-                        self._held_messages += 1
-                    else:
+                    if self._pipeline is None or not self._pipeline.hold(msg):  # else: after the pages before it
                         self._queue.put_nowait(msg)
         except MigdError as exc:
             self._refuse(exc)
         except Exception as exc:  # a bug in an inline page handler: ABORT and end, as in the worker
             self._refuse(exc)
-        self._collect_pages()
+        if self._pipeline is not None:
+            self._pipeline.collect()
 
     def _refuse(self, exc: BaseException) -> None:
         """A frame was refused (protocol, firmware or memory error): the stream is over.
@@ -201,141 +163,35 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 pass
         self._fail(exc, graceful=True)
 
-    def _page_frame(self, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages) -> None:
-        assert self._on_pages is not None
-        if self._backlog:
-            # Frames the worker finished are retired lazily: take them (and their buffers) back
-            # first. A new 2 MiB buffer costs an mmap, zero-filled page faults and later a
-            # munmap (~100 us a frame, measured, where the copy itself is ~20 us).
-            self._retire_done()
-        if not self._threaded or (not self._backlog and not isinstance(msg, wire.PrivatePages)):
-            # Inline: nothing is queued ahead (or no pipeline), so order holds; the payload
-            # view is valid only during this call. A zero run or a shared one (one pwrite) costs
-            # less here than its copy and the hand-off to the worker; RECEIVE_UPDATE_DATA's
-            # crypto is what the worker overlaps with receiving.
-            self._on_pages(msg)
-            return
-        buffer: bytearray | None = None
-        if not isinstance(msg, wire.ZeroPages):
-            # The payload lives in the receive buffer, which the next read overwrites: copy it
-            # into a reusable buffer (~0.1 ms per MiB) for the worker.
-            n = len(msg.payload)
-            buffer = self._buffers.pop() if self._buffers else bytearray(max(n, _PAYLOAD_BUFFER))
-            if len(buffer) < n:
-                buffer = bytearray(n)
-            view = memoryview(buffer)[:n]
-            view[:] = msg.payload
-            msg = dataclasses.replace(msg, payload=view)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="migd-pages")
-        future = self._executor.submit(self._run_page, self._on_pages, msg)
-        self._backlog.append(_PendingPages(future, buffer))
-        self._pending_pages += 1
-        future.add_done_callback(self._page_done)
-
-    def _run_page(self, handler: PageHandler, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages) -> None:
-        """Worker thread: handle one frame, unless an earlier one failed or the stream ended.
-
-        The flag is set here, at once: the loop hears of a failure only later, and the frames
-        queued behind a refused one must never reach guest RAM.
-        """
-        if self._pipeline_stopped:
-            return
-        try:
-            handler(msg)
-        except BaseException:
-            self._pipeline_stopped = True
-            raise
-
-    def _page_done(self, future: Future[None]) -> None:
-        """Worker thread (or the loop, if already done): wake the loop if it waits for this.
-
-        Only then: each wake-up costs the worker a GIL hand-off and the loop a self-pipe
-        round trip, and while frames stream in the loop collects finished work by itself
-        (``buffer_updated``). It waits when reading is paused, when a control message is held
-        behind page frames, and always hears of a failure at once.
-        """
-        failed = not future.cancelled() and future.exception() is not None
-        loop = self._loop
-        if not (self._wake_loop or failed) or loop is None or loop.is_closed():
-            return
-        try:
-            loop.call_soon_threadsafe(self._collect_pages)
-        except RuntimeError:  # the loop closed meanwhile: nobody is waiting any more
-            pass
-
-    def _retire_done(self) -> None:
-        """Retire the frames at the head of the backlog that the worker handled successfully.
-
-        Their buffers go back to the pool. A failed or cancelled frame, or a control message,
-        stops it: :meth:`_collect_pages` deals with those.
-        """
-        backlog = self._backlog
-        while backlog:
-            head = backlog[0]
-            if not (isinstance(head, _PendingPages) and head.future.done()) or head.future.cancelled():
-                return
-            if head.future.exception() is not None:
-                return
-            backlog.popleft()
-            self._pending_pages -= 1
-            if head.buffer is not None and len(self._buffers) < _POOLED_BUFFERS:
-                self._buffers.append(head.buffer)
-            self.last_activity = time.monotonic()
-
-    def _collect_pages(self) -> None:
-        """On the loop: retire handled page frames in order, deliver control messages behind them."""
-        while self._close_reason is None:
-            while self._backlog:
-                self._retire_done()
-                if not self._backlog:
-                    break
-                head = self._backlog[0]
-                if isinstance(head, _PendingPages):
-                    if not head.future.done():
-                        break
-                    # Cancelled or failed (_retire_done took the rest).
-                    self._backlog.popleft()
-                    self._pending_pages -= 1
-                    if head.future.cancelled():
-                        continue
-                    exc = head.future.exception()
-                    assert exc is not None  # _retire_done took the successful ones
-                    self._refuse(exc)
-                    return
-                else:
-                    self._backlog.popleft()
-                    self._held_messages -= 1
-                    self._queue.put_nowait(head)
-            self._flow_control()
-            # Ask the worker for a wake-up only while the loop waits for it; then look once
-            # more, since the head may have finished before the flag was set.
-            self._wake_loop = bool(self._backlog) and (self._reading_paused or self._held_messages > 0)
-            if not self._wake_loop:
-                return
-            head = self._backlog[0]
-            if not (isinstance(head, _PendingPages) and head.future.done()):
-                return
-
-    def _flow_control(self) -> None:
-        """Pause reading while the worker has PIPELINE_DEPTH frames to handle; resume below."""
-        transport = self._transport
-        if transport is None or self._close_reason is not None:
-            return
-        if not self._reading_paused and self._pending_pages >= PIPELINE_DEPTH:
-            self._reading_paused = True
-            transport.pause_reading()
-        elif self._reading_paused and self._pending_pages < PIPELINE_DEPTH:
-            self._reading_paused = False
-            transport.resume_reading()
-
     def pending_pages(self) -> int:
         """Page frames handed to the worker and not yet retired (0 without a pipeline).
 
         Handled frames are retired lazily: when the next frame arrives, or at once while the
         loop waits for them (reading paused, a control message held behind them).
         """
-        return self._pending_pages
+        return self._pipeline.pending if self._pipeline is not None else 0
+
+    # -- what the page pipeline needs of its stream (PipelineOwner)
+    def deliver(self, msg: wire.Message) -> None:
+        """A control message, every page frame before it placed: to the driving task."""
+        self._queue.put_nowait(msg)
+
+    def refuse(self, exc: BaseException) -> None:
+        """The pipeline refused a page frame."""
+        self._refuse(exc)
+
+    def set_reading(self, reading: bool) -> None:
+        """Pause or resume reading (the pipeline's back-pressure)."""
+        if self._transport is None or self._close_reason is not None:
+            return
+        if reading:
+            self._transport.resume_reading()
+        else:
+            self._transport.pause_reading()
+
+    def touch(self) -> None:
+        """Page frames were placed: the stream is alive."""
+        self.last_activity = time.monotonic()
 
     def eof_received(self) -> bool:
         if self._close_reason is None:
@@ -378,35 +234,22 @@ class FrameProtocol(asyncio.BufferedProtocol):
         docstring); it must then be safe to run beside the event loop. Otherwise it runs on
         the loop while the payload view is valid.
         """
-        self._on_pages = on_pages
-        self._threaded = threaded
+        if self._pipeline is not None:
+            self._pipeline.stop()
+        self._pipeline = None if on_pages is None else PagePipeline(on_pages, self, self._loop, threaded=threaded)
 
     def _fail(self, exc: BaseException, *, graceful: bool = False) -> None:
         if self._close_reason is None:
             self._close_reason = exc
             self._queue.put_nowait(exc)
             self._closed.set()
-            self._stop_pipeline()
+            if self._pipeline is not None:
+                self._pipeline.stop()
             if self._transport is not None and not isinstance(exc, StreamClosed):
                 if graceful:
                     self.close()  # flushes the ABORT frame written just before
                 else:
                     self._transport.abort()
-
-    def _stop_pipeline(self) -> None:
-        """Handle no further page frames: queued ones are cancelled, control messages dropped.
-
-        A frame the worker is handling finishes (it cannot be interrupted); guest RAM makes a
-        discard wait for its write (GuestRam.close).
-        """
-        self._pipeline_stopped = True
-        for item in self._backlog:
-            if isinstance(item, _PendingPages):
-                item.future.cancel()
-        self._backlog.clear()
-        self._pending_pages = self._held_messages = 0
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def close_reason(self) -> BaseException | None:
@@ -481,12 +324,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._close_reason = StreamClosed("migration stream closed by this side")
             self._queue.put_nowait(self._close_reason)
             self._closed.set()
-            self._stop_pipeline()
+            if self._pipeline is not None:
+                self._pipeline.stop()
         if self._loop is None or not transport.can_write_eof():
             transport.close()
             return
-        if self._reading_paused:
-            self._reading_paused = False
+        if self._pipeline is not None and self._pipeline.reading_paused:
+            self._pipeline.reading_paused = False
             transport.resume_reading()
         transport.write_eof()
         self._linger = self._loop.call_later(LINGER_S, transport.close)

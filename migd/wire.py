@@ -23,6 +23,12 @@ kernel copies straight into the decoder's buffer.
 
 Every length is checked before anything is allocated for it: a frame larger than its type
 allows, an unknown type, bad msgpack, missing or ill-typed fields all raise ``ProtocolError``.
+
+Each message is a frozen dataclass that owns its wire form: ``TYPE`` (its frame type), ``META``
+(its msgpack keys, in order), ``to_meta`` and ``from_meta`` (which checks every field), and
+its payload limit. ``MESSAGE_CLASSES`` maps each frame type to its class; the framing code
+dispatches through it and knows nothing of any one message (docs/protocol.md lists the same
+fields; tests/test_protocol_doc.py keeps the two equal).
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ import dataclasses
 import enum
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Self, Union, get_args
 
 import msgpack
 
@@ -43,7 +49,10 @@ from migd.errors import ProtocolError
 #: 2: PING/PONG before the switch-over; 3: the destination's nonce, key confirmation and the
 #: authenticated hand-off (docs/protocol.md "Authentication").
 PROTOCOL_VERSION = 3
-#: Capabilities this implementation speaks; the session uses the intersection.
+#: Capabilities this implementation speaks (HELLO and WELCOME ``caps``); :func:`negotiate`
+#: gives those both ends speak, and the session (migd/session.py ``required_capabilities``)
+#: refuses a peer without what this migration needs: zero runs, its transport mode, and the
+#: VMSA packet for an SEV-ES guest. A later optional feature is announced here, used if agreed.
 CAPABILITIES = ("zero-runs", "bound-transport", "sev-compat-transport", "vmsa")
 
 _PREFIX = struct.Struct(">IBH")  # length, type, meta_len
@@ -131,7 +140,67 @@ def _no_payload(payload: memoryview, what: str) -> None:
         raise ProtocolError(f"{what}: carries {len(payload)} payload bytes, expected none")
 
 
+def _run(meta: dict[str, Any], payload: memoryview, what: str, with_payload: bool) -> tuple[int, int]:
+    """A page run's ``gpa`` and ``n``: page aligned, inside any guest, and the payload they imply."""
+    gpa = _int(meta, "gpa", what)
+    npages = _int(meta, "n", what, 1, MAX_RUN_PAGES)
+    if gpa % PAGE_SIZE:
+        raise ProtocolError(f"{what}: gpa {gpa:#x} is not page aligned")
+    if gpa // PAGE_SIZE + npages > MAX_GUEST_PAGES:
+        raise ProtocolError(f"{what}: run {gpa:#x}+{npages} pages is past any guest's RAM")
+    expected = npages * PAGE_SIZE if with_payload else 0
+    if len(payload) != expected:
+        raise ProtocolError(f"{what}: {npages} pages need {expected} payload bytes, got {len(payload)}")
+    return gpa, npages
+
+
+def _capabilities(meta: dict[str, Any], what: str) -> tuple[str, ...]:
+    caps = _field(meta, "caps", list, what)
+    if len(caps) > 64 or not all(isinstance(c, str) and len(c) <= 64 for c in caps):
+        raise ProtocolError(f"{what}: capabilities must be at most 64 short strings")
+    return tuple(caps)
+
+
+def negotiate(ours: Iterable[str], theirs: Iterable[str]) -> tuple[str, ...]:
+    """The capabilities both ends speak: the intersection of ``ours`` and ``theirs``, sorted.
+
+    Pure and symmetric (``negotiate(a, b) == negotiate(b, a)``), so the source (on WELCOME) and
+    the destination (on HELLO) get the same tuple from the two ``caps`` lists. A capability only
+    one side lists is off, never an error: that is how a newer peer talks to an older one.
+    Duplicates count once. ``theirs`` is the peer's, already bounded by the decoder.
+    """
+    return tuple(sorted(set(ours) & set(theirs)))
+
+
 # ---------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class MessageBase:
+    """What every message of the stream has: its frame type, its wire fields and its own codec.
+
+    ``META`` names the msgpack keys of the frame's metadata in the order ``to_meta`` writes them
+    (docs/protocol.md's table lists the same names: tests/test_protocol_doc.py holds them equal).
+    ``from_meta`` checks every field of a decoded map and builds the message; it raises
+    ``ProtocolError`` saying which field of which frame (``what``) is wrong.
+    """
+
+    TYPE: ClassVar[FrameType]
+    META: ClassVar[tuple[str, ...]]
+    #: Largest payload the frame may carry; the decoder checks it from the length prefix.
+    PAYLOAD_LIMIT: ClassVar[int] = 0
+    #: A control frame carries no payload, refused before its fields are read; the data frames
+    #: (pages, bitmap, vCPU state) check their payload themselves, together with their fields.
+    CONTROL: ClassVar[bool] = True
+
+    def to_meta(self) -> dict[str, Any]:
+        """The frame's metadata map, keys in ``META`` order (the order is part of the bytes sent)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        """The message of a decoded metadata map and payload; every field is checked."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -143,6 +212,7 @@ class GuestSpec:
     policy: int
     efi: bool = False
     uefi_live_migration: bool | None = None
+    META: ClassVar[tuple[str, ...]] = ("name", "npages", "policy", "efi", "uefi_lm")
 
     def to_meta(self) -> dict[str, Any]:
         return {
@@ -174,7 +244,7 @@ class GuestSpec:
 
 
 @dataclass(frozen=True)
-class Hello:
+class Hello(MessageBase):
     migration_id: str
     guest: GuestSpec
     transport_mode: str
@@ -182,86 +252,210 @@ class Hello:
     capabilities: tuple[str, ...] = CAPABILITIES
     #: The source's migration listener port, where a destination in doubt sends RESOLVE (0: none).
     resolve_port: int = 0
-    TYPE: ClassVar[FrameType] = FrameType.HELLO
+    TYPE = FrameType.HELLO
+    META = ("version", "caps", "id", "guest", "transport", "resolve_port")
+
+    def to_meta(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "caps": list(self.capabilities),
+            "id": self.migration_id,
+            "guest": self.guest.to_meta(),
+            "transport": self.transport_mode,
+            "resolve_port": self.resolve_port,
+        }
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        return cls(
+            migration_id=_str(meta, "id", what, 64),
+            guest=GuestSpec.from_meta(meta.get("guest")),
+            transport_mode=_str(meta, "transport", what, 32),
+            version=_int(meta, "version", what, 0, 0xFFFF),
+            capabilities=_capabilities(meta, what),
+            # Optional: a source that gives none cannot be asked (RESOLVE), so 0.
+            resolve_port=_int(meta, "resolve_port", what, 0, 65535) if "resolve_port" in meta else 0,
+        )
 
 
 @dataclass(frozen=True)
-class Welcome:
+class Welcome(MessageBase):
     pdh_cert: bytes
     version: int = PROTOCOL_VERSION
     capabilities: tuple[str, ...] = CAPABILITIES
     #: The destination's fresh nonce: bound into the session, so nothing recorded elsewhere verifies.
     nonce: bytes = bytes(NONCE_SIZE)
-    TYPE: ClassVar[FrameType] = FrameType.WELCOME
+    TYPE = FrameType.WELCOME
+    META = ("version", "caps", "pdh", "nonce")
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"version": self.version, "caps": list(self.capabilities), "pdh": self.pdh_cert, "nonce": self.nonce}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        return cls(
+            pdh_cert=_bytes(meta, "pdh", what, max_size=16384),
+            version=_int(meta, "version", what, 0, 0xFFFF),
+            capabilities=_capabilities(meta, what),
+            nonce=_bytes(meta, "nonce", what, NONCE_SIZE),
+        )
 
 
 @dataclass(frozen=True)
-class Session:
+class Session(MessageBase):
     pdh_cert: bytes
     session_blob: bytes
     policy: int
     #: The source's proof that it holds the session keys, over the transcript (HELLO, WELCOME, this).
     mac: bytes = _NO_MAC
-    TYPE: ClassVar[FrameType] = FrameType.SESSION
+    TYPE = FrameType.SESSION
+    META = ("pdh", "blob", "policy", "mac")
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"pdh": self.pdh_cert, "blob": self.session_blob, "policy": self.policy, "mac": self.mac}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        return cls(
+            pdh_cert=_bytes(meta, "pdh", what, max_size=16384),
+            session_blob=_bytes(meta, "blob", what, 128),
+            policy=_int(meta, "policy", what, 0, 0xFFFFFFFF),
+            mac=_bytes(meta, "mac", what, MAC_SIZE),
+        )
 
 
 @dataclass(frozen=True)
-class SessionAck:
+class SessionAck(MessageBase):
     """Key confirmation: the destination unwrapped the session (MAC over the transcript)."""
 
     mac: bytes = _NO_MAC
-    TYPE: ClassVar[FrameType] = FrameType.SESSION_ACK
+    TYPE = FrameType.SESSION_ACK
+    META = ("mac",)
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"mac": self.mac}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        return cls(_bytes(meta, "mac", what, MAC_SIZE))
 
 
 @dataclass(frozen=True)
-class PrivatePages:
+class PrivatePages(MessageBase):
     gpa: int
     npages: int
     header: bytes  # the 52-byte SEV transport packet header
     payload: memoryview | bytes = field(repr=False)
-    TYPE: ClassVar[FrameType] = FrameType.PRIVATE_PAGES
+    TYPE = FrameType.PRIVATE_PAGES
+    META = ("gpa", "n", "hdr")
+    PAYLOAD_LIMIT = MAX_RUN_PAGES * PAGE_SIZE
+    CONTROL = False
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"gpa": self.gpa, "n": self.npages, "hdr": self.header}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        gpa, npages = _run(meta, payload, what, with_payload=True)
+        return cls(gpa, npages, _bytes(meta, "hdr", what, TRANSPORT_HEADER_SIZE), payload)
 
 
 @dataclass(frozen=True)
-class SharedPages:
+class SharedPages(MessageBase):
     gpa: int
     npages: int
     payload: memoryview | bytes = field(repr=False)
-    TYPE: ClassVar[FrameType] = FrameType.SHARED_PAGES
+    TYPE = FrameType.SHARED_PAGES
+    META = ("gpa", "n")
+    PAYLOAD_LIMIT = MAX_RUN_PAGES * PAGE_SIZE
+    CONTROL = False
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"gpa": self.gpa, "n": self.npages}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        gpa, npages = _run(meta, payload, what, with_payload=True)
+        return cls(gpa, npages, payload)
 
 
 @dataclass(frozen=True)
-class ZeroPages:
+class ZeroPages(MessageBase):
     gpa: int
     npages: int
-    TYPE: ClassVar[FrameType] = FrameType.ZERO_PAGES
+    TYPE = FrameType.ZERO_PAGES
+    META = ("gpa", "n")
+    CONTROL = False  # a page run: its (absent) payload is checked with its run, as the others'
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"gpa": self.gpa, "n": self.npages}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        gpa, npages = _run(meta, payload, what, with_payload=False)
+        return cls(gpa, npages)
 
 
 @dataclass(frozen=True)
-class RoundEnd:
+class RoundEnd(MessageBase):
     round: int
     dirty_pages: int
-    TYPE: ClassVar[FrameType] = FrameType.ROUND_END
+    TYPE = FrameType.ROUND_END
+    META = ("round", "dirty")
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"round": self.round, "dirty": self.dirty_pages}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        return cls(_int(meta, "round", what, 0, 1 << 32), _int(meta, "dirty", what, 0, MAX_GUEST_PAGES))
 
 
 @dataclass(frozen=True)
-class SharedBitmap:
+class SharedBitmap(MessageBase):
     payload: memoryview | bytes = field(repr=False)
-    TYPE: ClassVar[FrameType] = FrameType.SHARED_BITMAP
+    TYPE = FrameType.SHARED_BITMAP
+    META = ()
+    PAYLOAD_LIMIT = MAX_BITMAP_BYTES
+    CONTROL = False
+
+    def to_meta(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        if not len(payload):
+            raise ProtocolError(f"{what}: empty bitmap")
+        return cls(payload)
 
 
 @dataclass(frozen=True)
-class VcpuState:
+class VcpuState(MessageBase):
     """vCPU state: ``header`` set = a VMSA transport packet (SEV-ES), else plaintext state."""
 
     vcpu_id: int
     header: bytes | None
     payload: memoryview | bytes = field(repr=False)
-    TYPE: ClassVar[FrameType] = FrameType.VCPU_STATE
+    TYPE = FrameType.VCPU_STATE
+    META = ("vcpu", "hdr")
+    PAYLOAD_LIMIT = MAX_VCPU_STATE
+    CONTROL = False
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"vcpu": self.vcpu_id, "hdr": self.header}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        header = meta.get("hdr")
+        if header is not None:
+            header = _bytes(meta, "hdr", what, TRANSPORT_HEADER_SIZE)
+            if len(payload) != PAGE_SIZE:
+                raise ProtocolError(f"{what}: a VMSA packet carries {PAGE_SIZE} bytes, got {len(payload)}")
+        return cls(_int(meta, "vcpu", what, 0, 255), header, payload)
 
 
 @dataclass(frozen=True)
-class Prepare:
+class Prepare(MessageBase):
     """The end of the stream, bound: what was sent, in what order, and the final state's digests."""
 
     pages_sent: int  # pages of every kind, repeats included
@@ -274,39 +468,93 @@ class Prepare:
     bitmap_digest: bytes = bytes(DIGEST_SIZE)  # SHA-256 of the SHARED_BITMAP payload
     vcpu_digest: bytes = bytes(DIGEST_SIZE)  # SHA-256 of the VCPU_STATE header and payload
     mac: bytes = _NO_MAC
-    TYPE: ClassVar[FrameType] = FrameType.PREPARE
+    TYPE = FrameType.PREPARE
+    META = ("pages", "frames", "kinds", "seq", "stream", "bitmap", "vcpu", "mac")
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"pages": self.pages_sent, "frames": self.frames, "kinds": [self.private, self.shared, self.zero],
+                "seq": self.transport_seq, "stream": self.stream_digest, "bitmap": self.bitmap_digest,
+                "vcpu": self.vcpu_digest, "mac": self.mac}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        kinds = _field(meta, "kinds", list, what)
+        if len(kinds) != 3 or not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= U64
+                                      for k in kinds):
+            raise ProtocolError(f"{what}: field 'kinds' must be three page counts")
+        return cls(
+            pages_sent=_int(meta, "pages", what), frames=_int(meta, "frames", what),
+            private=kinds[0], shared=kinds[1], zero=kinds[2], transport_seq=_int(meta, "seq", what),
+            stream_digest=_bytes(meta, "stream", what, DIGEST_SIZE),
+            bitmap_digest=_bytes(meta, "bitmap", what, DIGEST_SIZE),
+            vcpu_digest=_bytes(meta, "vcpu", what, DIGEST_SIZE), mac=_bytes(meta, "mac", what, MAC_SIZE),
+        )
 
 
 @dataclass(frozen=True)
-class Prepared:
+class Prepared(MessageBase):
     pages_received: int
     mac: bytes = _NO_MAC
-    TYPE: ClassVar[FrameType] = FrameType.PREPARED
+    TYPE = FrameType.PREPARED
+    META = ("pages", "mac")
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"pages": self.pages_received, "mac": self.mac}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        return cls(_int(meta, "pages", what), _bytes(meta, "mac", what, MAC_SIZE))
 
 
 @dataclass(frozen=True)
-class Commit:
+class Commit(MessageBase):
     mac: bytes = _NO_MAC
-    TYPE: ClassVar[FrameType] = FrameType.COMMIT
+    TYPE = FrameType.COMMIT
+    META = ("mac",)
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"mac": self.mac}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        return cls(_bytes(meta, "mac", what, MAC_SIZE))
 
 
 @dataclass(frozen=True)
-class Started:
+class Started(MessageBase):
     mac: bytes = _NO_MAC
-    TYPE: ClassVar[FrameType] = FrameType.STARTED
+    TYPE = FrameType.STARTED
+    META = ("mac",)
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"mac": self.mac}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        return cls(_bytes(meta, "mac", what, MAC_SIZE))
 
 
 @dataclass(frozen=True)
-class Abort:
+class Abort(MessageBase):
     """The end of a migration; ``mac`` (once the session has keys) proves which peer said it."""
 
     reason: str
     mac: bytes | None = None
-    TYPE: ClassVar[FrameType] = FrameType.ABORT
+    TYPE = FrameType.ABORT
+    META = ("reason", "mac")
+
+    def to_meta(self) -> dict[str, Any]:
+        # Cut to what the receiver accepts: a long local error must not make the ABORT itself refused.
+        return {"reason": self.reason[:1024], "mac": self.mac}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        mac = meta.get("mac")
+        return cls(_str(meta, "reason", what, 1024), None if mac is None else _bytes(meta, "mac", what, MAC_SIZE))
 
 
 @dataclass(frozen=True)
-class Ping:
+class Ping(MessageBase):
     """The source asks whether the destination has placed everything sent before it.
 
     Bytes that left the source's socket may still sit in kernel buffers or a stalled
@@ -314,20 +562,36 @@ class Ping:
     """
 
     token: int
-    TYPE: ClassVar[FrameType] = FrameType.PING
+    TYPE = FrameType.PING
+    META = ("token",)
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"token": self.token}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        return cls(_int(meta, "token", what, 0, 0xFFFFFFFF))
 
 
 @dataclass(frozen=True)
-class Pong:
+class Pong(MessageBase):
     token: int
-    TYPE: ClassVar[FrameType] = FrameType.PONG
+    TYPE = FrameType.PONG
+    META = ("token",)
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"token": self.token}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        return cls(_int(meta, "token", what, 0, 0xFFFFFFFF))
 
 
 RESOLUTIONS = ("committed", "aborted", "pending", "unknown")
 
 
 @dataclass(frozen=True)
-class Resolve:
+class Resolve(MessageBase):
     """A destination that lost the stream between PREPARED and COMMIT asks the source.
 
     ``mac`` under that migration's hand-off key proves the asker is its destination; the fresh
@@ -337,15 +601,35 @@ class Resolve:
     migration_id: str
     nonce: bytes = bytes(NONCE_SIZE)
     mac: bytes = _NO_MAC
-    TYPE: ClassVar[FrameType] = FrameType.RESOLVE
+    TYPE = FrameType.RESOLVE
+    META = ("id", "nonce", "mac")
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"id": self.migration_id, "nonce": self.nonce, "mac": self.mac}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        return cls(_str(meta, "id", what, 64), _bytes(meta, "nonce", what, NONCE_SIZE),
+                   _bytes(meta, "mac", what, MAC_SIZE))
 
 
 @dataclass(frozen=True)
-class Resolved:
+class Resolved(MessageBase):
     migration_id: str
     outcome: str  # one of RESOLUTIONS
     mac: bytes = _NO_MAC
-    TYPE: ClassVar[FrameType] = FrameType.RESOLVED
+    TYPE = FrameType.RESOLVED
+    META = ("id", "outcome", "mac")
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"id": self.migration_id, "outcome": self.outcome, "mac": self.mac}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        outcome = _str(meta, "outcome", what, 16)
+        if outcome not in RESOLUTIONS:
+            raise ProtocolError(f"{what}: outcome must be one of {RESOLUTIONS}, got {outcome!r}")
+        return cls(_str(meta, "id", what, 64), outcome, _bytes(meta, "mac", what, MAC_SIZE))
 
 
 Message = Union[
@@ -353,60 +637,18 @@ Message = Union[
     SharedBitmap, VcpuState, Prepare, Prepared, Commit, Started, Abort, Resolve, Resolved, Ping, Pong,
 ]
 
+#: The frame-type registry (aioquic's ``__frame_handlers`` is the model): which class encodes and
+#: decodes each frame type. Built from ``Message`` so that a new message is declared once, there.
+MESSAGE_CLASSES: dict[FrameType, type[Message]] = {cls.TYPE: cls for cls in get_args(Message)}
+# At import, not in a test only: a frame type without a class would escape the decoder as a KeyError.
+if sorted(MESSAGE_CLASSES) != sorted(FrameType) or len(MESSAGE_CLASSES) != len(get_args(Message)):
+    raise RuntimeError("migd.wire: every FrameType needs exactly one message class in Message")
+
 #: Largest payload each frame type may carry: checked from the length prefix, before buffering.
-_MAX_PAYLOAD: dict[FrameType, int] = {t: 0 for t in FrameType}
-_MAX_PAYLOAD.update(
-    {
-        FrameType.PRIVATE_PAGES: MAX_RUN_PAGES * PAGE_SIZE,
-        FrameType.SHARED_PAGES: MAX_RUN_PAGES * PAGE_SIZE,
-        FrameType.SHARED_BITMAP: MAX_BITMAP_BYTES,
-        FrameType.VCPU_STATE: MAX_VCPU_STATE,
-    }
-)
+_MAX_PAYLOAD: dict[FrameType, int] = {t: cls.PAYLOAD_LIMIT for t, cls in MESSAGE_CLASSES.items()}
 
 
 # ---------------------------------------------------------------- encode
-
-
-def _meta_of(msg: Message) -> dict[str, Any]:
-    if isinstance(msg, Hello):
-        return {
-            "version": msg.version,
-            "caps": list(msg.capabilities),
-            "id": msg.migration_id,
-            "guest": msg.guest.to_meta(),
-            "transport": msg.transport_mode,
-            "resolve_port": msg.resolve_port,
-        }
-    if isinstance(msg, Welcome):
-        return {"version": msg.version, "caps": list(msg.capabilities), "pdh": msg.pdh_cert, "nonce": msg.nonce}
-    if isinstance(msg, Session):
-        return {"pdh": msg.pdh_cert, "blob": msg.session_blob, "policy": msg.policy, "mac": msg.mac}
-    if isinstance(msg, PrivatePages):
-        return {"gpa": msg.gpa, "n": msg.npages, "hdr": msg.header}
-    if isinstance(msg, (SharedPages, ZeroPages)):
-        return {"gpa": msg.gpa, "n": msg.npages}
-    if isinstance(msg, RoundEnd):
-        return {"round": msg.round, "dirty": msg.dirty_pages}
-    if isinstance(msg, VcpuState):
-        return {"vcpu": msg.vcpu_id, "hdr": msg.header}
-    if isinstance(msg, Prepare):
-        return {"pages": msg.pages_sent, "frames": msg.frames, "kinds": [msg.private, msg.shared, msg.zero],
-                "seq": msg.transport_seq, "stream": msg.stream_digest, "bitmap": msg.bitmap_digest,
-                "vcpu": msg.vcpu_digest, "mac": msg.mac}
-    if isinstance(msg, Prepared):
-        return {"pages": msg.pages_received, "mac": msg.mac}
-    if isinstance(msg, Abort):
-        return {"reason": msg.reason[:1024], "mac": msg.mac}
-    if isinstance(msg, Resolve):
-        return {"id": msg.migration_id, "nonce": msg.nonce, "mac": msg.mac}
-    if isinstance(msg, Resolved):
-        return {"id": msg.migration_id, "outcome": msg.outcome, "mac": msg.mac}
-    if isinstance(msg, (Ping, Pong)):
-        return {"token": msg.token}
-    if isinstance(msg, (SessionAck, Commit, Started)):
-        return {"mac": msg.mac}
-    return {}
 
 
 def authenticated_bytes(msg: Message) -> bytes:
@@ -415,7 +657,7 @@ def authenticated_bytes(msg: Message) -> bytes:
     msgpack of the sorted fields: both ends compute it from the decoded message, so the bytes
     do not depend on how the peer happened to encode its map.
     """
-    meta = _meta_of(msg)
+    meta = msg.to_meta()
     meta.pop("mac", None)
     return bytes([msg.TYPE]) + msgpack.packb(dict(sorted(meta.items())), use_bin_type=True)
 
@@ -454,7 +696,7 @@ class FrameEncoder:
 
     def encode(self, msg: Message) -> list[bytes | memoryview]:
         """Frame ``msg``: buffers for ``transport.writelines`` (the payload is not copied)."""
-        meta = msgpack.packb(_meta_of(msg), use_bin_type=True)
+        meta = msgpack.packb(msg.to_meta(), use_bin_type=True)
         payload = getattr(msg, "payload", b"")
         if len(meta) > MAX_META:
             raise ProtocolError(f"{msg.TYPE.name}: metadata of {len(meta)} bytes exceeds {MAX_META}")
@@ -493,119 +735,25 @@ def encode_stream(messages: list[Message]) -> bytes:
 # ---------------------------------------------------------------- decode
 
 
-def _run(meta: dict[str, Any], payload: memoryview, what: str, with_payload: bool) -> tuple[int, int]:
-    gpa = _int(meta, "gpa", what)
-    npages = _int(meta, "n", what, 1, MAX_RUN_PAGES)
-    if gpa % PAGE_SIZE:
-        raise ProtocolError(f"{what}: gpa {gpa:#x} is not page aligned")
-    if gpa // PAGE_SIZE + npages > MAX_GUEST_PAGES:
-        raise ProtocolError(f"{what}: run {gpa:#x}+{npages} pages is past any guest's RAM")
-    expected = npages * PAGE_SIZE if with_payload else 0
-    if len(payload) != expected:
-        raise ProtocolError(f"{what}: {npages} pages need {expected} payload bytes, got {len(payload)}")
-    return gpa, npages
-
-
-def _capabilities(meta: dict[str, Any], what: str) -> tuple[str, ...]:
-    caps = _field(meta, "caps", list, what)
-    if len(caps) > 64 or not all(isinstance(c, str) and len(c) <= 64 for c in caps):
-        raise ProtocolError(f"{what}: capabilities must be at most 64 short strings")
-    return tuple(caps)
-
-
 def decode_frame(ftype: int, meta_bytes: memoryview, payload: memoryview) -> Message:
-    """Turn one complete frame into a message; every field is checked."""
+    """Turn one complete frame into a message; every field is checked.
+
+    The frame type picks the class (``MESSAGE_CLASSES``); the class checks its own fields.
+    """
     try:
-        frame_type = FrameType(ftype)
+        cls = MESSAGE_CLASSES[FrameType(ftype)]
     except ValueError:
         raise ProtocolError(f"unknown frame type {ftype}") from None
-    what = frame_type.name
+    what = cls.TYPE.name
     try:
         meta = msgpack.unpackb(meta_bytes, raw=False, strict_map_key=True)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
         raise ProtocolError(f"{what}: metadata is not valid msgpack: {exc}") from None
     if not isinstance(meta, dict):
         raise ProtocolError(f"{what}: metadata must be a map, got {type(meta).__name__}")
-    if frame_type is FrameType.PRIVATE_PAGES:
-        gpa, npages = _run(meta, payload, what, True)
-        return PrivatePages(gpa, npages, _bytes(meta, "hdr", what, TRANSPORT_HEADER_SIZE), payload)
-    if frame_type is FrameType.SHARED_PAGES:
-        gpa, npages = _run(meta, payload, what, True)
-        return SharedPages(gpa, npages, payload)
-    if frame_type is FrameType.ZERO_PAGES:
-        gpa, npages = _run(meta, payload, what, False)
-        return ZeroPages(gpa, npages)
-    if frame_type is FrameType.SHARED_BITMAP:
-        if not len(payload):
-            raise ProtocolError(f"{what}: empty bitmap")
-        return SharedBitmap(payload)
-    if frame_type is FrameType.VCPU_STATE:
-        header = meta.get("hdr")
-        if header is not None:
-            header = _bytes(meta, "hdr", what, TRANSPORT_HEADER_SIZE)
-            if len(payload) != PAGE_SIZE:
-                raise ProtocolError(f"{what}: a VMSA packet carries {PAGE_SIZE} bytes, got {len(payload)}")
-        return VcpuState(_int(meta, "vcpu", what, 0, 255), header, payload)
-    _no_payload(payload, what)
-    if frame_type is FrameType.HELLO:
-        return Hello(
-            migration_id=_str(meta, "id", what, 64),
-            guest=GuestSpec.from_meta(meta.get("guest")),
-            transport_mode=_str(meta, "transport", what, 32),
-            version=_int(meta, "version", what, 0, 0xFFFF),
-            capabilities=_capabilities(meta, what),
-            resolve_port=_int(meta, "resolve_port", what, 0, 65535) if "resolve_port" in meta else 0,
-        )
-    if frame_type is FrameType.WELCOME:
-        return Welcome(
-            pdh_cert=_bytes(meta, "pdh", what, max_size=16384),
-            version=_int(meta, "version", what, 0, 0xFFFF),
-            capabilities=_capabilities(meta, what),
-            nonce=_bytes(meta, "nonce", what, NONCE_SIZE),
-        )
-    if frame_type is FrameType.SESSION:
-        return Session(
-            pdh_cert=_bytes(meta, "pdh", what, max_size=16384),
-            session_blob=_bytes(meta, "blob", what, 128),
-            policy=_int(meta, "policy", what, 0, 0xFFFFFFFF),
-            mac=_bytes(meta, "mac", what, MAC_SIZE),
-        )
-    if frame_type is FrameType.ROUND_END:
-        return RoundEnd(_int(meta, "round", what, 0, 1 << 32), _int(meta, "dirty", what, 0, MAX_GUEST_PAGES))
-    if frame_type is FrameType.PREPARE:
-        kinds = _field(meta, "kinds", list, what)
-        if len(kinds) != 3 or not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= U64
-                                      for k in kinds):
-            raise ProtocolError(f"{what}: field 'kinds' must be three page counts")
-        return Prepare(
-            pages_sent=_int(meta, "pages", what), frames=_int(meta, "frames", what),
-            private=kinds[0], shared=kinds[1], zero=kinds[2], transport_seq=_int(meta, "seq", what),
-            stream_digest=_bytes(meta, "stream", what, DIGEST_SIZE),
-            bitmap_digest=_bytes(meta, "bitmap", what, DIGEST_SIZE),
-            vcpu_digest=_bytes(meta, "vcpu", what, DIGEST_SIZE), mac=_bytes(meta, "mac", what, MAC_SIZE),
-        )
-    if frame_type is FrameType.PREPARED:
-        return Prepared(_int(meta, "pages", what), _bytes(meta, "mac", what, MAC_SIZE))
-    if frame_type is FrameType.ABORT:
-        mac = meta.get("mac")
-        return Abort(_str(meta, "reason", what, 1024), None if mac is None else _bytes(meta, "mac", what, MAC_SIZE))
-    if frame_type is FrameType.SESSION_ACK:
-        return SessionAck(_bytes(meta, "mac", what, MAC_SIZE))
-    if frame_type is FrameType.COMMIT:
-        return Commit(_bytes(meta, "mac", what, MAC_SIZE))
-    if frame_type is FrameType.RESOLVE:
-        return Resolve(_str(meta, "id", what, 64), _bytes(meta, "nonce", what, NONCE_SIZE),
-                       _bytes(meta, "mac", what, MAC_SIZE))
-    if frame_type is FrameType.RESOLVED:
-        outcome = _str(meta, "outcome", what, 16)
-        if outcome not in RESOLUTIONS:
-            raise ProtocolError(f"{what}: outcome must be one of {RESOLUTIONS}, got {outcome!r}")
-        return Resolved(_str(meta, "id", what, 64), outcome, _bytes(meta, "mac", what, MAC_SIZE))
-    if frame_type is FrameType.PING:
-        return Ping(_int(meta, "token", what, 0, 0xFFFFFFFF))
-    if frame_type is FrameType.PONG:
-        return Pong(_int(meta, "token", what, 0, 0xFFFFFFFF))
-    return Started(_bytes(meta, "mac", what, MAC_SIZE))
+    if cls.CONTROL:
+        _no_payload(payload, what)
+    return cls.from_meta(meta, payload, what)
 
 
 class FrameDecoder:
@@ -727,6 +875,21 @@ class FrameDecoder:
         if self._start == self._end:
             self._start = self._end = 0
         return messages
+
+
+def pack_vmsa(state: bytes) -> bytes:
+    """vCPU state in one 4 KiB VMSA page (what SEND_UPDATE_VMSA seals): u32 length LE, state, zeros."""
+    if len(state) > PAGE_SIZE - 4:
+        raise ValueError(f"vCPU state of {len(state)} bytes does not fit a {PAGE_SIZE}-byte VMSA")
+    return len(state).to_bytes(4, "little") + state + bytes(PAGE_SIZE - 4 - len(state))
+
+
+def unpack_vmsa(page: bytes) -> bytes:
+    """Inverse of :func:`pack_vmsa`, checked (the page came from the peer, through RECEIVE_UPDATE_VMSA)."""
+    length = int.from_bytes(page[:4], "little")
+    if len(page) != PAGE_SIZE or length > PAGE_SIZE - 4:
+        raise ProtocolError(f"malformed VMSA page ({len(page)} bytes, length field {length})")
+    return bytes(page[4 : 4 + length])
 
 
 def detached(msg: Message) -> Message:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from migd import identity
-from migd.psp import PspFirmware
+from migd.platform import identity
+from migd.platform.psp import PspFirmware
 from migd.sev_transport import TransportMode
 
 #: The fault-suite reliability table (``--reliability-json PATH``; inert without it).

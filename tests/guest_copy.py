@@ -13,10 +13,10 @@ import asyncio
 from dataclasses import dataclass
 
 from migd.abi import PAGE_SIZE
-from migd.channel import GuestChannel
-from migd.memory import GuestRam
-from migd.psp import PspFirmware
-from migd.vm import VmPlatform
+from migd.guest.channel import GuestChannel
+from migd.platform.memory import GuestRam
+from migd.platform.psp import PspFirmware
+from migd.guest.vm import VmPlatform
 
 RUN_PAGES = 256  # pages per SEND/RECEIVE_UPDATE_DATA command
 

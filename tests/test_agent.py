@@ -17,13 +17,13 @@ from migd.abi import (
     KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
     PAGE_SIZE,
 )
-from migd.agent import parse_options, read_key
-from migd.agent_launcher import AgentSpec
+from migd.guest.agent import parse_options, read_key
+from migd.guest.agent_launcher import AgentSpec
 from migd.errors import ConfigError
-from migd.guest_layout import PFN_2M, GuestLayout
-from migd.guest_vcpu import early_reset_calls
-from migd.memory import VEK_SIZE
-from migd.workload import WorkloadConfig
+from migd.guest.guest_layout import PFN_2M, GuestLayout
+from migd.guest.guest_vcpu import early_reset_calls
+from migd.platform.memory import VEK_SIZE
+from migd.guest.workload import WorkloadConfig
 
 
 @pytest.mark.parametrize(

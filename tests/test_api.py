@@ -1,4 +1,4 @@
-"""The REST API (migd/api.py) over a real socket around a real Daemon: every route of DESIGN.md §7
+"""The REST API (migd/daemon/api.py) over a real socket around a real Daemon: every route of docs/design.md §9
 with its success and error answers, auth on every route, strict bodies, and the OpenAPI document.
 
 Every answer any test receives is checked against the OpenAPI document (:meth:`Api.call`):
@@ -23,10 +23,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from migd import __version__, identity, openapi
-from migd.api import MAX_BODY_BYTES, build_app
-from migd.config import parse_config
-from migd.daemon import Daemon
+from migd import __version__
+from migd.platform import identity
+from migd.daemon import openapi
+from migd.daemon.api import MAX_BODY_BYTES, build_app
+from migd.daemon.config import parse_config
+from migd.daemon.core import Daemon
 from migd.errors import ConfigError
 
 TOKEN = "c0ffee" * 6
@@ -440,7 +442,8 @@ def test_migrate_is_409_while_the_msr_is_not_ready_and_the_reason_is_in_the_answ
             assert answer.status == 409 and "only a running guest can migrate" in answer.detail
             assert defined["state"] == "defined"
 
-            # EFI guests whose SevLiveMigrationEnabled is false or absent never write READY (DESIGN.md §3).
+            # EFI guests whose SevLiveMigrationEnabled is false or absent never write READY
+            # (docs/design.md §3 "Guest-visible interface").
             for name, variable in (("efi-off", False), ("efi-absent", None)):
                 await api.ok("POST", "/v1/guests", {"name": name, "memory_mib": 16, "efi": True,
                                                      "uefi_live_migration": variable}, status=201)
@@ -584,11 +587,11 @@ def test_an_unexpected_exception_is_a_json_500_with_the_traceback_logged(
                 raise RuntimeError("injected fault")
 
             api.daemon.migrations = broken  # type: ignore[method-assign]
-            with caplog.at_level(logging.ERROR, logger="migd.api"):
+            with caplog.at_level(logging.ERROR, logger="migd.daemon.api"):
                 answer = await api.call("GET", "/v1/migrations")
             assert answer.status == 500 and answer.body["error"] == "internal_error"
             assert "RuntimeError: injected fault" in answer.detail
-            (record,) = [r for r in caplog.records if r.name == "migd.api"]
+            (record,) = [r for r in caplog.records if r.name == "migd.daemon.api"]
             assert record.exc_info is not None and "injected fault" in str(record.exc_info[1])
             api.daemon.migrations = real  # type: ignore[method-assign]
             assert (await api.call("GET", "/v1/migrations")).status == 200  # the daemon lives on

@@ -18,10 +18,10 @@ import pytest
 
 from migd.abi import KVM_HC_MAP_GPA_RANGE, KVM_MIGRATION_READY, MSR_KVM_MIGRATION_CONTROL, PAGE_SIZE
 from migd.bitmap import PageBitmap
-from migd.channel import CheckReport, GuestChannel, GuestChannelError, GuestHello, GuestTimeoutError
-from migd.channel_codec import ChannelCodec, Message, request, response_error, response_ok
+from migd.guest.channel import CheckReport, GuestChannel, GuestChannelError, GuestHello, GuestTimeoutError
+from migd.guest.channel_codec import ChannelCodec, Message, request, response_error, response_ok
 from migd.errors import ConfigError
-from migd.vm import VmConfig, VmPlatform
+from migd.guest.vm import VmConfig, VmPlatform
 
 NPAGES = 256
 WAIT = 5.0  # upper bound of every wait in here; nothing should come close to it

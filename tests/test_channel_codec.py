@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migd.channel_codec import (
+from migd.guest.channel_codec import (
     MAX_FRAME,
     U64_MAX,
     ChannelCodec,

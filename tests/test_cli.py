@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from migd import cli, identity
+from migd.cli import commands as cli
+from migd.platform import identity
 
 
 def _keys_init(state: Path, ca: Path, name: str = "node1") -> list[str]:
@@ -80,11 +81,11 @@ def test_missing_required_option_is_a_usage_error(tmp_path: Path, capsys: pytest
 
 def test_process_exit_status_is_non_zero(tmp_path: Path, regular_file: Path) -> None:
     """The real entry point turns the error into the process exit status."""
-    argv = [sys.executable, "-m", "migd.cli", *_keys_init(regular_file / "state", tmp_path / "ca")]
+    argv = [sys.executable, "-m", "migd.cli.commands", *_keys_init(regular_file / "state", tmp_path / "ca")]
     failed = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert failed.returncode == 1
     assert "migd: error: cannot create directory" in failed.stderr and "Traceback" not in failed.stderr
-    argv = [sys.executable, "-m", "migd.cli", *_keys_init(tmp_path / "state", tmp_path / "ca")]
+    argv = [sys.executable, "-m", "migd.cli.commands", *_keys_init(tmp_path / "state", tmp_path / "ca")]
     ok = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert ok.returncode == 0, ok.stderr  # negative control
     assert "pdh_key: " in ok.stdout

@@ -21,14 +21,14 @@ from typing import Any
 
 import pytest
 
-from migd import cli
+from migd.cli import commands as cli
 from migd.abi import PAGE_SIZE
-from migd.client import ApiError, ApiUnreachable, MigdClient, format_api_error, parse_api_url, resolve_settings
+from migd.cli.client import ApiError, ApiUnreachable, MigdClient, format_api_error, parse_api_url, resolve_settings
 from migd.errors import ConfigError
 from migd.migration_state import MigrationStatus
 from migd.page_runs import PageKind
 from migd.progress import MigrationProgress
-from migd.progress_bar import (
+from migd.cli.progress_bar import (
     ProgressDisplay,
     format_bytes,
     format_ms,
@@ -456,7 +456,7 @@ def test_client_raises_typed_errors(daemon: ServeProcess) -> None:
 
 
 def test_demo_report_is_ok_only_for_a_completed_migration_with_a_clean_full_self_check() -> None:
-    from migd.demo import Arrival, report_clean, report_lines
+    from migd.cli.demo import Arrival, report_clean, report_lines
 
     done = _migration(MigrationStatus.COMPLETED, rounds=2, downtime_ms=12.0)
     clean = Arrival(131072, 131072, 0, None, "running", "migrated")

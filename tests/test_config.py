@@ -1,4 +1,4 @@
-"""The daemon's configuration (migd/config.py): the ``[migration]`` bounds on unauthenticated
+"""The daemon's configuration (migd/daemon/config.py): the ``[migration]`` bounds on unauthenticated
 and stalled peers, and the documented example ``config/migd.toml``."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from migd import identity
-from migd.config import (
+from migd.platform import identity
+from migd.daemon.config import (
     DEFAULT_HANDSHAKE_TIMEOUT_S,
     DEFAULT_MAX_PENDING_CONNECTIONS,
     DEFAULT_STALL_TIMEOUT_S,
     Config,
     parse_config,
 )
-from migd.daemon import Daemon
+from migd.daemon.core import Daemon
 from migd.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "migd.toml"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from migd.guest import GuestDefinition, GuestState, GuestStateError
+from migd.guest.host_guest import GuestDefinition, GuestState, GuestStateError
 
 from test_api import make_daemon
 

@@ -14,7 +14,7 @@ from migd.bitmap import PageBitmap
 from migd.dest import IncomingMigration
 from session_pair import established
 from migd.errors import ProtocolError
-from migd.memory import GuestRam
+from migd.platform.memory import GuestRam
 from migd.progress import MigrationProgress
 
 NPAGES = 64

@@ -1,4 +1,4 @@
-"""Fuzzing the hypercall channel from a hostile guest (DESIGN.md §5, invariant 7).
+"""Fuzzing the hypercall channel from a hostile guest (docs/design.md §8 "Invariants", 7).
 
 Three targets, each with a seeded fast loop and, where structure matters, hypothesis:
 
@@ -46,9 +46,9 @@ from migd.abi import (
     UEFI_SEV_LIVE_MIGRATION_VAR,
 )
 from migd.bitmap import PageBitmap
-from migd.channel import GuestChannel
-from migd.channel_codec import MAX_FRAME, U64_MAX, ChannelCodec, ChannelProtocolError, request
-from migd.vm import PLATFORM_OPS, VmConfig, VmPlatform
+from migd.guest.channel import GuestChannel
+from migd.guest.channel_codec import MAX_FRAME, U64_MAX, ChannelCodec, ChannelProtocolError, request
+from migd.guest.vm import PLATFORM_OPS, VmConfig, VmPlatform
 
 pytestmark = pytest.mark.fault_class("bad input: hypercall channel fuzz")
 SEED = 0x6368616E  # "chan"
@@ -74,7 +74,7 @@ def snapshot(vm: VmPlatform) -> tuple[Any, ...]:
 
 
 class PlatformModel:
-    """The spec (channel-spec.md, DESIGN.md §3) as a reference model of one guest's platform."""
+    """The spec (docs/design.md §3 and §4) as a reference model of one guest's platform."""
 
     def __init__(self) -> None:
         self.shared = np.zeros(NPAGES, dtype=bool)

@@ -284,6 +284,13 @@ def _peak_while(action: Callable[[], object]) -> int:
         tracemalloc.stop()
 
 
+def test_the_codec_has_the_payload_limits_assumed_here() -> None:
+    """The bounds below are this file's own statement of the limits; the codec's table must agree."""
+    assert {t: cls.PAYLOAD_LIMIT for t, cls in wire.MESSAGE_CLASSES.items()} == {
+        t: _PAYLOAD_LIMIT.get(t, 0) for t in FrameType
+    }
+
+
 @pytest.mark.parametrize("ftype", list(FrameType), ids=lambda t: t.name)
 def test_length_field_never_allocates_past_the_type_bound(ftype: FrameType) -> None:
     """A prefix claiming the largest frame its type allows may grow the buffer to exactly that;
@@ -328,9 +335,10 @@ _msgpack_value = st.recursive(
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
     max_leaves=12,
 )
-_field_names = st.sampled_from(["gpa", "n", "hdr", "id", "guest", "transport", "version", "caps", "pdh", "blob",
-                                "policy", "round", "dirty", "vcpu", "pages", "reason", "name", "npages", "efi",
-                                "uefi_lm"])
+#: Every key the codec reads (each message's ``META``, the guest's): from the registry, so a new
+#: field is fuzzed without anyone remembering to list it here.
+_field_names = st.sampled_from(sorted({key for cls in wire.MESSAGE_CLASSES.values() for key in cls.META}
+                                      | set(wire.GuestSpec.META)))
 _meta_maps = st.dictionaries(st.one_of(_field_names, st.text(max_size=6)), _msgpack_value, max_size=8)
 
 

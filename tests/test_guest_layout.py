@@ -7,7 +7,7 @@ import pytest
 
 from migd.abi import PAGE_SIZE
 from migd.errors import GuestMemoryError
-from migd.guest_layout import (
+from migd.guest.guest_layout import (
     DECRYPTED_SECTION_PAGES,
     DEFAULT_FIRMWARE_SHARED_PAGES,
     LEDGER_ENTRIES_PER_PAGE,

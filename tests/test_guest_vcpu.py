@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from migd.abi import KVM_MIGRATION_READY
-from migd.channel_codec import Message
+from migd.guest.channel_codec import Message
 from migd.errors import MigdError
-from migd.guest_layout import LEDGER_SHARED
-from migd.guest_vcpu import GuestConfig, GuestVcpu, VcpuError
-from migd.memory import GuestRam, MemoryEncryption, new_vek
-from migd.selfcheck import check_memory, read_ledger
-from migd.vm import VmConfig, VmPlatform
-from migd.workload import WorkloadConfig
+from migd.guest.guest_layout import LEDGER_SHARED
+from migd.guest.guest_vcpu import GuestConfig, GuestVcpu, VcpuError
+from migd.platform.memory import GuestRam, MemoryEncryption, new_vek
+from migd.guest.selfcheck import check_memory, read_ledger
+from migd.guest.vm import VmConfig, VmPlatform
+from migd.guest.workload import WorkloadConfig
 
 NPAGES = 1024
 

@@ -1,4 +1,4 @@
-"""Tests for migd/identity.py: creating and storing the owner CA and the host identity, loading the PDH.
+"""Tests for migd/platform/identity.py: creating and storing the owner CA and the host identity, loading the PDH.
 
 Validation of certificates (PDH chain, trust anchors, TLS) is tested in tests/test_pki_verify.py.
 """
@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from migd import cli, identity, pki_verify
+from migd.cli import commands as cli
+from migd.platform import identity, pki_verify
 from migd.errors import CertificateError, ConfigError
 
 KEY_FILES = (identity.PDH_KEY, identity.TLS_KEY)
@@ -197,7 +198,7 @@ def test_load_pdh_checks_key_curve_and_match(tmp_path: Path) -> None:
 
 
 def test_verification_names_are_re_exported() -> None:
-    # Callers that imported these from migd.identity before the split keep working.
+    # Callers that imported these from migd.platform.identity before the split keep working.
     for name in (
         "MAX_PDH_CERT_PEM", "MAX_PEM_FILE", "PDH_CURVE", "PDH_MARKER_OID", "certificate_pem",
         "ecdh_shared_secret", "load_trust_anchors", "tls_client_context", "tls_server_context",

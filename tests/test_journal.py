@@ -19,17 +19,17 @@ import pytest
 
 from migd import wire
 from migd.abi import PAGE_SIZE
-from migd.guest import INCOMING_MARKER, GuestDefinition, GuestState
+from migd.guest.host_guest import INCOMING_MARKER, GuestDefinition, GuestState
 from migd.host import Host
 from migd.journal import JOURNAL_FILE, SCHEMA_VERSION, GuestRecord, Journal, JournalError, MigrationRecord, restore_progress
-from migd.memory import MemoryEncryption
+from migd.platform.memory import MemoryEncryption
 from migd.migration_state import MigrationStatus
 from migd.page_runs import PageKind
 from migd.progress import MigrationProgress
-from migd.psp import PspFirmware
+from migd.platform.psp import PspFirmware
 from migd.session_auth import check_resolve, resolved_answer
 from migd.stream import FrameProtocol
-from migd.recovery import (
+from migd.daemon.recovery import (
     RESTART_ERROR,
     Fate,
     final_status,
@@ -425,7 +425,7 @@ async def _fake_source(outcomes: list[str], asked: list[str], key: bytes = HANDO
 def _prepared_then_crash(tmp_path: Path, make_firmware: Callable[..., PspFirmware], address: str | None) -> str:
     """A destination host that verified an incoming guest (PREPARED: stop-copy, RECEIVE_FINISH)
     and died before COMMIT; its ``incoming`` marker is hidden from the next Host's start-up
-    sweep, as migd/host.py must keep a prepared guest (see migd/recovery.py)."""
+    sweep, as migd/host.py must keep a prepared guest (see migd/daemon/recovery.py)."""
     host, journal = _host(tmp_path, make_firmware)
     fw = host.firmware
     handle = fw.launch(0)

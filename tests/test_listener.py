@@ -28,12 +28,13 @@ from typing import Any
 import pytest
 import uvloop
 
-from migd import dest, identity, listener, wire
+from migd import dest, listener, wire
+from migd.platform import identity
 from migd.errors import MigdError
 from migd.host import Host
 from migd.listener import MigrationListener, Refusal
-from migd.pki_verify import tls_client_context, tls_server_context
-from migd.psp import PspFirmware
+from migd.platform.pki_verify import tls_client_context, tls_server_context
+from migd.platform.psp import PspFirmware
 from migd.stream import MAX_FRAME_BEFORE_AUTHENTICATION, FrameProtocol
 
 try:

@@ -1,4 +1,4 @@
-"""Guest RAM (sparse mmap'ed file) and the emulated memory-encryption engine (migd/memory.py)."""
+"""Guest RAM (sparse mmap'ed file) and the emulated memory-encryption engine (migd/platform/memory.py)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migd import memory
+from migd.platform import memory
 from migd.abi import PAGE_SIZE
 from migd.errors import GuestMemoryError
-from migd.memory import GPA_LIMIT, VEK_SIZE, GuestRam, MemoryEncryption, new_vek
+from migd.platform.memory import GPA_LIMIT, VEK_SIZE, GuestRam, MemoryEncryption, new_vek
 
 VEK_A = bytes(range(VEK_SIZE))
 VEK_B = bytes(range(100, 100 + VEK_SIZE))
@@ -34,7 +34,7 @@ def _xor(a: bytes, b: bytes) -> bytes:
     return bytes(x ^ y for x, y in zip(a, b, strict=True))
 
 
-# --- slow reference: the DESIGN.md §4 construction, one 16-byte block at a time ------------
+# --- slow reference: the docs/design.md §6 construction, one 16-byte block at a time ------
 
 
 def _ref_masks(vek: bytes, gpa: int, nblocks: int) -> list[bytes]:

@@ -1,4 +1,4 @@
-"""``/metrics`` exposition (migd/metrics.py): parsed back by a strict reader of the text format
+"""``/metrics`` exposition (migd/daemon/metrics.py): parsed back by a strict reader of the text format
 0.0.4, values checked against the daemon state they come from, counters that survive deletion.
 
 The reader is the negative control of the format checks: it must reject broken expositions.
@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from migd import __version__
 from migd.abi import KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, PAGE_SIZE
-from migd.guest import GuestDefinition
+from migd.guest.host_guest import GuestDefinition
 from migd.host import Host
-from migd.metrics import (
+from migd.daemon.metrics import (
     DOWNTIME_BUCKETS_S,
     Family,
     MetricsCollector,
@@ -34,7 +34,7 @@ from migd.metrics import (
 from migd.migration_state import MigrationStatus
 from migd.page_runs import PageKind
 from migd.progress import MigrationProgress
-from migd.psp import PspFirmware
+from migd.platform.psp import PspFirmware
 
 S = MigrationStatus
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migd.abi import PAGE_SIZE
-from migd.page_content import (
+from migd.guest.page_content import (
     HEADER_SIZE,
     PAGE_MAGIC,
     PageContent,

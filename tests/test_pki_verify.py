@@ -1,4 +1,4 @@
-"""Tests for migd/pki_verify.py: PDH chain validation against hostile input, ECDH, trust anchors, TLS."""
+"""Tests for migd/platform/pki_verify.py: PDH chain validation against hostile input, ECDH, trust anchors, TLS."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from migd import identity, pki_verify
+from migd.platform import identity, pki_verify
 from migd.errors import CertificateError
 
 UTC = dt.timezone.utc

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from migd import identity
+from migd.platform import identity
 from migd.abi import PAGE_SIZE, FirmwareStatus, GuestPolicy
 from migd.errors import FirmwareError
-from migd.memory import GuestRam, MemoryEncryption
-from migd.psp import GuestState, PspFirmware
+from migd.platform.memory import GuestRam, MemoryEncryption
+from migd.platform.psp import ContextState, PspFirmware
 from migd.sev_transport import TransportMode
 
 NPAGES = 64
@@ -70,8 +70,8 @@ def test_private_run_round_trip_between_hosts(pair: Pair, rams: tuple[GuestRam, 
     assert bytes(pair.dst_key.read_private(dst, 8 * PAGE_SIZE, 16)) == plaintext
     pair.a.send_finish(pair.src_handle)
     pair.b.receive_finish(dst_handle)
-    assert pair.a.guest_state(pair.src_handle) is GuestState.SENT
-    assert pair.b.guest_state(dst_handle) is GuestState.RUNNING
+    assert pair.a.context_state(pair.src_handle) is ContextState.SENT
+    assert pair.b.context_state(dst_handle) is ContextState.RUNNING
 
 
 def test_send_into_a_caller_buffer_and_never_into_guest_memory(pair: Pair, rams: tuple[GuestRam, GuestRam]) -> None:
@@ -264,7 +264,7 @@ def test_bound_mode_detects_dropped_packet(
 def test_sev_compat_known_weakness_move_replay_reorder_go_undetected(
     make_firmware: Callable[..., PspFirmware], rams: tuple[GuestRam, GuestRam]
 ) -> None:
-    """The firmware's MAC binds no GPA and no sequence (DESIGN.md §4): a host can move pages."""
+    """The firmware's MAC binds no GPA and no sequence (docs/design.md §5): a host can move pages."""
     src, dst = rams
     pair = Pair(make_firmware, TransportMode.SEV_COMPAT)
     (g0, h0, c0), (g1, h1, c1) = _two_packets(pair, src)
@@ -289,13 +289,13 @@ def test_send_start_refuses_untrusted_pdh(
     with pytest.raises(FirmwareError) as err:
         a.send_start(handle, rogue.pdh_cert_pem)
     assert err.value.status == FirmwareStatus.INVALID_CERTIFICATE
-    assert a.guest_state(handle) is GuestState.RUNNING
+    assert a.context_state(handle) is ContextState.RUNNING
     with pytest.raises(FirmwareError) as err:
         a.send_start(handle, b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
     assert err.value.status == FirmwareStatus.INVALID_CERTIFICATE
     # Negative control: a PDH from the same owner CA is accepted.
     a.send_start(handle, make_firmware("hostB").pdh_cert_pem)
-    assert a.guest_state(handle) is GuestState.SUPDATE
+    assert a.context_state(handle) is ContextState.SUPDATE
 
 
 @pytest.mark.fault_class("access control: untrusted PDH")
@@ -318,11 +318,11 @@ def test_send_start_refuses_nosend_policy(make_firmware: Callable[..., PspFirmwa
     with pytest.raises(FirmwareError) as err:
         a.send_start(handle, b.pdh_cert_pem)
     assert err.value.status == FirmwareStatus.POLICY_FAILURE
-    assert a.guest_state(handle) is GuestState.RUNNING
+    assert a.context_state(handle) is ContextState.RUNNING
     # Negative control: the same hosts migrate a guest whose policy allows it.
     allowed = a.launch(int(GuestPolicy.NODBG))
     a.send_start(allowed, b.pdh_cert_pem)
-    assert a.guest_state(allowed) is GuestState.SUPDATE
+    assert a.context_state(allowed) is ContextState.SUPDATE
 
 
 def test_receive_start_detects_policy_mismatch(make_firmware: Callable[..., PspFirmware]) -> None:
@@ -368,7 +368,7 @@ def test_commands_out_of_order_fail_like_the_state_machine(
         FirmwareStatus.INVALID_GUEST_STATE
     )
     a.send_cancel(handle)  # back to RUNNING: the guest runs on
-    assert a.guest_state(handle) is GuestState.RUNNING
+    assert a.context_state(handle) is ContextState.RUNNING
     assert status(lambda: a.send_update_data(99, src, 0, 1)) == FirmwareStatus.INVALID_GUEST
 
 

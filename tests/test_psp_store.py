@@ -11,9 +11,9 @@ import pytest
 
 from migd.abi import PAGE_SIZE, FirmwareStatus
 from migd.errors import FirmwareError, IntegrityError
-from migd.memory import GuestRam, MemoryEncryption
-from migd.psp import GuestState, PspFirmware
-from migd.psp_store import NEXT_HANDLE, SEALING_KEY, ContextStore, SealedStoreError, context_file_name
+from migd.platform.memory import GuestRam, MemoryEncryption
+from migd.platform.psp import ContextState, PspFirmware
+from migd.platform.psp_store import NEXT_HANDLE, SEALING_KEY, ContextStore, SealedStoreError, context_file_name
 
 Make = Callable[..., PspFirmware]
 
@@ -24,7 +24,7 @@ def _psp_dir(tmp_path: Path, name: str = "hostA") -> Path:
 
 def _invalid_guest(fw: PspFirmware, handle: int) -> None:
     with pytest.raises(FirmwareError) as err:
-        fw.guest_state(handle)
+        fw.context_state(handle)
     assert err.value.status is FirmwareStatus.INVALID_GUEST
 
 
@@ -39,7 +39,7 @@ def test_running_context_survives_with_its_handle_and_key(make_firmware: Make, t
     again = make_firmware("hostA")
     assert again.guest_handles() == [first, second]
     for handle in (first, second):
-        assert again.guest_state(handle) is GuestState.RUNNING
+        assert again.context_state(handle) is ContextState.RUNNING
         assert again.guest_key(handle) == keys[handle]
     assert again.guest_policy(second) == 0x2
     # The memory encrypted before the restart still decrypts under the restored context.
@@ -87,10 +87,10 @@ def test_mid_send_comes_back_running_and_sent_is_gone(make_firmware: Make) -> No
     a.send_start(sending, b.pdh_cert_pem)
     a.send_start(sent, b.pdh_cert_pem)
     a.send_finish(sent)
-    assert a.guest_state(sending) is GuestState.SUPDATE
+    assert a.context_state(sending) is ContextState.SUPDATE
 
     again = make_firmware("hostA")
-    assert again.guest_state(sending) is GuestState.RUNNING  # as after SEND_CANCEL
+    assert again.context_state(sending) is ContextState.RUNNING  # as after SEND_CANCEL
     _invalid_guest(again, sent)
     again.send_start(sending, b.pdh_cert_pem)  # a new session can start
 
@@ -102,7 +102,7 @@ def test_send_cancel_after_send_finish_stores_the_context_again(make_firmware: M
     a.send_finish(handle)
     _invalid_guest(make_firmware("hostA"), handle)  # SENT: forgotten on disk
     a.send_cancel(handle)
-    assert make_firmware("hostA").guest_state(handle) is GuestState.RUNNING
+    assert make_firmware("hostA").context_state(handle) is ContextState.RUNNING
 
 
 def test_mid_receive_is_gone_and_received_is_kept(make_firmware: Make) -> None:
@@ -115,7 +115,7 @@ def test_mid_receive_is_gone_and_received_is_kept(make_firmware: Make) -> None:
 
     again = make_firmware("hostB")
     _invalid_guest(again, receiving)
-    assert again.guest_state(received) is GuestState.RUNNING
+    assert again.context_state(received) is ContextState.RUNNING
     assert again.guest_key(received) == key
 
 
@@ -232,7 +232,7 @@ def test_storage_failure_fails_the_command_and_keeps_the_state(
     with pytest.raises(FirmwareError) as err:
         fw.launch_finish(handle)
     assert err.value.status is FirmwareStatus.HWERROR_PLATFORM
-    assert fw.guest_state(handle) is GuestState.LSECRET  # not RUNNING without its sealed copy
+    assert fw.context_state(handle) is ContextState.LSECRET  # not RUNNING without its sealed copy
     monkeypatch.undo()
     fw.launch_finish(handle)
-    assert make_firmware("hostA").guest_state(handle) is GuestState.RUNNING
+    assert make_firmware("hostA").context_state(handle) is ContextState.RUNNING

@@ -1,4 +1,4 @@
-"""Fuzz the REST API (migd/api.py) from its own OpenAPI document (the schemathesis equivalent).
+"""Fuzz the REST API (migd/daemon/api.py) from its own OpenAPI document (the schemathesis equivalent).
 
 The operations come from the served ``GET /v1/openapi.json``; hypothesis draws one operation,
 a path parameter (random names with odd characters, or a guest that exists) and a body that is
@@ -6,7 +6,7 @@ valid by the operation's schema, invalid (wrong type, extra or missing key, huge
 number, unicode, deep nesting, not an object) or raw bytes (not UTF-8, not JSON, oversized).
 Against a real in-process server (tests/test_api.py ``serving``) every answer must be:
 
-* never 5xx (DESIGN.md §5, invariant 7);
+* never 5xx (docs/design.md §8 "Invariants", 7);
 * a 4xx: JSON ``{"error", "detail"}`` valid by the Error schema, with a non-empty detail;
   an invalid body on an operation that takes one: exactly 400;
 * a 2xx: valid by the documented response schema (``check_against_document``).
@@ -32,8 +32,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from migd import openapi
-from migd.api import MAX_BODY_BYTES
+from migd.daemon import openapi
+from migd.daemon.api import MAX_BODY_BYTES
 from migd.errors import ConfigError
 from test_api import TOKEN, Api, check_against_document, free_port, serving
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from migd.sdnotify import Notifier
+from migd.daemon.sdnotify import Notifier
 from integration.serve_process import ServeProcess
 
 

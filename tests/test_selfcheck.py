@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from migd.abi import PAGE_SHIFT, PAGE_SIZE
 from migd.bitmap import PageBitmap
-from migd.guest_layout import LEDGER_SHARED, GuestLayout
-from migd.memory import GuestRam, MemoryEncryption, new_vek
-from migd.selfcheck import ErrorKind, check_memory, iter_check, ledger_digest, read_ledger, run_check
-from migd.workload import GuestMemory
+from migd.guest.guest_layout import LEDGER_SHARED, GuestLayout
+from migd.platform.memory import GuestRam, MemoryEncryption, new_vek
+from migd.guest.selfcheck import ErrorKind, check_memory, iter_check, ledger_digest, read_ledger, run_check
+from migd.guest.workload import GuestMemory
 
 NPAGES = 512
 SEED = 1234

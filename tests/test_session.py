@@ -20,13 +20,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migd import wire
-from migd.abi import PAGE_SIZE
+from migd.abi import PAGE_SIZE, GuestPolicy
 from migd.errors import PeerAborted
 from migd.migration_state import MigrationPhase, MigrationStatus
 from migd.page_runs import PageKind
 from migd.dest_session import DestinationSession
 from migd.errors import PeerProtocolError
-from migd.session import PAGE_PHASES, TRANSITIONS, Local, LocalProtocolError, Phase, Role, SessionTimeout, Timeouts
+from migd.session import (
+    PAGE_PHASES, TRANSITIONS, Local, LocalProtocolError, Phase, Role, SessionTimeout, Timeouts, agree,
+)
 from migd.source_session import SourceSession
 from migd.session_auth import AuthenticationError
 from migd.sev_transport import derive_handoff_key, new_session_keys
@@ -465,3 +467,32 @@ def test_random_legal_runs_complete(precopy: list[str]) -> None:
 def test_local_events_are_all_in_the_table() -> None:
     used = {event for (_, _, event) in TRANSITIONS if isinstance(event, Local)}
     assert used == set(Local)
+
+
+# ---------------------------------------------------------------- capabilities
+
+
+def test_both_ends_agree_on_the_same_capabilities() -> None:
+    pair = pair_after(2)
+    assert pair.source.capabilities == pair.dest.capabilities == tuple(sorted(wire.CAPABILITIES))
+
+
+@pytest.mark.parametrize(("theirs", "policy", "missing"), [
+    (("bound-transport", "vmsa"), 0, "zero-runs"),
+    (("zero-runs", "sev-compat-transport"), 0, "bound-transport"),
+    (("zero-runs", "bound-transport"), GuestPolicy.ES, "vmsa"),
+])
+def test_a_peer_without_what_the_migration_needs_is_refused(theirs: tuple[str, ...], policy: int,
+                                                            missing: str) -> None:
+    with pytest.raises(PeerProtocolError, match=missing):
+        agree(wire.CAPABILITIES, theirs, "bound", policy)
+    # Control: what it lacks is optional for another guest or mode, or everything is there.
+    assert agree(wire.CAPABILITIES, wire.CAPABILITIES, "bound", policy)
+
+
+def test_a_welcome_without_a_needed_capability_stops_the_source() -> None:
+    pair = pair_after(1)
+    welcome = wire.Welcome(b"PDH", capabilities=("bound-transport",), nonce=bytes(32))
+    with pytest.raises(PeerProtocolError, match="zero-runs"):
+        pair.to_source(welcome)
+    assert pair.source.phase is Phase.AWAIT_WELCOME

@@ -45,7 +45,8 @@ SESSION = b"S" * 16
 GPA = 0x10_0000
 SENTINEL = 0xA5
 
-# DESIGN.md §4 known-answer vectors (from an independent open-source SEV implementation).
+# Known-answer vectors (docs/design.md §5 "SEV firmware transport"), from an independent
+# open-source SEV implementation.
 KAT_MASTER = bytes.fromhex("ab4d269fcc62bedb4511d56c386ce706")
 KAT_WRAP_TK = bytes.fromhex("2137bc7f9bb8bd7c3e55a576a15d3454b3856b8ba27afadf46dcfee9f02c02c4")
 KAT_WRAP_MAC = bytes.fromhex("3176c0752738bd9d5e86689534020f528c088f16238826b000b327dee6aeed7d")

@@ -18,14 +18,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from migd import identity, source, wire
+from migd import source, wire
+from migd.platform import identity
 from migd.abi import PAGE_SIZE
 from migd.bitmap import PageBitmap
-from migd.guest import GuestDefinition, GuestState
-from migd.memory import GuestRam, MemoryEncryption
+from migd.guest.host_guest import GuestDefinition, GuestState
+from migd.platform.memory import GuestRam, MemoryEncryption
 from migd.page_runs import CHUNK_PAGES, HOLE_STEP_PAGES, PageRun, classify
 from migd.errors import FirmwareError
-from migd.psp import PspFirmware
+from migd.platform.psp import PspFirmware
 from migd.source import OutgoingMigration
 from session_pair import established
 

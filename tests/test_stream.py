@@ -19,7 +19,8 @@ import pytest
 from migd import wire
 from migd.abi import PAGE_SIZE, FirmwareStatus
 from migd.errors import FirmwareError, ProtocolError
-from migd.stream import INITIAL_RECEIVE_BUFFER, MAX_FRAME_BEFORE_AUTHENTICATION, PIPELINE_DEPTH, FrameProtocol
+from migd.page_pipeline import PIPELINE_DEPTH
+from migd.stream import INITIAL_RECEIVE_BUFFER, MAX_FRAME_BEFORE_AUTHENTICATION, FrameProtocol
 
 PageMsg = wire.PrivatePages | wire.SharedPages | wire.ZeroPages
 WAIT = 10.0  # bound on every wait for the worker (never reached when things work)

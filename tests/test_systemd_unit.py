@@ -79,7 +79,7 @@ def test_unit_settings() -> None:
 
 
 def test_execstart_is_the_cli_entry_point() -> None:
-    from migd.cli import build_parser
+    from migd.cli.commands import build_parser
 
     args = build_parser().parse_args(EXEC_START.split()[1:])
     assert (args.command, args.config) == ("serve", "/etc/migd/migd.toml")

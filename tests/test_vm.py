@@ -26,9 +26,9 @@ from migd.abi import (
     UEFI_SEV_LIVE_MIGRATION_VAR,
 )
 from migd.bitmap import PageBitmap
-from migd.channel_codec import U64_MAX, request, validate_envelope
+from migd.guest.channel_codec import U64_MAX, request, validate_envelope
 from migd.errors import ConfigError
-from migd.vm import GeneralProtectionFault, VmConfig, VmPlatform
+from migd.guest.vm import GeneralProtectionFault, VmConfig, VmPlatform
 
 NPAGES = (1 << 18) + 515  # a little over 1 GiB, not a multiple of 64
 PRE_SHARED = (500, 200)  # pages [500, 700) shared before each table row: straddles a 2M boundary

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import struct
+import typing
 import zlib
 
 import msgpack
@@ -180,8 +183,10 @@ def test_mutated_valid_frames_only_raise_protocol_error(msg: wire.Message, pos: 
         pass
 
 
-STREAM = [wire.Hello("m", GUEST, "bound"), wire.SharedPages(0, 1, b"\x01" * PAGE_SIZE),
-          wire.SharedPages(PAGE_SIZE, 1, b"\x02" * PAGE_SIZE), wire.ZeroPages(2 * PAGE_SIZE, 4), wire.Commit()]
+STREAM: list[wire.Message] = [
+    wire.Hello("m", GUEST, "bound"), wire.SharedPages(0, 1, b"\x01" * PAGE_SIZE),
+    wire.SharedPages(PAGE_SIZE, 1, b"\x02" * PAGE_SIZE), wire.ZeroPages(2 * PAGE_SIZE, 4), wire.Commit(),
+]
 
 
 def _frames(messages: list[wire.Message]) -> list[bytes]:
@@ -250,3 +255,225 @@ def test_frame_crc_is_zlibs_crc32_whichever_implementation_runs(monkeypatch: pyt
 
     monkeypatch.setattr(builtins, "__import__", no_isal)
     assert wire._load_crc32() is zlib.crc32
+
+
+# ---------------------------------------------------------------- pinned bytes
+#
+# Computed with the codec as it was before it became table-driven (migd/wire.py at a4a1a5d):
+# what is MACed (migd/session_auth.py) and what goes on the wire must never change by accident.
+# A deliberate change of the wire format is a new PROTOCOL_VERSION and new pins.
+
+#: One message of every frame type (two HELLOs, VCPU_STATEs and ABORTs: each optional form).
+PINNED: list[wire.Message] = [
+    wire.Hello("mig-7", wire.GuestSpec("web-1", 4096, 0x5, efi=True, uefi_live_migration=None), "bound",
+               resolve_port=4444),
+    wire.Hello("mig-8", wire.GuestSpec("db", 1, 0, efi=False, uefi_live_migration=False), "sev-compat",
+               version=2, capabilities=("zero-runs",)),
+    wire.Welcome(b"-----BEGIN CERTIFICATE-----\n...\n", nonce=bytes(range(32))),
+    wire.Session(b"pdh", bytes(range(128)), 0x5, mac=b"\x11" * 32),
+    wire.SessionAck(b"\x22" * 32),
+    wire.PrivatePages(8 * PAGE_SIZE, 1, bytes(range(52)), b"\xcd" * PAGE_SIZE),
+    wire.SharedPages(PAGE_SIZE, 1, b"\xab" * PAGE_SIZE),
+    wire.ZeroPages(16 * PAGE_SIZE, 300),
+    wire.RoundEnd(3, 1234),
+    wire.SharedBitmap(b"bitmap-bytes"),
+    wire.VcpuState(0, bytes(range(52)), b"\xee" * PAGE_SIZE),
+    wire.VcpuState(1, None, b"plain vcpu state"),
+    wire.Prepare(4096, frames=9, private=1, shared=2, zero=3, transport_seq=5, stream_digest=b"\x01" * 32,
+                 bitmap_digest=b"\x02" * 32, vcpu_digest=b"\x03" * 32, mac=b"\x44" * 32),
+    wire.Prepared(4096, b"\x55" * 32),
+    wire.Commit(b"\x66" * 32),
+    wire.Started(b"\x77" * 32),
+    wire.Abort("destination refused: guest exists", b"\x88" * 32),
+    wire.Abort("no keys yet"),
+    wire.Resolve("mig-7", bytes(range(32, 64)), b"\x99" * 32),
+    wire.Resolved("mig-7", "committed", b"\xaa" * 32),
+    wire.Ping(7),
+    wire.Pong(0xFFFFFFFF),
+]
+
+#: ``authenticated_bytes(PINNED[i])``: the type byte and the sorted metadata but ``mac``.
+AUTHENTICATED_HEX = [
+    ("0186a46361707394a97a65726f2d72756e73af626f756e642d7472616e73706f7274b47365762d636f6d7061742d7472616e"
+     "73706f7274a4766d7361a5677565737485a46e616d65a57765622d31a66e7061676573cd1000a6706f6c69637905a3656669"
+     "c3a7756566695f6c6dc0a26964a56d69672d37ac7265736f6c76655f706f7274cd115ca97472616e73706f7274a5626f756e"
+     "64a776657273696f6e03"),
+    ("0186a46361707391a97a65726f2d72756e73a5677565737485a46e616d65a26462a66e706167657301a6706f6c69637900a3"
+     "656669c2a7756566695f6c6dc2a26964a56d69672d38ac7265736f6c76655f706f727400a97472616e73706f7274aa736576"
+     "2d636f6d706174a776657273696f6e02"),
+    ("0284a46361707394a97a65726f2d72756e73af626f756e642d7472616e73706f7274b47365762d636f6d7061742d7472616e"
+     "73706f7274a4766d7361a56e6f6e6365c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+     "a3706468c4202d2d2d2d2d424547494e2043455254494649434154452d2d2d2d2d0a2e2e2e0aa776657273696f6e03"),
+    ("0383a4626c6f62c480000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728"
+     "292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f404142434445464748494a4b4c4d4e4f505152535455565758595a"
+     "5b5c5d5e5f606162636465666768696a6b6c6d6e6f707172737475767778797a7b7c7d7e7fa3706468c403706468a6706f6c"
+     "69637905"),
+    "0480",
+    ("0583a3677061cd8000a3686472c434000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122"
+     "232425262728292a2b2c2d2e2f30313233a16e01"),
+    "0682a3677061cd1000a16e01",
+    "0782a3677061ce00010000a16ecd012c",
+    "0882a56469727479cd04d2a5726f756e6403",
+    "0980",
+    ("0a82a3686472c434000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20212223242526272829"
+     "2a2b2c2d2e2f30313233a47663707500"),
+    "0a82a3686472c0a47663707501",
+    ("0b87a66269746d6170c4200202020202020202020202020202020202020202020202020202020202020202a66672616d6573"
+     "09a56b696e647393010203a57061676573cd1000a373657105a673747265616dc42001010101010101010101010101010101"
+     "01010101010101010101010101010101a476637075c420030303030303030303030303030303030303030303030303030303"
+     "0303030303"),
+    "0c81a57061676573cd1000",
+    "0d80",
+    "0e80",
+    "0f81a6726561736f6ed92164657374696e6174696f6e20726566757365643a20677565737420657869737473",
+    "0f81a6726561736f6eab6e6f206b65797320796574",
+    "1082a26964a56d69672d37a56e6f6e6365c420202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f",
+    "1182a26964a56d69672d37a76f7574636f6d65a9636f6d6d6974746564",
+    "1281a5746f6b656e07",
+    "1381a5746f6b656eceffffffff",
+]
+
+
+#: SHA-256 of ``encode_stream(PINNED)`` (13 996 bytes): every byte of every frame, the CRCs over
+#: the sequence numbers 0..21 included.
+PINNED_STREAM_SHA256 = "37789c3ca9074daf5269e16be325c9d409d34fc15135d2daf89a920e420cc3e0"
+
+
+def test_pinned_messages_cover_every_frame_type() -> None:
+    assert {m.TYPE for m in PINNED} == set(wire.FrameType)
+    assert len(AUTHENTICATED_HEX) == len(PINNED)
+
+
+@pytest.mark.parametrize("index", range(len(PINNED)), ids=lambda i: f"{i}-{type(PINNED[i]).__name__}")
+def test_authenticated_bytes_are_pinned(index: int) -> None:
+    assert wire.authenticated_bytes(PINNED[index]).hex() == AUTHENTICATED_HEX[index]
+
+
+def test_authenticated_bytes_leave_out_only_the_mac() -> None:
+    """Negative control for the pins: the MAC is not covered, every other field is."""
+    prepare = PINNED[12]
+    assert isinstance(prepare, wire.Prepare)
+    assert wire.authenticated_bytes(dataclasses.replace(prepare, mac=bytes(32))) == wire.authenticated_bytes(prepare)
+    for changed in (dataclasses.replace(prepare, transport_seq=6), dataclasses.replace(prepare, zero=4),
+                    dataclasses.replace(prepare, vcpu_digest=bytes(32))):
+        assert wire.authenticated_bytes(changed) != wire.authenticated_bytes(prepare)
+
+
+def test_frame_bytes_are_pinned() -> None:
+    data = wire.encode_stream(PINNED)
+    assert len(data) == 13996
+    assert hashlib.sha256(data).hexdigest() == PINNED_STREAM_SHA256
+
+
+@pytest.mark.parametrize(
+    "index, parts",
+    [
+        (0, ["000000a601009f86a776657273696f6e03a46361707394a97a65726f2d72756e73af626f756e642d7472616e73706f7274"
+             "b47365762d636f6d7061742d7472616e73706f7274a4766d7361a26964a56d69672d37a5677565737485a46e616d65a577"
+             "65622d31a66e7061676573cd1000a6706f6c69637905a3656669c3a7756566695f6c6dc0a97472616e73706f7274a5626f"
+             "756e64ac7265736f6c76655f706f7274cd115c5c7d8d8a"]),
+        (5, ["0000104c05004583a3677061cd8000a16e01a3686472c434000102030405060708090a0b0c0d0e0f101112131415161718"
+             "191a1b1c1d1e1f202122232425262728292a2b2c2d2e2f30313233", None, "8730a5c3"]),
+        (9, ["0000001409000180", "6269746d61702d6279746573", "91299208"]),
+        (11, ["000000230a000c82a47663707501a3686472c0", "706c61696e2076637075207374617465", "a2c76ef1"]),
+        (17, ["000000200f001982a6726561736f6eab6e6f206b65797320796574a36d6163c0a1705da1"]),
+        (21, ["0000001313000c81a5746f6b656eceffffffffce073c4c"]),
+    ],
+    ids=lambda v: f"{v}-{type(PINNED[v]).__name__}" if isinstance(v, int) else "",
+)
+def test_some_frames_byte_for_byte(index: int, parts: list[str | None]) -> None:
+    """Readable pins: HELLO, a page run (the payload is the caller's buffer, handed on as is),
+    a bitmap, plaintext vCPU state, an ABORT without MAC, a PONG; frame number = ``index``."""
+    msg = PINNED[index]
+    got = wire.encode(msg, index)
+    assert len(got) == len(parts)
+    for part, expected in zip(got, parts):
+        if expected is None:
+            assert part is getattr(msg, "payload")
+        else:
+            assert bytes(part).hex() == expected
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_registry_has_one_class_per_frame_type() -> None:
+    assert sorted(wire.MESSAGE_CLASSES) == sorted(wire.FrameType)
+    assert all(cls.TYPE is t for t, cls in wire.MESSAGE_CLASSES.items())
+    assert set(wire.MESSAGE_CLASSES.values()) == set(typing.get_args(wire.Message))
+
+
+@pytest.mark.parametrize("msg", PINNED, ids=lambda m: type(m).__name__)
+def test_meta_keys_are_the_declared_wire_fields_in_order(msg: wire.Message) -> None:
+    """``META`` is what the doc test compares with docs/protocol.md: it must be what is sent."""
+    assert tuple(msg.to_meta()) == type(msg).META
+    assert tuple(wire.GuestSpec("g", 1, 0).to_meta()) == wire.GuestSpec.META
+
+
+def test_payload_limits() -> None:
+    """Control frames carry nothing; the data frames' limits bound the receive buffer."""
+    limits = {t: cls.PAYLOAD_LIMIT for t, cls in wire.MESSAGE_CLASSES.items() if cls.PAYLOAD_LIMIT}
+    assert limits == {
+        wire.FrameType.PRIVATE_PAGES: wire.MAX_RUN_PAGES * PAGE_SIZE,
+        wire.FrameType.SHARED_PAGES: wire.MAX_RUN_PAGES * PAGE_SIZE,
+        wire.FrameType.SHARED_BITMAP: wire.MAX_BITMAP_BYTES,
+        wire.FrameType.VCPU_STATE: wire.MAX_VCPU_STATE,
+    }
+    data = {t for t, cls in wire.MESSAGE_CLASSES.items() if not cls.CONTROL}
+    assert data == set(limits) | {wire.FrameType.ZERO_PAGES}
+
+
+@pytest.mark.parametrize(
+    "ftype, payload, match",
+    [
+        (wire.FrameType.COMMIT, b"x", "carries 1 payload bytes, expected none"),  # before its fields
+        (wire.FrameType.ZERO_PAGES, b"x", "missing field 'gpa'"),  # a run: its fields first
+    ],
+)
+def test_decode_frame_checks_control_payloads_first(ftype: wire.FrameType, payload: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        wire.decode_frame(ftype, memoryview(msgpack.packb({})), memoryview(payload))
+
+
+# ---------------------------------------------------------------- capabilities
+
+
+def test_negotiate_is_the_intersection_in_one_order() -> None:
+    newer = ("vmsa", "future-feature", "zero-runs", "zero-runs")
+    assert wire.negotiate(wire.CAPABILITIES, newer) == ("vmsa", "zero-runs")
+    assert wire.negotiate(newer, wire.CAPABILITIES) == ("vmsa", "zero-runs")
+    assert wire.negotiate(wire.CAPABILITIES, wire.CAPABILITIES) == tuple(sorted(wire.CAPABILITIES))
+    assert wire.negotiate(wire.CAPABILITIES, ()) == ()
+
+
+@given(st.lists(st.text(max_size=8), max_size=10), st.lists(st.text(max_size=8), max_size=10))
+def test_negotiate_properties(ours: list[str], theirs: list[str]) -> None:
+    agreed = wire.negotiate(ours, theirs)
+    assert agreed == wire.negotiate(theirs, ours)  # both ends hold the same tuple
+    assert set(agreed) == set(ours) & set(theirs)
+    assert list(agreed) == sorted(set(agreed))  # each once, in a fixed order
+
+
+def test_both_ends_agree_on_what_they_exchanged() -> None:
+    """The source negotiates with WELCOME's caps, the destination with HELLO's: same result."""
+    hello = wire.Hello("m", GUEST, "bound", capabilities=("zero-runs", "vmsa", "bound-transport", "x-new"))
+    welcome = wire.Welcome(b"pdh")
+    decoder = wire.FrameDecoder()
+    (hello_in, welcome_in) = decoder.feed(wire.encode_stream([hello, welcome]))
+    assert isinstance(hello_in, wire.Hello) and isinstance(welcome_in, wire.Welcome)
+    at_destination = wire.negotiate(wire.CAPABILITIES, hello_in.capabilities)
+    at_source = wire.negotiate(hello.capabilities, welcome_in.capabilities)
+    assert at_source == at_destination == ("bound-transport", "vmsa", "zero-runs")
+
+
+def test_vmsa_packing_round_trips_and_refuses_what_does_not_fit() -> None:
+    state = bytes(range(200))
+    page = wire.pack_vmsa(state)
+    assert len(page) == PAGE_SIZE and wire.unpack_vmsa(page) == state
+    with pytest.raises(ValueError):
+        wire.pack_vmsa(bytes(PAGE_SIZE))  # no room for the length field
+    bad = (PAGE_SIZE).to_bytes(4, "little") + page[4:]  # a length field past the page (from a peer)
+    with pytest.raises(ProtocolError, match="malformed VMSA"):
+        wire.unpack_vmsa(bad)
+    with pytest.raises(ProtocolError):
+        wire.unpack_vmsa(page[:-1])

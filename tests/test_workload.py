@@ -13,11 +13,11 @@ import pytest
 from migd.abi import PAGE_SHIFT, PAGE_SIZE
 from migd.bitmap import PageBitmap
 from migd.errors import ConfigError, GuestMemoryError
-from migd.guest_layout import GuestLayout
-from migd.memory import GuestRam, MemoryEncryption, new_vek
-from migd.page_content import PageContent, PageKind, pages_equal, parse_headers
-from migd.selfcheck import check_memory, read_ledger
-from migd.workload import GuestMemory, Workload, WorkloadConfig
+from migd.guest.guest_layout import GuestLayout
+from migd.platform.memory import GuestRam, MemoryEncryption, new_vek
+from migd.guest.page_content import PageContent, PageKind, pages_equal, parse_headers
+from migd.guest.selfcheck import check_memory, read_ledger
+from migd.guest.workload import GuestMemory, Workload, WorkloadConfig
 
 NPAGES = 1024
 

@@ -29,10 +29,10 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from migd import identity  # noqa: E402
+from migd.platform import identity  # noqa: E402
 from migd.listener import MigrationListener  # noqa: E402
 from migd.host import Host  # noqa: E402
-from migd.psp import PspFirmware  # noqa: E402
+from migd.platform.psp import PspFirmware  # noqa: E402
 
 
 async def serve(root: Path, name: str) -> None:

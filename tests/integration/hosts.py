@@ -9,12 +9,12 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from migd import identity
-from migd.guest import GuestDefinition, HostGuest
+from migd.platform import identity
+from migd.guest.host_guest import GuestDefinition, HostGuest
 from migd.host import Host
-from migd.psp import PspFirmware
+from migd.platform.psp import PspFirmware
 from migd.sev_transport import TransportMode
-from migd.workload import WorkloadConfig
+from migd.guest.workload import WorkloadConfig
 
 
 def make_host(root: Path, name: str, mode: TransportMode = TransportMode.BOUND) -> Host:

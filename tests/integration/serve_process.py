@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from migd import identity
+from migd.platform import identity
 
 ROOT = Path(__file__).resolve().parents[2]
 

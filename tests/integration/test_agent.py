@@ -1,6 +1,6 @@
 """The guest agent as a real process, against the real host side (GuestChannel + VmPlatform).
 
-Every test starts ``python -m migd.agent`` through :func:`migd.agent_launcher.launch_agent`
+Every test starts ``python -m migd.guest.agent`` through :func:`migd.guest.agent_launcher.launch_agent`
 with a VEK from an emulated PSP, and kills it in a ``finally``. Guests are 16 MiB.
 """
 
@@ -28,16 +28,16 @@ from migd.abi import (
     PAGE_SHIFT,
     PAGE_SIZE,
 )
-from migd.agent_launcher import AgentProcess, AgentSpec, launch_agent
+from migd.guest.agent_launcher import AgentProcess, AgentSpec, launch_agent
 from migd.bitmap import PageBitmap
-from migd.channel import GuestChannel, GuestChannelError
-from migd.guest_layout import LEDGER_SHARED, LEDGER_VERSION_MASK, GuestLayout
-from migd.memory import GuestRam, MemoryEncryption
-from migd.page_content import pages_equal
-from migd.psp import PspFirmware
-from migd.selfcheck import check_memory, read_ledger
-from migd.vm import VmConfig, VmPlatform
-from migd.workload import WorkloadConfig
+from migd.guest.channel import GuestChannel, GuestChannelError
+from migd.guest.guest_layout import LEDGER_SHARED, LEDGER_VERSION_MASK, GuestLayout
+from migd.platform.memory import GuestRam, MemoryEncryption
+from migd.guest.page_content import pages_equal
+from migd.platform.psp import PspFirmware
+from migd.guest.selfcheck import check_memory, read_ledger
+from migd.guest.vm import VmConfig, VmPlatform
+from migd.guest.workload import WorkloadConfig
 
 NPAGES = 4096  # 16 MiB
 LAYOUT = GuestLayout.build(NPAGES)

@@ -47,19 +47,20 @@ from faultproxy import (
     replay,
     rewrite_meta,
 )
-from migd import identity, wire
-from migd.channel import CheckReport
+from migd import wire
+from migd.platform import identity
+from migd.guest.channel import CheckReport
 from migd.errors import ProtocolError
-from migd.guest import GuestState
+from migd.guest.host_guest import GuestState
 from migd.host import Host
 from migd.journal import JOURNAL_FILE
 from migd.listener import MigrationListener
 from migd.migration_state import MigrationStatus
-from migd.pki_verify import tls_client_context, tls_server_context
+from migd.platform.pki_verify import tls_client_context, tls_server_context
 from migd.sev_transport import TransportMode
 from migd.source import MigrationParams, OutgoingMigration
 from migd.wire import FrameType
-from migd.workload import WorkloadConfig
+from migd.guest.workload import WorkloadConfig
 
 from .hosts import closing, make_host, running_guest
 from .serve_process import ServeProcess, runtime_dir

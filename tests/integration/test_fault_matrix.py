@@ -4,7 +4,7 @@ destination daemon or the source guest agent, in each phase of a live migration 
 
 Each case first proves its fault happened (the process is gone: returncode -9, or no live agent
 process left) and that the phase was really reached (the negative control: the case fails if the
-migration never entered it), then checks DESIGN.md §5 invariants 4 and 5: exactly one copy of
+migration never entered it), then checks docs/design.md §8 "Invariants", 4 and 5: exactly one copy of
 the guest (never running on both hosts, never on none), nothing left behind on the destination
 (no guest entry, no directory under its state dir or RUNTIME_DIRECTORY/guests), and nothing
 lost: the surviving copy migrates once more and its arrival self-check verifies every page.
@@ -48,11 +48,12 @@ import uvloop
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from migd import identity, wire
+from migd import wire
+from migd.platform import identity
 from migd.abi import PAGE_SIZE
 from migd.errors import ProtocolError
 from migd.journal import JOURNAL_FILE
-from migd.recovery import RESTART_ERROR
+from migd.daemon.recovery import RESTART_ERROR
 from migd.stream import open_stream
 
 from .serve_process import ServeProcess, runtime_dir
@@ -582,7 +583,7 @@ def test_sigkill_in_the_hand_off_keeps_one_clean_copy(
         assert dest.proc.returncode == -signal.SIGKILL
         assert gate.dropped.wait(10)  # COMMIT (or STARTED) never arrived
         done = finished(source, mid)
-        # Committed: the source never resumes the guest on its own (DESIGN.md §5, invariant 4).
+        # Committed: the source never resumes the guest on its own (docs/design.md §8 "Invariants", 4).
         assert done["status"] == "completed" and "did not confirm" in done["error"], done
         assert guest_state(source) == "migrated"
         daemons["B"] = dest = restart(tmp_path, dest)
@@ -622,7 +623,8 @@ def test_a_destination_whose_pdh_an_untrusted_ca_signed_is_refused(
     tmp_path: Path, daemons: dict[str, ServeProcess]
 ) -> None:
     """Issue 6 item 4 between two real daemons: the source's SEND_START validates the
-    destination's PDH chain against its trust anchors (DESIGN.md §4) and reports why it refused."""
+    destination's PDH chain against its trust anchors (docs/design.md §5 "SEV firmware transport")
+    and reports why it refused."""
     source, trusted = daemons["A"], daemons["B"]
     (tmp_path / "rogue").mkdir()
     rogue = ServeProcess.start(tmp_path / "rogue", "hostB")  # the same name, its own owner CA

@@ -10,15 +10,15 @@ from typing import Any
 from unittest import mock
 
 from migd import wire
-from migd.channel import GuestChannel
+from migd.guest.channel import GuestChannel
 from migd.errors import MigdError
-from migd.guest import GuestState
+from migd.guest.host_guest import GuestState
 from migd.host import Host
 from migd.listener import MigrationListener
 from migd.migration_state import MigrationStatus
 from migd.page_runs import classify
 from migd.source import OutgoingMigration
-from migd.workload import WorkloadConfig
+from migd.guest.workload import WorkloadConfig
 
 from .hosts import closing, make_host, running_guest
 

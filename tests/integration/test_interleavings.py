@@ -18,7 +18,7 @@ keep running until then.
 After every completed migration: the destination guest's arrival self-check (every page, as
 the guest sees it, against the ledger the source guest last wrote) has 0 errors, the shared-page
 bitmap the source sent equals the one the destination installed and the source's own final
-bitmap (SHA-256), and exactly one copy runs (DESIGN.md §5, invariants 1 and 4).
+bitmap (SHA-256), and exactly one copy runs (docs/design.md §8 "Invariants", 1 and 4).
 
 Negative control: the same machine with the unsafe-kexec guest (it keeps the MSR READY across
 kexec), driven through "kexec held in its window during the switchover", must find errors.
@@ -51,14 +51,14 @@ from hypothesis.stateful import (
 )
 
 from migd import convergence
-from migd.channel import CheckReport, GuestChannel
-from migd.guest import GuestDefinition, GuestState, HostGuest
+from migd.guest.channel import CheckReport, GuestChannel
+from migd.guest.host_guest import GuestDefinition, GuestState, HostGuest
 from migd.host import Host
 from migd.listener import MigrationListener
 from migd.migration_state import MigrationStatus
 from migd.progress import MigrationProgress
 from migd.source import MigrationParams, OutgoingMigration
-from migd.workload import WorkloadConfig
+from migd.guest.workload import WorkloadConfig
 
 from .hosts import make_host
 

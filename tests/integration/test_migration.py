@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from migd.guest import GuestDefinition, GuestState, HostGuest
+from migd.guest.host_guest import GuestDefinition, GuestState, HostGuest
 from migd.migration_state import MigrationStatus
 from migd.source import MigrationParams, MigrationRefused, OutgoingMigration
-from migd.workload import WorkloadConfig
+from migd.guest.workload import WorkloadConfig
 
 from .hosts import closing, make_host, running_guest
 

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from migd import identity
+from migd.platform import identity
 from migd.abi import FirmwareStatus, GuestPolicy
-from migd.channel import CheckReport
+from migd.guest.channel import CheckReport
 from migd.errors import FirmwareError
-from migd.guest import GuestDefinition, GuestState, HostGuest
+from migd.guest.host_guest import GuestDefinition, GuestState, HostGuest
 from migd.host import Host
 from migd.listener import MigrationListener
 from migd.migration_state import MigrationStatus
-from migd.pki_verify import tls_client_context, tls_server_context
+from migd.platform.pki_verify import tls_client_context, tls_server_context
 from migd.progress import MigrationProgress
 from migd.sev_transport import TransportMode
 from migd.source import MigrationParams, MigrationRefused, OutgoingMigration
@@ -273,7 +273,7 @@ def test_an_unreachable_source_leaves_the_prepared_guest_in_doubt_through_shutdo
     import socket
 
     from migd import dest as dest_module
-    from migd.guest import INCOMING_MARKER
+    from migd.guest.host_guest import INCOMING_MARKER
 
     monkeypatch.setattr(dest_module, "IncomingMigration",
                         functools.partial(dest_module.IncomingMigration, start_timeout_s=2.0, resolve_timeout_s=1.5))

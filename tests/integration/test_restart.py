@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from migd.recovery import RESTART_ERROR
+from migd.daemon.recovery import RESTART_ERROR
 
 from .serve_process import ServeProcess, runtime_dir
 
@@ -105,7 +105,7 @@ def agent_pids(runtime_hint: str) -> list[int]:
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if b"migd.agent" in cmdline and any(runtime_hint.encode() in arg for arg in cmdline) and state != "Z":
+        if b"migd.guest.agent" in cmdline and any(runtime_hint.encode() in arg for arg in cmdline) and state != "Z":
             pids.append(int(proc.name))
     return pids
 

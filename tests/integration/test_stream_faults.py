@@ -8,13 +8,14 @@ what the engines made of it. Three groups:
 * **accidents** (a bad link: cuts, stalls, flipped bits, lost/duplicated/reordered frames,
   every frame keeping the CRC32 trailer its sender wrote): each ends in ``failed`` before the
   commit, the source guest running and passing its full self-check, nothing left on the
-  destination (DESIGN.md §5, invariants 4 and 5);
+  destination (docs/design.md §8 "Invariants", 4 and 5);
 * an **attacker** on a plain-TCP path (``reseal=True``: the proxy recomputes the unkeyed
   CRC32): the ``bound`` transport still refuses every dropped, duplicated, replayed, swapped
   or moved private page; ``sev-compat`` (the firmware's MAC binds no GPA and no sequence)
   lets them in and the destination guest's self-check finds the damage, the documented
-  weakness (DESIGN.md §4); shared pages and the handshake are plaintext, so without TLS such
-  an attacker changes them at will (shown, and why ``[tls]`` exists);
+  weakness (docs/design.md §5 "SEV firmware transport"); shared pages and the handshake are
+  plaintext, so without TLS such an attacker changes them at will (shown, and why ``[tls]``
+  exists);
 * **mutual TLS**: the same faults on TLS records fail the stream.
 
 Cases that found engine defects say so in their docstrings; the defects are fixed and the
@@ -57,17 +58,17 @@ from faultproxy import (
 )
 from migd import dest as dest_module
 from migd import wire
-from migd.channel import CheckReport
-from migd.guest import GuestState, HostGuest
+from migd.guest.channel import CheckReport
+from migd.guest.host_guest import GuestState, HostGuest
 from migd.host import Host
 from migd.listener import MigrationListener
 from migd.migration_state import MigrationStatus
-from migd.pki_verify import tls_client_context, tls_server_context
+from migd.platform.pki_verify import tls_client_context, tls_server_context
 from migd.progress import MigrationProgress
 from migd.sev_transport import TransportMode
 from migd.source import MigrationParams, OutgoingMigration
 from migd.wire import FrameType
-from migd.workload import WorkloadConfig
+from migd.guest.workload import WorkloadConfig
 
 from .hosts import closing, make_host, running_guest
 

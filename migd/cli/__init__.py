@@ -1,0 +1,1 @@
+"""The `migd` command line: commands, the REST client, the progress display and `migd demo`."""

@@ -1,0 +1,166 @@
+"""Rendering a migration object (docs/design.md §9) for people: the live progress line and the summary.
+
+The render functions are pure (migration JSON in, text out) so they are tested without a
+terminal. :class:`ProgressDisplay` decides *when* to draw: in place on a terminal (carriage
+return + erase-to-end-of-line, like ``virsh migrate --verbose``), as periodic plain lines
+when the stream is a pipe or a log file, where control characters would be noise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from migd.abi import PAGE_SIZE
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+_BAR_WIDTH = 24
+_MIN_BAR_WIDTH = 8
+
+
+def format_bytes(n: float) -> str:
+    """``512 B``, ``4.0 KiB``, ``530.2 MiB``, ``1.25 GiB`` (binary units, as memory sizes are)."""
+    value = float(n)
+    if abs(value) < 1024:
+        return f"{int(value)} B"
+    for unit in _UNITS[1:-1]:
+        value /= 1024
+        if abs(value) < 1024:
+            return f"{value:.2f} {unit}" if unit == "GiB" else f"{value:.1f} {unit}"
+    return f"{value / 1024:.2f} {_UNITS[-1]}"
+
+
+def format_ms(ms: float | None) -> str:
+    """``-`` when unknown, ``41.2 ms`` below a second, ``1.83 s`` above."""
+    if ms is None:
+        return "-"
+    return f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
+
+
+def percent_done(migration: Mapping[str, Any]) -> float:
+    """How much of guest memory no longer needs sending, 0–100 (100 once completed).
+
+    ``bytes.remaining`` is what the current round still has to send (all memory in round 1,
+    the dirty set later), so the bar fills once per round and ends full at the switch-over.
+    """
+    if migration.get("status") == "completed":
+        return 100.0
+    total = migration["bytes"]["total"]
+    if total <= 0:
+        return 0.0
+    remaining = min(max(migration["bytes"]["remaining"], 0), total)
+    return 100.0 * (total - remaining) / total
+
+
+def progress_line(migration: Mapping[str, Any], *, width: int | None = None) -> str:
+    """One line: guest, status, round, bar, percent, throughput, expected downtime.
+
+    With ``width`` (terminal columns) the bar shrinks (down to 8 cells) so the line fits.
+    """
+    percent = percent_done(migration)
+    expected = migration.get("expected_downtime_ms")
+    head = f"{migration['guest']} {migration['status']:<9} round {migration['rounds']:>2} "
+    downtime = format_ms(expected)
+    tail = f" {percent:5.1f}% {migration['throughput_mib_s']:6.1f} MiB/s  exp. downtime {downtime}"
+    bar_width = _BAR_WIDTH
+    if width is not None:
+        # Room for "999.9 ms" whatever the downtime says now, so the bar does not jitter.
+        reserved = len(tail) - len(downtime) + max(len(downtime), 8)
+        bar_width = max(_MIN_BAR_WIDTH, min(_BAR_WIDTH, width - len(head) - reserved - 2))
+    filled = int(bar_width * percent / 100.0 + 1e-9)
+    return f"{head}[{'#' * filled}{'.' * (bar_width - filled)}]{tail}"
+
+
+def page_breakdown(pages: Mapping[str, int]) -> str:
+    """``private 120034 (468.9 MiB), shared 3021 (11.8 MiB), zero 8017 (31.3 MiB)``: pages sent by kind."""
+    return ", ".join(
+        f"{kind} {pages.get(kind, 0)} ({format_bytes(pages.get(kind, 0) * PAGE_SIZE)})"
+        for kind in ("private", "shared", "zero")
+    )
+
+
+def summary_lines(migration: Mapping[str, Any]) -> list[str]:
+    """The end-of-migration report: status, rounds, bytes, pages by kind, throughput, downtime, time."""
+    nbytes = migration["bytes"]
+    lines = [
+        f"migration {migration['id']} of {migration['guest']} ({migration['role']}) "
+        f"to {migration['destination']}: {migration['status']}",
+        f"  rounds:      {migration['rounds']}",
+        f"  transferred: {format_bytes(nbytes['transferred'])} on the wire "
+        f"(guest memory {format_bytes(nbytes['total'])})",
+        f"  pages sent:  {page_breakdown(migration['pages'])}",
+        f"  throughput:  {migration['throughput_mib_s']:.1f} MiB/s",
+        f"  downtime:    {format_ms(migration.get('downtime_ms'))}",
+        f"  total time:  {format_ms(migration.get('total_time_ms'))}",
+    ]
+    if migration.get("error"):
+        lines.append(f"  error:       {migration['error']}")
+    return lines
+
+
+class ProgressDisplay:
+    """Draws successive migration objects on ``stream`` (stderr in the CLI)."""
+
+    def __init__(
+        self, stream: TextIO, *, tty: bool | None = None, plain_interval_s: float = 2.0, columns: int | None = None,
+    ) -> None:
+        self.stream = stream
+        self.tty = stream.isatty() if tty is None else tty
+        self.plain_interval_s = plain_interval_s
+        self.columns = columns
+        self._last_plain: float | None = None
+        self._last_key: tuple[Any, ...] | None = None
+        self._open = False  # a bar is drawn on the terminal and its line not ended
+
+    def _columns(self) -> int:
+        if self.columns is not None:
+            return self.columns
+        try:
+            # The size of *this* stream's terminal: stdout may be redirected while stderr is not.
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            return shutil.get_terminal_size((80, 24)).columns
+
+    def update(self, migration: Mapping[str, Any], now: float) -> None:
+        """Draw ``migration`` as of ``now`` (seconds, monotonic): redrawn in place, or a plain line
+        when the status or round changed or ``plain_interval_s`` passed since the last one."""
+        if self.tty:
+            # Longer than the terminal, the line would wrap and \r would redraw only its tail.
+            columns = max(self._columns() - 1, 20)
+            self.stream.write("\r" + progress_line(migration, width=columns)[:columns] + "\x1b[K")
+            self.stream.flush()
+            self._open = True
+            return
+        line = progress_line(migration)
+        key = (migration.get("status"), migration.get("rounds"))
+        due = self._last_plain is None or now - self._last_plain >= self.plain_interval_s
+        if key != self._last_key or due:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self._last_key, self._last_plain = key, now
+
+    def finish(self, migration: Mapping[str, Any]) -> None:
+        """Draw the final state and end the line (the caller prints :func:`summary_lines`)."""
+        if self.tty:
+            self.update(migration, 0.0)
+            self.end_line()
+        elif self._last_key != (migration.get("status"), migration.get("rounds")):
+            self.stream.write(progress_line(migration) + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """A line of its own (e.g. "cancelling ..."), without garbling an in-place bar."""
+        if self._open:
+            self.stream.write("\r\x1b[K")
+            self._open = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def end_line(self) -> None:
+        """Leave the bar as it is and move to a new line (before an error message, say)."""
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False

@@ -1,0 +1,327 @@
+"""The REST API of docs/design.md §9 on aiohttp: routes, bearer-token auth, JSON bodies and errors.
+
+Handlers stay thin: validate the body against the schemas of :mod:`migd.daemon.openapi` (so the
+served document is what the daemon accepts), call the :class:`~migd.daemon.core.Daemon`, render
+``HostGuest.to_json`` / ``MigrationProgress.to_json``. Exceptions become answers in one
+place, :func:`_errors`: bad input (``ConfigError``) → 400, unknown names → 404, wrong state →
+409, aiohttp's own 404/405/413 → the same JSON shape, anything unexpected → 500 with the
+traceback in the log. Every answer but 204 and ``/metrics`` is JSON; every error is
+``{"error": code, "detail": reason}``. Bad input never gets a 5xx (docs/design.md §8 "Invariants", 7).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import hdrs, web
+
+from migd import __version__
+from migd.daemon import openapi
+from migd.guest.channel import GuestChannelError
+from migd.daemon.core import CannotCancel, Daemon, UnknownMigration
+from migd.errors import ConfigError, FirmwareError
+from migd.guest.host_guest import GuestDefinition, GuestStateError
+from migd.host import GuestExists, UnknownGuest
+from migd.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from migd.daemon.metrics import MetricsCollector
+from migd.source import MigrationRefused
+from migd.guest.workload import WorkloadConfig
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+DAEMON = web.AppKey("daemon", Daemon)
+API_TOKEN = web.AppKey("api_token", bytes)
+METRICS = web.AppKey("metrics", MetricsCollector)
+
+#: Largest request body accepted (aiohttp answers 413 beyond it). The biggest valid body, a
+#: create or migrate request, is a few hundred bytes.
+MAX_BODY_BYTES = 64 * 1024
+REALM = "migd"
+MAX_JSON_INT = (1 << 64) - 1
+
+#: Domain errors → HTTP status, first match wins (the daemon's docstring lists them).
+ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
+    (ConfigError, 400),
+    (UnknownGuest, 404),
+    (UnknownMigration, 404),
+    (GuestExists, 409),
+    (GuestStateError, 409),
+    (MigrationRefused, 409),
+    (CannotCancel, 409),
+    (GuestChannelError, 409),  # the guest's agent is gone or not answering: the guest is not running
+    (FirmwareError, 409),  # the (emulated) PSP refused the command in this state
+)
+
+routes = web.RouteTableDef()
+_PUBLIC: set[Handler] = set()
+_OPENAPI_JSON = json.dumps(openapi.DOCUMENT, indent=1)
+
+
+def _public(handler: Handler) -> Handler:
+    """Mark a handler as reachable without the bearer token (only /v1/health)."""
+    _PUBLIC.add(handler)
+    return handler
+
+
+# ---------------------------------------------------------------------- answers
+
+
+def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+    """The §7 error object ``{"error": code, "detail": reason}``."""
+    code = openapi.ERROR_CODES.get(status) or ("bad_request" if status < 500 else "internal_error")
+    return web.json_response({"error": code, "detail": detail}, status=status, headers=headers)
+
+
+def _json(data: Any, status: int = 200, location: str | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers={hdrs.LOCATION: location} if location else None)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _u64_range_int(text: str) -> int:
+    # Nothing in the API is wider than a u64; bigger integers would only overflow float
+    # conversions further down (a 5xx for bad input) instead of failing here.
+    value = int(text)
+    if abs(value) > MAX_JSON_INT:
+        raise ValueError(f"integer {text[:30]}{'...' if len(text) > 30 else ''} is out of range (|n| < 2**64)")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def decode_json(raw: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity, finite floats, integers within ±(2**64 - 1), unique keys."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"body: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        return json.loads(
+            text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_u64_range_int,
+            object_pairs_hook=_unique_keys,
+        )
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"body: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError as exc:  # the hooks above, or int() past its digit limit
+        raise ConfigError(f"body: {exc}") from None
+    except RecursionError:
+        raise ConfigError("body: JSON nested too deeply") from None
+
+
+async def read_body(request: web.Request, schema_name: str, *, required: bool = False) -> dict[str, Any]:
+    """The request's JSON object, checked against ``openapi.SCHEMAS[schema_name]``.
+
+    An empty body is ``{}`` unless ``required``.
+    """
+    raw = await request.read()  # aiohttp raises 413 past client_max_size
+    if not raw.strip():
+        if required:
+            raise ConfigError("body: expected a JSON object, got an empty body")
+        return {}
+    data = decode_json(raw)
+    openapi.check(data, openapi.schema(schema_name))
+    return data  # type: ignore[no-any-return]  # check() proved it is an object
+
+
+# ---------------------------------------------------------------------- middlewares
+
+
+def _http_error_detail(request: web.Request, exc: web.HTTPException) -> str:
+    if exc.status == 404:
+        return f"no route for {request.method} {request.path}"
+    if exc.status == 405:
+        return f"{request.method} is not allowed on {request.path} (allowed: {exc.headers.get(hdrs.ALLOW, '')})"
+    text = exc.text or ""
+    return text if text and text != f"{exc.status}: {exc.reason}" else exc.reason
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes the §7 error object."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers[hdrs.ALLOW]} if hdrs.ALLOW in exc.headers else None
+        return error_response(exc.status, _http_error_detail(request, exc), headers)
+    except Exception as exc:
+        for kind, status in ERROR_STATUS:
+            if isinstance(exc, kind):
+                return error_response(status, str(exc) or type(exc).__name__)
+        log.exception("unexpected error method=%s path=%s", request.method, request.path)
+        return error_response(500, f"{type(exc).__name__}: {exc} (the daemon's log has the traceback)")
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """``Authorization: Bearer TOKEN`` on every route but /v1/health (RFC 6750 answers)."""
+    if request.match_info.handler in _PUBLIC:
+        return await handler(request)
+    header = request.headers.get(hdrs.AUTHORIZATION)
+    if header is None:
+        return _unauthorized("missing bearer token: send Authorization: Bearer TOKEN", None)
+    scheme, _, credentials = header.strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() != "bearer" or not credentials:
+        return _unauthorized(f"expected Authorization: Bearer TOKEN, got a {scheme[:20]!r} header", "invalid_request")
+    # Constant time: the comparison must not tell how much of a guess was right.
+    if not hmac.compare_digest(credentials.encode("utf-8", "surrogateescape"), request.app[API_TOKEN]):
+        log.warning("rejected API request with a wrong token method=%s path=%s peer=%s",
+                    request.method, request.path, request.remote)
+        return _unauthorized("wrong bearer token", "invalid_token")
+    return await handler(request)
+
+
+def _unauthorized(detail: str, error: str | None) -> web.Response:
+    challenge = f'Bearer realm="{REALM}"' + (f', error="{error}"' if error else "")
+    return error_response(401, detail, {hdrs.WWW_AUTHENTICATE: challenge})
+
+
+# ---------------------------------------------------------------------- routes
+
+
+def _daemon(request: web.Request) -> Daemon:
+    return request.app[DAEMON]
+
+
+@routes.get("/v1/health", allow_head=False)
+@_public
+async def health(request: web.Request) -> web.Response:
+    return _json({"status": "ok", "version": __version__})
+
+
+@routes.get("/v1/guests", allow_head=False)
+async def list_guests(request: web.Request) -> web.Response:
+    return _json({"guests": [g.to_json() for g in _daemon(request).host.guests.values()]})
+
+
+@routes.post("/v1/guests")
+async def create_guest(request: web.Request) -> web.Response:
+    body = await read_body(request, "CreateGuest", required=True)
+    efi = body.get("efi", False)
+    if not efi and body.get("uefi_live_migration") is not None:
+        raise ConfigError("uefi_live_migration: only meaningful with efi: true")
+    definition = GuestDefinition(
+        body["name"], body["memory_mib"], body.get("policy", 0), efi,
+        # An EFI guest sees SevLiveMigrationEnabled = true unless told otherwise (null: absent).
+        body.get("uefi_live_migration", True) if efi else None,
+    )
+    guest = _daemon(request).create_guest(definition)
+    return _json(guest.to_json(), 201, location=f"/v1/guests/{guest.name}")
+
+
+@routes.get("/v1/guests/{name}", allow_head=False)
+async def show_guest(request: web.Request) -> web.Response:
+    return _json(_daemon(request).guest(request.match_info["name"]).to_json())
+
+
+@routes.delete("/v1/guests/{name}")
+async def delete_guest(request: web.Request) -> web.Response:
+    daemon = _daemon(request)
+    # Fold the guest's hypercall counts into the running totals before it goes.
+    request.app[METRICS].observe(daemon.host.guests.values(), daemon.host.migrations.values())
+    await daemon.delete_guest(request.match_info["name"])
+    return web.Response(status=204)
+
+
+@routes.post("/v1/guests/{name}/start")
+async def start_guest(request: web.Request) -> web.Response:
+    body = await read_body(request, "StartGuest")
+    workload = body.get("workload")
+    config = None if workload is None else WorkloadConfig.from_dict(workload)
+    return _json((await _daemon(request).start_guest(request.match_info["name"], config)).to_json())
+
+
+@routes.post("/v1/guests/{name}/stop")
+async def stop_guest(request: web.Request) -> web.Response:
+    await read_body(request, "Empty")
+    return _json((await _daemon(request).stop_guest(request.match_info["name"])).to_json())
+
+
+@routes.post("/v1/guests/{name}/reboot")
+async def reboot_guest(request: web.Request) -> web.Response:
+    await read_body(request, "Empty")
+    return _json((await _daemon(request).reboot_guest(request.match_info["name"])).to_json())
+
+
+@routes.post("/v1/guests/{name}/kexec")
+async def kexec_guest(request: web.Request) -> web.Response:
+    await read_body(request, "Empty")
+    return _json((await _daemon(request).kexec_guest(request.match_info["name"])).to_json())
+
+
+@routes.post("/v1/guests/{name}/migrate")
+async def migrate_guest(request: web.Request) -> web.Response:
+    body = await read_body(request, "MigrateRequest", required=True)
+    progress = _daemon(request).migrate(
+        request.match_info["name"], body["destination"],
+        downtime_limit_ms=body.get("downtime_limit_ms"), max_bandwidth_mib_s=body.get("max_bandwidth_mib_s"),
+    )
+    return _json(progress.to_json(), 202, location=f"/v1/migrations/{progress.id}")
+
+
+@routes.get("/v1/migrations", allow_head=False)
+async def list_migrations(request: web.Request) -> web.Response:
+    return _json({"migrations": [m.to_json() for m in _daemon(request).migrations()]})
+
+
+@routes.get("/v1/migrations/{id}", allow_head=False)
+async def show_migration(request: web.Request) -> web.Response:
+    return _json(_daemon(request).migration(request.match_info["id"]).to_json())
+
+
+@routes.post("/v1/migrations/{id}/cancel")
+async def cancel_migration(request: web.Request) -> web.Response:
+    await read_body(request, "Empty")
+    return _json(_daemon(request).cancel_migration(request.match_info["id"]).to_json(), 202)
+
+
+@routes.get("/metrics", allow_head=False)
+async def metrics(request: web.Request) -> web.Response:
+    host = _daemon(request).host
+    text = request.app[METRICS].render(host.guests.values(), host.migrations.values())
+    return web.Response(body=text.encode(), headers={hdrs.CONTENT_TYPE: METRICS_CONTENT_TYPE})
+
+
+@routes.get("/v1/openapi.json", allow_head=False)
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.Response(text=_OPENAPI_JSON, content_type="application/json")
+
+
+def build_app(daemon: Daemon, token: str) -> web.Application:
+    """The aiohttp application serving ``daemon`` behind bearer token ``token``."""
+    if not token:
+        raise ConfigError("the API token must not be empty")
+    app = web.Application(middlewares=[_errors, _auth], client_max_size=MAX_BODY_BYTES)
+    app[DAEMON] = daemon
+    app[API_TOKEN] = token.encode("utf-8", "surrogateescape")
+    app[METRICS] = MetricsCollector()
+    app.add_routes(routes)
+    return app
+
+
+__all__ = ["API_TOKEN", "DAEMON", "ERROR_STATUS", "MAX_BODY_BYTES", "METRICS", "build_app", "decode_json",
+           "error_response", "read_body"]

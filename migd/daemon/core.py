@@ -1,0 +1,253 @@
+"""The daemon core: one host's firmware, guests, migration listener and outgoing migrations.
+
+REST handlers (:mod:`migd.daemon.api`) and ``migd serve`` call the operations here; each raises a
+precise error the API maps to a status code: bad input → ``ConfigError`` (400), unknown
+names → ``UnknownGuest``/``UnknownMigration`` (404), wrong state → ``GuestExists``,
+``GuestStateError``, ``MigrationRefused``, ``CannotCancel`` (409).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from migd.platform import identity
+from migd.abi import FirmwareStatus
+from migd.guest.agent_launcher import DEFAULT_COMMAND
+from migd.daemon.config import Config, parse_address
+from migd.errors import ConfigError, FirmwareError, MigdError
+from migd.guest.host_guest import GuestDefinition, GuestState, GuestStateError, HostGuest
+from migd.host import Host
+from migd.journal import Journal
+from migd.listener import MigrationListener
+from migd.platform.pki_verify import tls_client_context, tls_server_context
+from migd.progress import MigrationProgress
+from migd.platform.psp import PspFirmware
+from migd.daemon.recovery import RecoveryReport, recover
+from migd.source import MigrationParams, MigrationRefused, OutgoingMigration
+from migd.guest.workload import WorkloadConfig
+
+log = logging.getLogger(__name__)
+
+
+class UnknownMigration(MigdError):
+    """No migration with that id on this host (REST 404)."""
+
+
+class CannotCancel(MigdError):
+    """The migration has committed or finished (REST 409)."""
+
+
+def runtime_dir_for(config: Config) -> Path:
+    """systemd's RuntimeDirectory= (``$RUNTIME_DIRECTORY``), else a private temporary directory.
+
+    Unix socket paths are limited to 108 bytes, so they do not go under a deep state_dir.
+    """
+    env = os.environ.get("RUNTIME_DIRECTORY")
+    if env:
+        return Path(env.split(":")[0])
+    return Path(tempfile.mkdtemp(prefix="migd-run-"))
+
+
+def guests_dir_for(config: Config) -> Path:
+    """Where guest RAM files live: under ``$RUNTIME_DIRECTORY`` (tmpfs ``/run/migd`` under
+    systemd, kept across restarts by RuntimeDirectoryPreserve=), else ``state_dir/guests``.
+
+    Guest RAM belongs in memory, as a VMM's memfd or hugetlbfs backing does: on a disk file
+    system every migrated gigabyte also becomes dirty page cache to write back.
+    """
+    env = os.environ.get("RUNTIME_DIRECTORY")
+    return Path(env.split(":")[0]) / "guests" if env else config.state_dir / "guests"
+
+
+class Daemon:
+    """Everything ``migd serve`` runs, minus the HTTP server."""
+
+    def __init__(self, config: Config, *, agent_command: Sequence[str] = DEFAULT_COMMAND) -> None:
+        self.config = config
+        self.agent_command = tuple(agent_command)
+        anchors = identity.load_trust_anchors(config.trusted_roots)
+        self.firmware = PspFirmware(config.state_dir, anchors, transport_mode=config.transport)
+        self.journal = Journal.open(config.state_dir)
+        runtime_dir = runtime_dir_for(config)
+        #: A temporary runtime dir (no RUNTIME_DIRECTORY) is ours to remove at shutdown.
+        self._own_runtime_dir = runtime_dir if not os.environ.get("RUNTIME_DIRECTORY") else None
+        self.host = Host(config.state_dir, self.firmware, runtime_dir=runtime_dir,
+                         agent_command=self.agent_command, journal=self.journal,
+                         guests_dir=guests_dir_for(config))
+        self.recovery: RecoveryReport | None = None
+        self.outgoing: dict[str, OutgoingMigration] = {}
+        self._server_tls = self._client_tls = None
+        if config.tls is not None:
+            t = config.tls
+            self._server_tls = tls_server_context(t.ca, t.cert, t.key)
+            self._client_tls = tls_client_context(t.ca, t.cert, t.key)
+        self.listener = MigrationListener(
+            self.host, ssl_context=self._server_tls, client_ssl=self._client_tls,
+            max_pending=config.max_pending_connections, handshake_timeout_s=config.handshake_timeout_s,
+            stall_timeout_s=config.stall_timeout_s,
+        )
+        self.migration_port: int | None = None
+        self.accepting = True
+
+    # ------------------------------------------------------------------ lifetime
+
+    async def start(self) -> None:
+        """Reload guests and migrations from the journal (restart recovery), then start the listener."""
+        self.recovery = await recover(self.host, self.journal, client_ssl=self._client_tls)
+        addr = self.config.migration_listen
+        self.migration_port = await self.listener.start(addr.host, addr.port)
+        log.info("migration listener on %s:%d", addr.host, self.migration_port)
+
+    async def shutdown(self) -> None:
+        """Stop taking work; cancel migrations that have not committed, let committed ones finish."""
+        self.accepting = False
+        await self.listener.close()
+        tasks = []
+        for migration in self.outgoing.values():
+            task = migration.task
+            if task is not None and not task.done():
+                migration.cancel()  # refused once committed: then the task finishes the hand-off
+                tasks.append(task)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.host.close()
+        self.journal.close()
+        if self._own_runtime_dir is not None:  # only channel sockets live there (guests_dir_for)
+            shutil.rmtree(self._own_runtime_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ guests
+
+    def _require_accepting(self) -> None:
+        if not self.accepting:
+            raise GuestStateError("the daemon is shutting down")
+
+    def create_guest(self, definition: GuestDefinition) -> HostGuest:
+        """Define a guest (RAM file and firmware launch)."""
+        self._require_accepting()
+        try:
+            return self.host.create_guest(definition)
+        except FirmwareError as exc:
+            if exc.status in (FirmwareStatus.POLICY_FAILURE, FirmwareStatus.INVALID_PARAM):
+                raise ConfigError(f"policy {definition.policy:#x} refused by the firmware: {exc}") from exc
+            raise
+
+    def guest(self, name: str) -> HostGuest:
+        """The named guest (UnknownGuest otherwise)."""
+        return self.host.get(name)
+
+    def _not_migrating(self, guest: HostGuest) -> None:
+        for migration in self.outgoing.values():
+            if migration.guest is guest and not migration.progress.status.finished:
+                raise GuestStateError(f"guest {guest.name} is migrating (migration {migration.progress.id})")
+
+    @contextlib.asynccontextmanager
+    async def _operating(self, name: str) -> AsyncIterator[HostGuest]:
+        """One lifecycle operation at a time per guest; a second one gets a 409 at once."""
+        guest = self.guest(name)
+        if guest.busy.locked():
+            raise GuestStateError(f"guest {name} is busy with another operation; try again")
+        async with guest.busy:
+            self._not_migrating(guest)
+            yield guest
+
+    async def start_guest(self, name: str, workload: WorkloadConfig | None = None) -> HostGuest:
+        """Launch the guest agent and wait for its boot."""
+        self._require_accepting()
+        async with self._operating(name) as guest:
+            await guest.start(workload)
+            self.host.journal_guest(guest)
+        return guest
+
+    async def stop_guest(self, name: str) -> HostGuest:
+        async with self._operating(name) as guest:
+            await guest.stop()
+            self.host.journal_guest(guest)
+        return guest
+
+    async def reboot_guest(self, name: str) -> HostGuest:
+        async with self._operating(name) as guest:
+            await guest.reboot()
+        return guest
+
+    async def kexec_guest(self, name: str) -> HostGuest:
+        async with self._operating(name) as guest:
+            await guest.kexec()
+        return guest
+
+    async def delete_guest(self, name: str) -> None:
+        async with self._operating(name):
+            await self.host.delete(name)
+
+    # ------------------------------------------------------------------ migrations
+
+    def migrate(
+        self, name: str, destination: str, *, downtime_limit_ms: float | None = None,
+        max_bandwidth_mib_s: float | None = None,
+    ) -> MigrationProgress:
+        """Start an outgoing migration; returns its progress record at once (REST 202)."""
+        self._require_accepting()
+        guest = self.guest(name)
+        if guest.busy.locked():
+            raise GuestStateError(f"guest {name} is busy with another operation; try again")
+        self._not_migrating(guest)
+        address = parse_address(destination, "destination")
+        if address.port == 0:
+            raise ConfigError(f"destination: port must be 1..65535, got {destination!r}")
+        try:
+            params = MigrationParams(
+                handshake_timeout_s=self.config.handshake_timeout_s, stall_timeout_s=self.config.stall_timeout_s,
+                downtime_limit_ms=self.config.downtime_limit_ms if downtime_limit_ms is None else downtime_limit_ms,
+                max_bandwidth_mib_s=(
+                    self.config.max_bandwidth_mib_s if max_bandwidth_mib_s is None else max_bandwidth_mib_s
+                ),
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        # on_commit: the journal's commit record, durable before COMMIT goes out; if it cannot be
+        # written the migration rolls back and the guest runs on here.
+        migration = OutgoingMigration(guest, address.host, address.port, params, ssl_context=self._client_tls,
+                                      on_commit=self.journal.record_commit,
+                                      on_established=lambda p, key: self.host.remember_handoff_key(p.id, key),
+                                      resolve_port=self.migration_port or 0)
+        task = migration.start()  # raises MigrationRefused (409) with the reason
+        self.outgoing[migration.progress.id] = migration
+        self.host.add_migration(migration.progress)
+        # After the task: the guest's final state (mark_migrated runs after the last transition).
+        task.add_done_callback(lambda _: self.host.journal_guest(guest))
+        return migration.progress
+
+    def migrations(self) -> list[MigrationProgress]:
+        """Every migration this host knows, oldest first."""
+        return list(self.host.migrations.values())
+
+    def migration(self, migration_id: str) -> MigrationProgress:
+        try:
+            return self.host.migrations[migration_id]
+        except KeyError:
+            raise UnknownMigration(f"no migration with id {migration_id!r} on this host") from None
+
+    def cancel_migration(self, migration_id: str) -> MigrationProgress:
+        """Cancel an outgoing migration before its commit."""
+        progress = self.migration(migration_id)
+        migration = self.outgoing.get(migration_id)
+        if migration is None:
+            raise CannotCancel(f"migration {migration_id} is incoming here; cancel it on its source host")
+        if not migration.cancel():
+            raise CannotCancel(f"migration {migration_id} is {progress.status.value}"
+                               f"{' and committed' if progress.phase.committed else ''}: too late to cancel")
+        return progress
+
+    def active_migrations(self) -> list[MigrationProgress]:
+        return [m for m in self.host.migrations.values() if not m.status.finished]
+
+
+__all__ = [
+    "CannotCancel", "Daemon", "GuestState", "MigrationRefused", "UnknownMigration", "runtime_dir_for",
+]

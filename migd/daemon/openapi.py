@@ -1,0 +1,384 @@
+"""The REST API as an OpenAPI 3.1 document (docs/design.md §9), and a checker for its schemas.
+
+The document is plain data, served at ``/v1/openapi.json``. :mod:`migd.daemon.api` validates every
+request body with :func:`check` against the schemas here, so what the document promises is
+what the daemon accepts; the tests validate every response they see against it and compare
+its paths with the app's router, so it cannot drift from the routes either.
+
+:func:`check` implements the small JSON Schema (2020-12) subset the document uses and
+refuses any other keyword, so a schema can never silently mean less than it says.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from migd import __version__
+from migd.errors import ConfigError
+from migd.guest.host_guest import GUEST_NAME, MAX_MEMORY_MIB, GuestState
+from migd.migration_state import MigrationStatus
+from migd.guest.page_content import MAX_SEED
+from migd.page_runs import PageKind
+
+Schema = dict[str, Any]
+
+#: Most a JSON number may be for a downtime limit (the config file's bound, migd/daemon/config.py).
+MAX_DOWNTIME_LIMIT_MS = 3_600_000
+
+#: Bound of the rates a body may ask for (MiB/s, Hz): far beyond any real use, small enough
+#: that the float arithmetic downstream cannot overflow.
+MAX_RATE = 1 << 20
+MAX_GUEST_TIMER_S = 86400.0  # guest-initiated reboot/kexec timers and boot time: at most a day
+
+#: The ``error`` codes of the error object, by HTTP status.
+ERROR_CODES: dict[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    500: "internal_error",
+}
+
+
+def ref(name: str) -> Schema:
+    """A reference to ``#/components/schemas/NAME``."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _object(properties: dict[str, Schema], required: Iterable[str] | None = None, **extra: Any) -> Schema:
+    """A closed object; every property required unless ``required`` says otherwise."""
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": sorted(properties if required is None else required),
+        "additionalProperties": False,
+        **extra,
+    }
+
+
+_COUNT: Schema = {"type": "integer", "minimum": 0}
+_WORKLOAD_PROPERTIES: dict[str, Schema] = {
+    "dirty_rate_mib_s": {"type": "number", "minimum": 0, "maximum": MAX_RATE, "description": "MiB/s the guest writes"},
+    "convert_rate_hz": {"type": "number", "minimum": 0, "maximum": MAX_RATE,
+                        "description": "private↔shared conversions per second"},
+    "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED, "description": "seed of every random choice"},
+    "populate_fraction": {"type": "number", "minimum": 0, "maximum": 1,
+                          "description": "share of the data area written once after the first boot (default 0)"},
+    "shared_fraction": {"type": "number", "minimum": 0, "maximum": 1,
+                        "description": "share of the populated pages made shared (default 0)"},
+    "kexec_after_s": {"type": "number", "minimum": 0, "maximum": MAX_GUEST_TIMER_S,
+                      "description": "the guest kexecs on its own once, this long after it boots (default 0: never)"},
+    "reboot_after_s": {"type": "number", "minimum": 0, "maximum": MAX_GUEST_TIMER_S,
+                       "description": "the guest reboots on its own once, this long after it boots (default 0: never)"},
+    "boot_time_s": {"type": "number", "minimum": 0, "maximum": MAX_GUEST_TIMER_S,
+                    "description": "how long a kexec or reboot keeps the guest down before it is READY (default 0)"},
+}
+
+SCHEMAS: dict[str, Schema] = {
+    "Error": _object({
+        "error": {"type": "string", "enum": sorted(set(ERROR_CODES.values())), "description": "machine-readable"},
+        "detail": {"type": "string", "description": "the reason, for humans"},
+    }),
+    "Health": _object({"status": {"type": "string", "enum": ["ok"]}, "version": {"type": "string"}}),
+    "Guest": _object({
+        "name": {"type": "string"},
+        "state": {"type": "string", "enum": [s.value for s in GuestState]},
+        "memory_mib": {"type": "integer", "minimum": 1},
+        "policy": {"type": "integer", "minimum": 0, "maximum": 0xFFFFFFFF},
+        "migration_control": _object({
+            "feature": {"type": "boolean", "description": "CPUID KVM_FEATURE_MIGRATION_CONTROL offered"},
+            "msr": {"type": "integer", "minimum": 0, "description": "MSR_KVM_MIGRATION_CONTROL"},
+            "ready": {"type": "boolean", "description": "MSR has KVM_MIGRATION_READY: migration allowed"},
+        }),
+        "pages": _object({"total": _COUNT, "private": _COUNT, "shared": _COUNT}),
+        "check": _object({
+            "pages_verified": _COUNT,
+            "errors": _COUNT,
+            "last_error": {"type": ["string", "null"]},
+        }),
+    }),
+    "GuestList": _object({"guests": {"type": "array", "items": ref("Guest")}}),
+    "CreateGuest": _object(
+        {
+            "name": {"type": "string", "pattern": GUEST_NAME.pattern},
+            "memory_mib": {"type": "integer", "minimum": 1, "maximum": MAX_MEMORY_MIB},
+            "policy": {"type": "integer", "minimum": 0, "maximum": 0xFFFFFFFF, "description": "SEV guest policy"},
+            "efi": {"type": "boolean", "description": "boot with UEFI (default false)"},
+            "uefi_live_migration": {
+                "type": ["boolean", "null"],
+                "description": (
+                    "value of the UEFI variable SevLiveMigrationEnabled the guest sees; null: the variable "
+                    "is absent. Only with efi: true; default true. An EFI guest enables migration "
+                    "(MSR READY) only when it is present and true."
+                ),
+            },
+        },
+        required=["name", "memory_mib"],
+    ),
+    "Workload": _object(_WORKLOAD_PROPERTIES, required=[]),
+    "StartGuest": _object(
+        {"workload": _object(_WORKLOAD_PROPERTIES, required=[], type=["object", "null"],
+                             description="what the guest runs; omitted or null: idle")},
+        required=[],
+    ),
+    "Empty": _object({}, description="no body, or an empty object"),
+    "MigrateRequest": _object(
+        {
+            "destination": {"type": "string", "minLength": 1, "maxLength": 300,
+                            "description": "HOST:PORT of the destination daemon's migration listener"},
+            "downtime_limit_ms": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                                  "maximum": MAX_DOWNTIME_LIMIT_MS, "description": "default from the config"},
+            "max_bandwidth_mib_s": {"type": ["number", "null"], "minimum": 0, "maximum": MAX_RATE,
+                                    "description": "0 = unlimited; default from the config"},
+        },
+        required=["destination"],
+    ),
+    "Migration": _object({
+        "id": {"type": "string"},
+        "guest": {"type": "string"},
+        "role": {"type": "string", "enum": ["source", "destination"]},
+        "status": {"type": "string", "enum": [s.value for s in MigrationStatus]},
+        "destination": {"type": "string", "description": "source role: where to; destination role: the peer"},
+        "rounds": _COUNT,
+        "bytes": _object({"transferred": _COUNT, "remaining": _COUNT, "total": _COUNT}),
+        "pages": _object({k.value: _COUNT for k in PageKind}),
+        "throughput_mib_s": {"type": "number", "minimum": 0},
+        "expected_downtime_ms": {"type": ["number", "null"], "minimum": 0},
+        "downtime_ms": {"type": ["number", "null"], "minimum": 0},
+        "total_time_ms": {"type": "number", "minimum": 0},
+        "error": {"type": ["string", "null"]},
+    }),
+    "MigrationList": _object({"migrations": {"type": "array", "items": ref("Migration")}}),
+}
+
+_JSON = "application/json"
+#: The Prometheus text exposition format served by ``GET /metrics`` (migd/daemon/metrics.py).
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _json_response(description: str, schema: Schema) -> Schema:
+    return {"description": description, "content": {_JSON: {"schema": schema}}}
+
+
+def _error(description: str) -> Schema:
+    return _json_response(description, ref("Error"))
+
+
+def _operation(
+    operation_id: str, summary: str, responses: dict[str, Schema], *, body: str | None = None,
+    body_required: bool = False, name: str | None = None, public: bool = False,
+) -> Schema:
+    """One operation with the error answers every route shares (§7: 400/401/404/409)."""
+    op: Schema = {"operationId": operation_id, "summary": summary, "responses": dict(responses)}
+    if name is not None:
+        op["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}]
+        op["responses"]["404"] = _error(f"no {'guest' if name == 'name' else 'migration'} of that {name}")
+    if body is not None:
+        op["requestBody"] = {"required": body_required, "content": {_JSON: {"schema": ref(body)}}}
+        op["responses"]["400"] = _error("the body is not valid JSON or does not match the schema (detail: why)")
+        op["responses"]["413"] = _error("the body is larger than the daemon accepts")
+    if public:
+        op["security"] = []
+    else:
+        op["responses"]["401"] = _error("missing or wrong bearer token")
+    op["responses"]["default"] = _error("any other error (500: see the daemon's log)")
+    return op
+
+
+_GUEST = _json_response("the guest", ref("Guest"))
+_MIGRATION = _json_response("the migration", ref("Migration"))
+_CONFLICT = _error("the guest or migration is not in a state that allows this (detail: why)")
+
+
+def _guest_action(action: str, summary: str, body: str = "Empty") -> Schema:
+    return {"post": _operation(f"{action}Guest", summary, {"200": _GUEST, "409": _CONFLICT}, body=body, name="name")}
+
+
+PATHS: dict[str, Schema] = {
+    "/v1/health": {"get": _operation(
+        "health", "liveness; no token needed", {"200": _json_response("the daemon runs", ref("Health"))}, public=True,
+    )},
+    "/v1/guests": {
+        "get": _operation("listGuests", "every guest on this host",
+                          {"200": _json_response("the guests", ref("GuestList"))}),
+        "post": _operation(
+            "createGuest", "define a guest (RAM file and firmware launch)",
+            {"201": _GUEST, "409": _error("a guest of that name exists")}, body="CreateGuest", body_required=True,
+        ),
+    },
+    "/v1/guests/{name}": {
+        "get": _operation("showGuest", "one guest", {"200": _GUEST}, name="name"),
+        "delete": _operation(
+            "deleteGuest", "remove a guest that is not running (RAM file and key)",
+            {"204": {"description": "deleted"}, "409": _CONFLICT}, name="name",
+        ),
+    },
+    "/v1/guests/{name}/start": _guest_action("start", "launch the guest agent and wait for its boot", "StartGuest"),
+    "/v1/guests/{name}/stop": _guest_action("stop", "shut the guest down"),
+    "/v1/guests/{name}/reboot": _guest_action("reboot", "vCPU reset and reboot (the MSR drops to 0)"),
+    "/v1/guests/{name}/kexec": _guest_action("kexec", "the guest kexecs into a new kernel (the MSR drops to 0)"),
+    "/v1/guests/{name}/migrate": {"post": _operation(
+        "migrateGuest", "start a live migration; poll /v1/migrations/{id}",
+        {"202": _MIGRATION, "409": _error("the guest cannot migrate now, e.g. its MSR is not READY (detail: why)")},
+        body="MigrateRequest", body_required=True, name="name",
+    )},
+    "/v1/migrations": {"get": _operation(
+        "listMigrations", "every migration this host knows, oldest first",
+        {"200": _json_response("the migrations", ref("MigrationList"))},
+    )},
+    "/v1/migrations/{id}": {"get": _operation("showMigration", "one migration", {"200": _MIGRATION}, name="id")},
+    "/v1/migrations/{id}/cancel": {"post": _operation(
+        "cancelMigration", "cancel an outgoing migration before its hand-off commits; the guest resumes here",
+        {"202": _MIGRATION, "409": _error("committed, finished, or incoming here")}, body="Empty", name="id",
+    )},
+    "/metrics": {"get": _operation("metrics", "Prometheus text format", {"200": {
+        "description": "the metrics (migd/daemon/metrics.py)",
+        "content": {METRICS_CONTENT_TYPE: {"schema": {"type": "string"}}},
+    }})},
+    "/v1/openapi.json": {"get": _operation(
+        "openapi", "this document", {"200": _json_response("the OpenAPI 3.1 document", {"type": "object"})},
+    )},
+}
+
+DOCUMENT: Schema = {
+    "openapi": "3.1.0",
+    "jsonSchemaDialect": "https://spec.openapis.org/oas/3.1/dialect/base",
+    "info": {
+        "title": "migd",
+        "version": __version__,
+        "description": (
+            "Live migration of AMD SEV guests (docs/design.md §9). "
+            "Errors are {\"error\": code, \"detail\": reason}."
+        ),
+    },
+    "security": [{"bearer": []}],
+    "paths": PATHS,
+    "components": {
+        "schemas": SCHEMAS,
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "api.token_file"}},
+    },
+}
+
+
+def schema(name: str) -> Schema:
+    """The component schema called ``name``."""
+    return SCHEMAS[name]
+
+
+# ---------------------------------------------------------------------- checking
+
+_ANNOTATIONS = frozenset({"description", "title", "default", "examples", "format"})
+#: The JSON Schema keywords :func:`check` implements (plus annotations it ignores).
+SUPPORTED_KEYWORDS = frozenset({
+    "$ref", "type", "enum", "properties", "required", "additionalProperties", "items",
+    "minimum", "maximum", "exclusiveMinimum", "minLength", "maxLength", "pattern",
+}) | _ANNOTATIONS
+
+
+def json_type(value: Any) -> str:
+    """The JSON type name of a decoded value (``bool`` is ``boolean``, never ``integer``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _type_matches(value: Any, wanted: str) -> bool:
+    actual = json_type(value)
+    if wanted == "number":
+        return actual in ("integer", "number") and (actual == "integer" or math.isfinite(value))
+    return actual == wanted
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _ecma_pattern(pattern: str) -> str:
+    """Read a final ``$`` as ECMA 262 does (end of string), not as Python (also before a final newline)."""
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        return pattern[:-1] + r"\Z"
+    return pattern
+
+
+def check(value: Any, schema: Mapping[str, Any], where: str = "", *,
+          schemas: Mapping[str, Schema] = SCHEMAS) -> None:
+    """Raise ConfigError naming the field unless ``value`` matches ``schema``.
+
+    ``where`` is the field path so far ("" for the whole body); ``$ref`` resolves in ``schemas``.
+    """
+    unknown = set(schema) - SUPPORTED_KEYWORDS
+    if unknown:
+        raise ValueError(f"schema uses keywords this checker does not implement: {sorted(unknown)}")
+    label = where or "body"
+    if "$ref" in schema:
+        target = schema["$ref"].removeprefix("#/components/schemas/")
+        check(value, schemas[target], where, schemas=schemas)
+        return
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_type_matches(value, t) for t in types):
+            raise ConfigError(f"{label}: expected {' or '.join(types)}, got {json_type(value)} {_show(value)}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise ConfigError(f"{label}: expected one of {schema['enum']}, got {_show(value)}")
+    kind = json_type(value)
+    if kind == "object":
+        _check_object(value, schema, where, schemas)
+    elif kind == "array" and "items" in schema:
+        for index, item in enumerate(value):
+            check(item, schema["items"], f"{label}[{index}]", schemas=schemas)
+    elif kind in ("integer", "number"):
+        if "minimum" in schema and value < schema["minimum"]:
+            raise ConfigError(f"{label}: must be >= {schema['minimum']}, got {_show(value)}")
+        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+            raise ConfigError(f"{label}: must be > {schema['exclusiveMinimum']}, got {_show(value)}")
+        if "maximum" in schema and value > schema["maximum"]:
+            raise ConfigError(f"{label}: must be <= {schema['maximum']}, got {_show(value)}")
+    elif kind == "string":
+        if "minLength" in schema and len(value) < schema["minLength"]:
+            raise ConfigError(f"{label}: must be at least {schema['minLength']} characters, got {_show(value)}")
+        if "maxLength" in schema and len(value) > schema["maxLength"]:
+            raise ConfigError(f"{label}: must be at most {schema['maxLength']} characters, got {len(value)}")
+        if "pattern" in schema and not re.search(_ecma_pattern(schema["pattern"]), value):
+            raise ConfigError(f"{label}: must match {schema['pattern']}, got {_show(value)}")
+
+
+def _check_object(value: dict[str, Any], schema: Mapping[str, Any], where: str,
+                  schemas: Mapping[str, Schema]) -> None:
+    properties: Mapping[str, Schema] = schema.get("properties", {})
+    prefix = f"{where}." if where else ""
+    for key in schema.get("required", ()):
+        if key not in value:
+            raise ConfigError(f"{where or 'body'}: missing required key {key!r}")
+    extra = schema.get("additionalProperties", True)
+    for key, item in value.items():
+        if key in properties:
+            check(item, properties[key], f"{prefix}{key}", schemas=schemas)
+        elif extra is False:
+            allowed = ", ".join(sorted(properties)) or "none"
+            raise ConfigError(f"{where or 'body'}: unknown key {key!r} (allowed: {allowed})")
+        elif isinstance(extra, dict):
+            check(item, extra, f"{prefix}{key}", schemas=schemas)
+
+
+__all__ = [
+    "DOCUMENT", "ERROR_CODES", "METRICS_CONTENT_TYPE", "PATHS", "SCHEMAS", "SUPPORTED_KEYWORDS", "Schema", "check",
+    "json_type", "ref", "schema",
+]
