@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,14 +32,20 @@ DESIGN_REFERENCE = r'docs/design\.md,? §([0-9]+)(?: "([^"]+)")?'
 DESIGN_REFERENCE_ERE = r"docs/design\.md,? §[0-9]+"
 
 
+#: Directories that hold clones without being anyone's workplace: code uses them legitimately
+#: (``tempfile``, socket paths), so when a clone sits directly in one, its own path is searched.
+_SHARED_PARENTS = {Path("/"), Path("/tmp"), Path("/var/tmp"), Path(tempfile.gettempdir())}
+
+
 def machine_path(root: Path) -> str:
     """The absolute path that must not appear: the repository's parent directory, with a slash.
 
-    The slash keeps ``/work`` from matching ``migd/workload.py``. A repository directly under ``/``
-    has no parent worth the name (``//`` would match every URL): its own path is used instead.
+    The slash keeps ``/work`` from matching ``migd/workload.py``. A clone directly under ``/`` or
+    a temporary directory (CI's fresh clones) has no parent worth the name: ``//`` would match
+    every URL and ``/tmp/`` every test that makes a socket path. Its own path is used instead.
     """
     parent = root.parent
-    return f"{root if parent == Path(parent.anchor) else parent}/"
+    return f"{root if parent in _SHARED_PARENTS else parent}/"
 
 
 def git_grep(repo: Path, *args: str) -> list[str]:
