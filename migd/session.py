@@ -317,6 +317,9 @@ class Session:
                 raise PeerProtocolError(f"{self.ROLE.value} in phase {self.phase.value}: unexpected {name} from the peer")
             raise LocalProtocolError(f"{self.ROLE.value} in phase {self.phase.value}: {name} is not a step from here")
         new = TRANSITIONS[key]
+        # A step of the protocol is progress: a stall deadline counts from the last one, not
+        # from before, say, a long blackout in which nothing was meant to move.
+        self.last_activity = max(self.last_activity, now)
         if self.phase in PAGE_PHASES[self.ROLE] and new not in PAGE_PHASES[self.ROLE]:
             # Leaving the page phase waits for a frame being placed (page_frame): once the phase
             # says "no more pages", no page frame is between its check and guest RAM.

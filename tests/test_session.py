@@ -415,6 +415,17 @@ def test_stall_deadline_moves_with_activity_and_stop_copy_follows_the_downtime_l
     assert caught.value.step == "stop-copy"
 
 
+def test_a_long_blackout_does_not_count_as_a_stall() -> None:
+    """Pre-copy resumes after 25 s of blackout (nothing was to be sent): the link's stall clock
+    starts again there, or the first wait after it (the switch-over's PING) would fail at once."""
+    pair = pair_after(4)
+    pair.source.activity(T0)
+    pair.source.msr_dropped(T0 + 1)
+    pair.source.msr_ready(T0 + 26)
+    pair.source.handle_timer(T0 + 32)  # 31 s after the last byte, 6 s after pre-copy resumed
+    assert pair.source.deadline() == T0 + 26 + Timeouts().stall_s
+
+
 def test_blackout_deadline() -> None:
     pair = pair_after(4)
     pair.source.msr_dropped(T0 + 5)
