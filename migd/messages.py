@@ -9,6 +9,7 @@ its payload limit. ``MESSAGE_CLASSES`` maps each frame type to its class; the fr
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self, Union, get_args
@@ -40,7 +41,7 @@ from migd.frame_fields import (
 )
 
 @dataclass(frozen=True)
-class MessageBase:
+class MessageBase(abc.ABC):
     """What every message of the stream has: its frame type, its wire fields and its own codec.
 
     ``META`` names the msgpack keys of the frame's metadata in the order ``to_meta`` writes them
@@ -57,14 +58,14 @@ class MessageBase:
     #: (pages, bitmap, vCPU state) check their payload themselves, together with their fields.
     CONTROL: ClassVar[bool] = True
 
+    @abc.abstractmethod
     def to_meta(self) -> dict[str, Any]:
         """The frame's metadata map, keys in ``META`` order (the order is part of the bytes sent)."""
-        raise NotImplementedError
 
     @classmethod
+    @abc.abstractmethod
     def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
         """The message of a decoded metadata map and payload; every field is checked."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)

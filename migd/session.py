@@ -29,6 +29,7 @@ COMMIT and STARTED are MACed over the whole transcript.
 
 from __future__ import annotations
 
+import abc
 import enum
 import hashlib
 import struct
@@ -282,7 +283,7 @@ def vcpu_digest(msg: wire.VcpuState) -> bytes:
     return hashlib.sha256((msg.header or b"") + bytes(msg.payload)).digest()
 
 
-class Session:
+class Session(abc.ABC):
     """What both roles share: the table walk, the transcript, the MACs, the deadlines.
 
     The roles: :class:`migd.source_session.SourceSession`, :class:`migd.dest_session.DestinationSession`.
@@ -418,5 +419,6 @@ class Session:
         if step is not None and now >= step[1]:
             raise SessionTimeout(step[0], step[2])
 
+    @abc.abstractmethod
     def _deadline_step(self) -> tuple[str, float, str] | None:
-        raise NotImplementedError  # each role defines its waits
+        """(step, deadline, message) of what this role waits for in its phase; None: no wait on the peer."""
