@@ -507,31 +507,20 @@ def test_a_prepared_guest_is_removed_when_the_source_did_not_commit(
     asyncio.run(main())
 
 
-def test_an_authenticated_unknown_keeps_the_guest_in_doubt(
-    tmp_path: Path, make_firmware: Callable[..., PspFirmware]
+@pytest.mark.parametrize(
+    ("answer", "key", "check"),
+    [("unknown", HANDOFF_KEY, True), ("aborted", bytes(32), False)],
+    ids=["authenticated-unknown", "forged-aborted"],
+)
+def test_an_answer_that_does_not_decide_keeps_the_guest_in_doubt(
+    tmp_path: Path, make_firmware: Callable[..., PspFirmware], answer: str, key: bytes, check: bool
 ) -> None:
-    """A source that holds the key but no longer knows the migration may have committed: the
-    prepared copy (maybe the only one) is kept, not removed (compare "aborted" above)."""
+    """The prepared copy (maybe the only one) is neither removed nor started when the answer
+    decides nothing: a source that holds the key but no longer knows the migration ("unknown":
+    it may have committed), or a listener at the source's address without the migration's key
+    that says "aborted" (signed with a key of its own). The honest "aborted" above is the control."""
     async def main() -> None:
-        server = await _fake_source(["unknown"], [])
-        mid = _prepared_then_crash(tmp_path, make_firmware, f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
-        host, journal, resolve = _restart(tmp_path, make_firmware, resolve_timeout_s=0.5)
-        assert await resolve() == {mid: "in doubt"}  # type: ignore[operator]
-        server.close()
-        assert host.guest_dir("g1").exists() and "g1" not in host.guests
-        journal.close()
-
-    asyncio.run(main())
-
-
-def test_a_forged_answer_does_not_decide_an_in_doubt_guest(
-    tmp_path: Path, make_firmware: Callable[..., PspFirmware]
-) -> None:
-    """A listener at the source's address without the migration's key says "aborted": the
-    prepared guest (maybe the only copy) is neither removed nor started. The honest answer in
-    the test above is the control."""
-    async def main() -> None:
-        server = await _fake_source(["aborted"], [], key=bytes(32), check=False)  # signs with a key of its own
+        server = await _fake_source([answer], [], key=key, check=check)
         mid = _prepared_then_crash(tmp_path, make_firmware, f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
         host, journal, resolve = _restart(tmp_path, make_firmware, resolve_timeout_s=0.5)
         assert await resolve() == {mid: "in doubt"}  # type: ignore[operator]
