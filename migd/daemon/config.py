@@ -22,6 +22,9 @@ DEFAULT_CONFIG = Path("/etc/migd/migd.toml")
 DEFAULT_MAX_PENDING_CONNECTIONS = 64
 DEFAULT_HANDSHAKE_TIMEOUT_S = 15.0
 DEFAULT_STALL_TIMEOUT_S = 30.0
+#: Defaults of ``[guests]``: how long and how many ``migrated`` records are kept (docs/operations.md).
+DEFAULT_KEEP_MIGRATED_S = 86_400.0
+DEFAULT_KEEP_MIGRATED_COUNT = 100
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,13 @@ class Config:
     tls: TlsConfig | None = None
     trusted_roots: tuple[Path, ...] = ()
     transport: TransportMode = TransportMode.BOUND
+    #: Where guest RAM files live (``guests.ram_dir``); None: ``$RUNTIME_DIRECTORY/guests``, else
+    #: ``state_dir/guests`` (migd.daemon.core.guests_dir_for).
+    ram_dir: Path | None = None
+    #: A ``migrated`` record (the guest left this host) is dropped after this long ...
+    keep_migrated_s: float = DEFAULT_KEEP_MIGRATED_S
+    #: ... or when more than this many are kept, oldest first.
+    keep_migrated_count: int = DEFAULT_KEEP_MIGRATED_COUNT
     source: Path | None = field(default=None, compare=False)
 
     def token(self) -> str:
@@ -124,6 +134,7 @@ _SCHEMA: dict[str, Any] = {
     },
     "tls": {"ca": str, "cert": str, "key": str},
     "sev": {"trusted_roots": list, "transport": str},
+    "guests": {"ram_dir": str, "keep_migrated_s": (int, float), "keep_migrated_count": int},
 }
 _REQUIRED = {"state_dir": None, "api": ("listen", "token_file"), "migration": ("listen",), "sev": ("trusted_roots",)}
 
@@ -213,6 +224,18 @@ def parse_config(raw: dict[str, Any], *, base: Path, source: Path | None = None)
         tls = TlsConfig(*(_readable(raw["tls"][k], f"tls.{k}", base) for k in ("ca", "cert", "key")))
     token_file = _readable(api["token_file"], "api.token_file", base)
     read_token(token_file)
+    guests = raw.get("guests", {})
+    ram_dir = None
+    if "ram_dir" in guests:
+        ram_dir = Path(guests["ram_dir"])
+        if not ram_dir.is_absolute():
+            ram_dir = base / ram_dir
+    keep_s = float(guests.get("keep_migrated_s", DEFAULT_KEEP_MIGRATED_S))
+    if not (math.isfinite(keep_s) and keep_s >= 0):
+        raise ConfigError(f"guests.keep_migrated_s must be a finite number of seconds >= 0, got {keep_s}")
+    keep_count = guests.get("keep_migrated_count", DEFAULT_KEEP_MIGRATED_COUNT)
+    if keep_count < 0:
+        raise ConfigError(f"guests.keep_migrated_count must be >= 0, got {keep_count}")
     return Config(
         state_dir=state_dir,
         api_listen=parse_address(api["listen"], "api.listen", allow_unix=True),
@@ -226,5 +249,8 @@ def parse_config(raw: dict[str, Any], *, base: Path, source: Path | None = None)
         tls=tls,
         trusted_roots=tuple(_readable(r, "sev.trusted_roots", base) for r in roots),
         transport=transport,
+        ram_dir=ram_dir,
+        keep_migrated_s=keep_s,
+        keep_migrated_count=keep_count,
         source=source,
     )

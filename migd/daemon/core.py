@@ -56,12 +56,14 @@ def runtime_dir_for(config: Config) -> Path:
 
 
 def guests_dir_for(config: Config) -> Path:
-    """Where guest RAM files live: under ``$RUNTIME_DIRECTORY`` (tmpfs ``/run/migd`` under
+    """Where guest RAM files live: ``guests.ram_dir``, else under ``$RUNTIME_DIRECTORY`` (tmpfs ``/run/migd`` under
     systemd, kept across restarts by RuntimeDirectoryPreserve=), else ``state_dir/guests``.
 
     Guest RAM belongs in memory, as a VMM's memfd or hugetlbfs backing does: on a disk file
     system every migrated gigabyte also becomes dirty page cache to write back.
     """
+    if config.ram_dir is not None:
+        return config.ram_dir
     env = os.environ.get("RUNTIME_DIRECTORY")
     return Path(env.split(":")[0]) / "guests" if env else config.state_dir / "guests"
 
