@@ -20,6 +20,7 @@ kept here whatever happens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import ssl
@@ -27,23 +28,27 @@ import time
 
 from typing import Any
 
-from migd import resolve, wire
+from migd import failure_text, resolve, wire
 from migd.abi import PAGE_SHIFT, PAGE_SIZE, GuestPolicy, MiB
 from migd.bitmap import PageBitmap
 from migd.errors import MigdError, PeerAborted, ProtocolError
-from migd.guest.host_guest import GuestDefinition, HostGuest
+from migd.guest.host_guest import GuestDefinition, GuestState, HostGuest, wait_until
 from migd.host import Host
 from migd.journal import JournalError
 from migd.migration_state import MigrationPhase
 from migd.page_runs import PageKind
 from migd.peer_text import printable
-from migd.progress import MigrationProgress
+from migd.progress import MigrationProgress, page_frame_bytes
 from migd.sev_transport import NONCE_SIZE
 from migd.dest_session import DestinationSession
 from migd.session import Phase, SessionTimeout, Timeouts
 from migd.stream import FrameProtocol, StreamClosed
 
 log = logging.getLogger(__name__)
+
+#: How long a returning guest waits for its own departure from here to finish (agent stop and
+#: RAM release, normally well under a second); inside the source's handshake deadline (15 s).
+DEPARTURE_WAIT_S = 10.0
 
 
 class IncomingRefused(MigdError):
@@ -102,7 +107,7 @@ class IncomingMigration:
             await self._fail("destination is shutting down")
             raise
         except Exception as exc:  # any failure before COMMIT discards the partial guest
-            await self._fail(_reason(exc))
+            await self._fail(_reason(exc, self.peer, self.session.phase))
         finally:
             self.proto.close()
         return self.progress
@@ -150,11 +155,13 @@ class IncomingMigration:
         proto.mark_authenticated()
         definition = self._accept(hello)  # again: a guest of that name may have come meanwhile
         host.accept_session(blob_nonce, hello.migration_id)  # durable: never again, across restarts
-        self.progress = progress = MigrationProgress(definition.name, "destination", self.peer, definition.npages,
-                                                     phase=session.status, id=hello.migration_id)
+        self.progress = progress = MigrationProgress(definition.name, "destination", self.proto.local,
+                                                     definition.npages, phase=session.status, id=hello.migration_id,
+                                                     source=self._source_address(hello))
         host.add_migration(progress)
         host.remember_handoff_key(progress.id, key)
         self._record_resolve_address(hello)
+        await self._departed(definition.name)
         self.guest = host.create_incoming(definition, self._handle)
         # The agent starts (QEMU's -incoming) while pages stream in; it must be up by COMMIT.
         self._agent_ready = asyncio.ensure_future(self.guest.prepare_incoming())
@@ -201,7 +208,7 @@ class IncomingMigration:
         except (StreamClosed, SessionTimeout, ProtocolError) as exc:
             # In doubt: the source may have committed and lost only the COMMIT frame (or someone
             # forged an ABORT). Ask it before throwing away what may now be the only copy.
-            session.stream_lost(_reason(exc), time.monotonic())
+            session.stream_lost(_reason(exc, self.peer, session.phase), time.monotonic())
             outcome = await self._resolve_in_doubt(hello, key, exc)
             if outcome in ("unreachable", "unknown"):
                 # Kept in doubt (not started, not discarded): a restart asks again. "unknown" under
@@ -209,7 +216,8 @@ class IncomingMigration:
                 raise
             if outcome != "committed":
                 self._source_says = outcome  # not in doubt any more: _fail removes this copy
-                raise IncomingRefused(f"in doubt after PREPARED ({_reason(exc)}); the source says: {outcome}") from exc
+                raise IncomingRefused(f"in doubt after PREPARED ({_reason(exc, self.peer, session.phase)}); "
+                                      f"the source says: {outcome}") from exc
             session.resolved_committed(time.monotonic())
         marks.append(("commit_received", time.monotonic()))
         host.incoming_committed(progress)  # the journal's commit record, durable, before the guest starts
@@ -232,13 +240,37 @@ class IncomingMigration:
             definition.name, report.pages_verified, report.errors, report.first_error,
         )
 
+    async def _departed(self, name: str) -> None:
+        """A guest coming back may find itself still leaving this host: wait (bounded) until it has.
+
+        The source side marks a guest ``migrated`` on the verified STARTED, then stops its agent
+        and releases its RAM; a return migration can arrive in between. A record that keeps its
+        RAM (the destination never confirmed the start) is not replaced: it may be the only copy.
+        """
+        existing = self.host.guests.get(name)
+        if existing is None or existing.state is not GuestState.MIGRATED:
+            return
+        with contextlib.suppress(TimeoutError):
+            await wait_until(lambda: not existing.has_memory, DEPARTURE_WAIT_S, interval=0.02)
+        if existing.has_memory:
+            raise IncomingRefused(f"guest {printable(name)} left the destination but its RAM is still there "
+                                  f"(its start elsewhere was never confirmed); delete that record first")
+
+    def _source_address(self, hello: wire.Hello) -> str:
+        """The source's migration listener (its address and HELLO's resolve port), else its address.
+
+        The connection's own port is an ephemeral one, meaningless to an operator.
+        """
+        source_host = self.peer.rpartition(":")[0]
+        return f"{source_host}:{hello.resolve_port}" if hello.resolve_port and source_host else source_host or self.peer
+
     def _record_resolve_address(self, hello: wire.Hello) -> None:
         """Where a restart after PREPARED asks how the migration ended (migd.daemon.recovery)."""
         source_host = self.peer.rpartition(":")[0]
         if self.host.journal is None or not hello.resolve_port or not source_host or self.progress is None:
             return
         try:
-            self.host.journal.record_resolve_address(self.progress.id, f"{source_host}:{hello.resolve_port}")
+            self.host.journal.record_resolve_address(self.progress.id, self._source_address(hello))
         except (JournalError, ValueError) as exc:
             log.error("journal: %s (a restart after PREPARED could not ask the source)", exc)
 
@@ -269,15 +301,19 @@ class IncomingMigration:
 
     def _accept(self, hello: wire.Hello) -> GuestDefinition:
         if hello.version != wire.PROTOCOL_VERSION:
-            raise IncomingRefused(f"protocol version {hello.version} not supported (this host: {wire.PROTOCOL_VERSION})")
+            raise IncomingRefused(f"protocol version mismatch: the source speaks migd protocol {hello.version}, the "
+                                  f"destination {wire.PROTOCOL_VERSION}; run the same migd release on both hosts")
         mode = self.host.firmware.transport_mode.value
         if hello.transport_mode != mode:
             raise IncomingRefused(f"transport mode {printable(hello.transport_mode)!r} differs from this host's {mode!r}")
         spec = hello.guest
         if (spec.npages * PAGE_SIZE) % MiB:
             raise IncomingRefused(f"guest size of {spec.npages} pages is not a whole number of MiB")
-        if spec.name in self.host.guests:
-            raise IncomingRefused(f"guest {printable(spec.name)} already exists on the destination")
+        existing = self.host.guests.get(spec.name)
+        # A guest coming back finds its own migrated record here: that record is replaced.
+        if existing is not None and existing.state is not GuestState.MIGRATED:
+            raise IncomingRefused(f"guest {printable(spec.name)} already exists on the destination "
+                                  f"({existing.state.value})")
         if hello.migration_id in self.host.migrations:
             # Never read or overwrite another migration's record: an id in use is refused.
             raise IncomingRefused(f"migration id {printable(hello.migration_id)} is in use on the destination")
@@ -305,18 +341,16 @@ class IncomingMigration:
             )
         if isinstance(msg, wire.PrivatePages):
             guest.firmware.receive_update_data(guest.handle, guest.ram, msg.gpa, msg.npages, msg.header, msg.payload)
-            nbytes = len(msg.payload)
         elif isinstance(msg, wire.SharedPages):
             guest.ram.write(msg.gpa, msg.payload)
-            nbytes = len(msg.payload)
         else:
             # The new guest's RAM file starts as one hole: a run never received before reads as
             # zeros already. Only a later round's zero run over placed pages must punch them.
             if received.any_set(first, msg.npages):
                 guest.ram.zero(msg.gpa, msg.npages)
-            nbytes = 0
         received.set_range(first, msg.npages)
-        progress.count_run(kind, msg.npages, nbytes)
+        # Whole frames, as the source counts what it writes (migd/progress.py): both ends agree.
+        progress.count_run(kind, msg.npages, page_frame_bytes(msg))
 
     def _install_vcpu_state(self, msg: wire.VcpuState) -> bytes:
         guest = self.guest
@@ -419,7 +453,18 @@ def _retrieve(task: asyncio.Future[None]) -> None:
         task.exception()
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, MigdError):
-        return str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+#: What the destination was doing in each phase, in the words of a failure's sentence.
+_STEP = {
+    Phase.AWAIT_HELLO: "the handshake", Phase.ACCEPTING: "the handshake", Phase.AWAIT_SESSION: "the handshake",
+    Phase.OPENING_SESSION: "the handshake", Phase.RECEIVING: "pre-copy", Phase.AWAIT_PREPARE: "stop-and-copy",
+    Phase.VERIFYING: "the verification of the received guest", Phase.PREPARED: "the hand-off (waiting for COMMIT)",
+    Phase.IN_DOUBT: "the hand-off (in doubt)", Phase.COMMITTED: "the start of the guest",
+}
+
+
+def _reason(exc: BaseException, peer: str | None, phase: Phase) -> str:
+    """The migration's ``error`` (and ABORT reason) for ``exc`` (migd/failure_text.py, as the source's)."""
+    step = _STEP.get(phase, phase.value)
+    if failure_text.cause_of(exc) is failure_text.Cause.INTERNAL:
+        log.error("internal error during %s of an incoming migration from %s", step, peer, exc_info=exc)
+    return failure_text.describe(exc, peer=peer or "the source", peer_role="source", step=step)

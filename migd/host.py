@@ -11,16 +11,18 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from migd.guest.agent_launcher import DEFAULT_COMMAND, process_start_ticks
 from migd.errors import MigdError
 from migd.guest.host_guest import INCOMING_MARKER, GuestDefinition, GuestState, GuestStateError, HostGuest
+from migd.guest.ram_capacity import RamAccount
 from migd.journal import GuestRecord, Journal, JournalError, MigrationRecord, SessionReplayed
 from migd.migration_state import MigrationStatus
 from migd.progress import MigrationProgress
 from migd.platform.psp import PspFirmware
+from migd.guest.record_retention import Departure, expired
 from migd.guest.workload import WorkloadConfig
 
 log = logging.getLogger(__name__)
@@ -55,11 +57,16 @@ class Host:
         self.agent_command = tuple(agent_command)
         self.guests: dict[str, HostGuest] = {}
         self.migrations: dict[str, MigrationProgress] = {}
+        #: Called with each migration add_migration registers, not with those a restart restores
+        #: from the journal: what listens (the metrics) counts the work of this process only.
+        self.migration_listeners: list[Callable[[MigrationProgress], None]] = []
         self.journal = journal
         # Without a journal (engine tests) what the journal would remember lives here.
         self._handoff_keys: dict[str, bytes] = {}
         self._accepted: set[bytes | str] = set()
         self.guests_dir.mkdir(parents=True, exist_ok=True)
+        #: Admission control: room for every running or arriving guest's whole RAM in guests_dir.
+        self.ram_account = RamAccount(self.guests_dir)
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         committed, in_doubt = self._committed_incoming() if journal is not None else (frozenset(), frozenset())
         self.removed_partial = self._remove_partial_incoming(committed, in_doubt)
@@ -105,11 +112,16 @@ class Host:
     def _paths(self, name: str) -> tuple[Path, Path]:
         return self.guests_dir / name, self.runtime_dir / f"{name}.sock"
 
-    def _check_free(self, name: str) -> None:
-        if name in self.guests:
-            raise GuestExists(f"guest {name} already exists on this host ({self.guests[name].state.value})")
+    def _check_free(self, name: str, *, replace_migrated: bool = False) -> HostGuest | None:
+        """Refuse a name in use; with ``replace_migrated`` a ``migrated`` record is no obstacle (returned)."""
+        existing = self.guests.get(name)
+        if existing is not None and not (replace_migrated and existing.state is GuestState.MIGRATED):
+            hint = f" (it left this host; `migd guest delete {name}` removes the record)" \
+                if existing.state is GuestState.MIGRATED else ""
+            raise GuestExists(f"guest {name} already exists on this host ({existing.state.value}){hint}")
         if self._paths(name)[0].exists():
             raise GuestExists(f"guest {name}: leftover state directory {self._paths(name)[0]} exists")
+        return existing
 
     def create_guest(self, definition: GuestDefinition) -> HostGuest:
         """Define a new guest (RAM file + firmware launch)."""
@@ -117,7 +129,7 @@ class Host:
         guest_dir, socket_path = self._paths(definition.name)
         guest = HostGuest.create(
             definition, guest_dir=guest_dir, socket_path=socket_path, firmware=self.firmware,
-            agent_command=self.agent_command,
+            agent_command=self.agent_command, ram_account=self.ram_account,  # InsufficientRam: no room
         )
         if self.journal is not None:
             try:
@@ -130,15 +142,22 @@ class Host:
         return guest
 
     def create_incoming(self, definition: GuestDefinition, handle: int) -> HostGuest:
-        """Reserve the name and create the destination side of a migration."""
-        self._check_free(definition.name)
+        """Reserve the name and create the destination side of a migration.
+
+        A guest coming back to a host it left replaces its own ``migrated`` record: one
+        registry entry and one journal row (an upsert), so no moment shows both or neither.
+        """
+        replaced = self._check_free(definition.name, replace_migrated=True)
         guest_dir, socket_path = self._paths(definition.name)
         guest = HostGuest.create_incoming(
             definition, guest_dir=guest_dir, socket_path=socket_path, firmware=self.firmware, handle=handle,
-            agent_command=self.agent_command,
+            agent_command=self.agent_command, ram_account=self.ram_account,  # InsufficientRam before any file
         )
         self.guests[definition.name] = guest
         self.journal_guest(guest)  # state incoming: removed at a restart unless the commit record follows
+        if replaced is not None:
+            log.info("guest %s came back: its migrated record (%s) is replaced by the incoming guest",
+                     definition.name, replaced.departure.migration_id if replaced.departure else "no migration")
         return guest
 
     def get(self, name: str) -> HostGuest:
@@ -191,6 +210,8 @@ class Host:
     def add_migration(self, progress: MigrationProgress) -> None:
         """Register a migration (either role); with a journal, record it and every transition."""
         self.migrations[progress.id] = progress
+        for listener in list(self.migration_listeners):
+            listener(progress)
         if self.journal is None:
             return
         progress.phase.listeners.append(lambda status: self._migration_changed(progress, status))
@@ -250,9 +271,33 @@ class Host:
         if not status.finished:
             return
         guest = self.guests.get(progress.guest)
+        if guest is not None and progress.role == "source" and progress.phase.committed:
+            guest.departure = self.departure(progress.guest)
         if guest is not None and not (progress.role == "destination" and not progress.phase.committed):
             state = GuestState.MIGRATED if progress.role == "source" and progress.phase.committed else None
             self.journal_guest(guest, state=state)
+
+    def departure(self, name: str) -> Departure | None:
+        """The newest committed outgoing migration of guest ``name`` (where it went, when it left)."""
+        left = [p for p in self.migrations.values()
+                if p.guest == name and p.role == "source" and p.phase.committed and p.phase.finished_at is not None]
+        if not left:
+            return None
+        newest = max(left, key=lambda p: p.phase.finished_at or 0.0)
+        assert newest.phase.finished_at is not None
+        return Departure(newest.id, newest.destination, newest.phase.finished_at)
+
+    def prune_migrated(self, now: float, *, keep_s: float, keep_count: int) -> list[str]:
+        """Drop ``migrated`` records past the retention (``now`` is ``time.monotonic()``); their names."""
+        departures = {name: g.departure for name, g in self.guests.items() if g.state is GuestState.MIGRATED}
+        dropped = expired(departures, now, keep_s=keep_s, keep_count=keep_count)
+        for name in dropped:
+            del self.guests[name]
+            self._forget(name)
+        if dropped:
+            log.info("dropped %d migrated guest records (retention %.0f s, %d records): %s",
+                     len(dropped), keep_s, keep_count, ", ".join(dropped))
+        return dropped
 
     def _save_migration(self, progress: MigrationProgress) -> None:
         assert self.journal is not None
@@ -310,11 +355,14 @@ class Host:
             guest = HostGuest.restore(
                 definition, guest_dir=guest_dir, socket_path=socket_path, firmware=self.firmware, handle=handle,
                 state=state, workload=WorkloadConfig.from_dict(record.workload), agent_command=self.agent_command,
+                ram_account=self.ram_account,
             )
         except BaseException:
             if relaunched:
                 self.firmware.decommission(handle)
             raise
+        if state is GuestState.MIGRATED:
+            guest.departure = self.departure(record.name)  # recovery reloads migrations before guests
         self.guests[record.name] = guest
         return guest
 

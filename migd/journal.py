@@ -168,7 +168,8 @@ def restore_progress(record: MigrationRecord) -> MigrationProgress:
     phase = MigrationPhase(started_at=started, status=record.status, committed=record.committed, error=record.error,
                            finished_at=finished)
     phase.blackouts = int(record.stats.get("blackouts", 0))
-    progress = MigrationProgress(record.guest, record.role, record.peer, record.npages, phase=phase, id=record.id)
+    progress = MigrationProgress(record.guest, record.role, record.peer, record.npages, phase=phase, id=record.id,
+                                 source=record.resolve_address if record.role == "destination" else None)
     stats = record.stats
     progress.rounds = int(stats.get("rounds", 0))
     progress.bytes_transferred = int(stats.get("bytes", {}).get("transferred", 0))

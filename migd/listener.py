@@ -20,7 +20,15 @@ accept, and a failed or slow handshake is an exception (``ssl_handshake_timeout`
 in the connection's own task.
 
 Every refusal is counted in :attr:`MigrationListener.refused` by :class:`Refusal` and logged,
-at most one line per :data:`REFUSAL_LOG_INTERVAL_S`, with the number of lines held back.
+at most one line per reason per :data:`REFUSAL_LOG_INTERVAL_S`, with the number of lines held
+back: a flood of one kind (a port scanner's garbage) does not hide the one misconfigured peer.
+
+A refused TLS handshake is classified from the ``ssl.SSLError`` (OpenSSL's reason code and,
+for a certificate that does not verify, its verify code): no client certificate, a certificate
+from another CA or otherwise unacceptable, a TLS version below 1.3, a peer that does not speak
+TLS, a handshake that did not finish in time. The peer gets the alert OpenSSL chose
+(``certificate_required``, ``unknown_ca``, ``protocol_version``, ...): asyncio's and uvloop's
+SSL protocols drop it on a failed handshake, :class:`_AlertingSSLObject` makes them send it.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import enum
 import logging
 import math
@@ -41,6 +50,7 @@ from migd import dest
 from migd.errors import ProtocolError
 from migd.host import Host
 from migd.peer_text import printable
+from migd.platform import pki_verify
 from migd.progress import MigrationProgress
 from migd.stream import FrameProtocol
 
@@ -74,8 +84,14 @@ class Refusal(enum.StrEnum):
     """Why a connection ended before its peer was authenticated (keys of ``refused``)."""
 
     CAPACITY = "capacity"  # max_pending unauthenticated connections already
-    HANDSHAKE_TIMEOUT = "handshake-timeout"  # not authenticated within handshake_timeout_s
-    TLS_HANDSHAKE = "tls-handshake"  # the TLS handshake failed (garbage, no or a foreign certificate)
+    HANDSHAKE_TIMEOUT = "handshake-timeout"  # TLS done (or none), but not authenticated within handshake_timeout_s
+    TLS_TIMEOUT = "tls-timeout"  # the TLS handshake did not finish within handshake_timeout_s
+    TLS_NO_CLIENT_CERTIFICATE = "tls-no-client-certificate"  # the peer sent no certificate
+    TLS_UNKNOWN_CA = "tls-unknown-ca"  # its certificate is not issued by tls.ca
+    TLS_BAD_CERTIFICATE = "tls-bad-certificate"  # issued by tls.ca, but expired, not yet valid, wrong purpose
+    TLS_VERSION = "tls-version"  # the peer offers no TLS 1.3
+    TLS_NOT_TLS = "tls-not-tls"  # plain TCP (a migd without [tls], HTTP, garbage) on the TLS port
+    TLS_HANDSHAKE = "tls-handshake"  # the TLS handshake failed otherwise
     PROTOCOL_ERROR = "protocol-error"  # a frame refused before authentication (malformed, too large)
     CLOSED_BEFORE_AUTHENTICATION = "closed-before-authentication"  # the peer closed or reset it
 
@@ -93,30 +109,128 @@ class _Connection:
 
 
 class _RefusalLog:
-    """Refusal warnings, at most one per ``interval_s``; the next line says how many were held back."""
+    """Refusal warnings, at most one per reason per ``interval_s``; the next line of that reason
+    says how many were held back."""
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
-        self.suppressed = 0
-        self._next = 0.0
+        self.suppressed: collections.Counter[Refusal] = collections.Counter()
+        self._next: dict[Refusal, float] = {}
 
     def note(self, reason: Refusal, peer: str, detail: str) -> None:
-        """Log this refusal now, or count it for the next line."""
+        """Log this refusal now, or count it for the next line of its reason."""
         now = time.monotonic()
-        if now < self._next:
-            self.suppressed += 1
+        if now < self._next.get(reason, 0.0):
+            self.suppressed[reason] += 1
             return
         # detail can carry peer-chosen text (a frame's fields in a ProtocolError): escaped, bounded.
         log.warning("incoming connection refused reason=%s peer=%s suppressed=%d detail=%s",
-                    reason, peer, self.suppressed, printable(detail))
-        self.suppressed = 0
-        self._next = now + self.interval_s
+                    reason, peer, self.suppressed.pop(reason, 0), printable(detail))
+        self._next[reason] = now + self.interval_s
 
     def flush(self) -> None:
-        """Say how many refusals were held back since the last line, if any."""
-        if self.suppressed:
-            log.warning("incoming connection refusals not logged suppressed=%d", self.suppressed)
-            self.suppressed = 0
+        """Say how many refusals of each reason were held back since its last line, if any."""
+        for reason, count in sorted(self.suppressed.items()):
+            log.warning("incoming connection refusals not logged reason=%s suppressed=%d", reason, count)
+        self.suppressed.clear()
+
+
+_TLS_REFUSALS = {
+    pki_verify.TlsProblem.NO_CERTIFICATE: Refusal.TLS_NO_CLIENT_CERTIFICATE,
+    pki_verify.TlsProblem.UNKNOWN_CA: Refusal.TLS_UNKNOWN_CA,
+    pki_verify.TlsProblem.EXPIRED: Refusal.TLS_BAD_CERTIFICATE,
+    pki_verify.TlsProblem.NOT_YET_VALID: Refusal.TLS_BAD_CERTIFICATE,
+    pki_verify.TlsProblem.WRONG_PURPOSE: Refusal.TLS_BAD_CERTIFICATE,
+    pki_verify.TlsProblem.NAME_MISMATCH: Refusal.TLS_BAD_CERTIFICATE,
+    pki_verify.TlsProblem.BAD_CERTIFICATE: Refusal.TLS_BAD_CERTIFICATE,
+    pki_verify.TlsProblem.VERSION: Refusal.TLS_VERSION,
+    pki_verify.TlsProblem.NOT_TLS: Refusal.TLS_NOT_TLS,
+}
+_TLS_DETAILS = {
+    Refusal.TLS_NO_CLIENT_CERTIFICATE: "the peer presented no client certificate",
+    Refusal.TLS_UNKNOWN_CA: "the peer's certificate is not issued by tls.ca",
+    Refusal.TLS_BAD_CERTIFICATE: "the peer's certificate is not acceptable",
+    Refusal.TLS_VERSION: "the peer does not offer TLS 1.3",
+    Refusal.TLS_NOT_TLS: "the peer does not speak TLS (plain TCP: a migd without [tls]? HTTP?)",
+    Refusal.TLS_HANDSHAKE: "the TLS handshake failed",
+}
+
+
+def tls_refusal(exc: ssl.SSLError) -> tuple[Refusal, str]:
+    """The refusal reason of a failed server-side TLS handshake, and the detail its log line gives.
+
+    Classified from OpenSSL's reason and verify codes (:func:`pki_verify.tls_problem`); the
+    detail adds OpenSSL's own words (a verify message names the exact certificate problem).
+    """
+    verify_code = getattr(exc, "verify_code", None)
+    reason = _TLS_REFUSALS.get(pki_verify.tls_problem(exc.reason, verify_code), Refusal.TLS_HANDSHAKE)
+    if verify_code:
+        what = f"verify error {verify_code}: {getattr(exc, 'verify_message', '')}"
+    else:
+        what = f"{exc.library or 'SSL'} {exc.reason or type(exc).__name__}"
+    return reason, f"{_TLS_DETAILS[reason]} ({what})"
+
+
+class _TlsHandshake:
+    """One connection's server-side TLS handshake, as :class:`_AlertingSSLObject` reports its failure."""
+
+    def __init__(self) -> None:
+        #: Why the handshake failed, classified at once: the exception itself would keep its
+        #: traceback's frames, and with them the SSL protocol and its buffers, alive.
+        self.refusal: tuple[Refusal, str] | None = None
+        #: The task running connect_accepted_socket (set once it exists).
+        self.connecting: asyncio.Task[None] | None = None
+
+    def failed(self, exc: ssl.SSLError) -> None:
+        """The handshake failed with ``exc``; once the alert is on its way, end the connecting."""
+        self.refusal = tls_refusal(exc)
+        if self.connecting is not None:
+            # call_soon: the SSL protocol flushes the alert when do_handshake returns to it; the
+            # cancelled connect_accepted_socket then closes the transport.
+            asyncio.get_running_loop().call_soon(self.connecting.cancel)
+
+
+def _handshake_refusal(exc: OSError) -> tuple[Refusal, str]:
+    """The refusal reason and log detail of a connection whose (TLS) connecting failed with ``exc``."""
+    if isinstance(exc, (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError)):
+        return Refusal.CLOSED_BEFORE_AUTHENTICATION, f"closed during the TLS handshake: {exc!r}"
+    if isinstance(exc, ssl.SSLError):
+        return tls_refusal(exc)
+    if isinstance(exc, ConnectionAbortedError):  # ssl_handshake_timeout: a backstop, ours fires first
+        return Refusal.TLS_TIMEOUT, str(exc)
+    return Refusal.CLOSED_BEFORE_AUTHENTICATION, repr(exc)
+
+
+#: The handshake of the connection whose task runs in this context. asyncio and uvloop run a
+#: transport's callbacks, and so the SSL object's do_handshake, in a copy of the context of the
+#: task that created the transport: the connection's own task (:meth:`MigrationListener._serve`).
+_HANDSHAKE: contextvars.ContextVar[_TlsHandshake] = contextvars.ContextVar("migd_listener_tls_handshake")
+
+
+class _AlertingSSLObject(ssl.SSLObject):
+    """The listener's ``SSLContext.sslobject_class``: a failed handshake still sends its TLS alert.
+
+    asyncio's and uvloop's SSL protocols (``SSLProtocol._do_handshake``) write out what OpenSSL
+    queued only while the handshake wants more data; on a failure they abort the transport at
+    once and the alert OpenSSL had queued (``certificate_required``, ``unknown_ca``,
+    ``protocol_version``) is dropped: the peer sees a bare EOF and cannot tell why (measured with
+    ``openssl s_client -msg``). Reporting the failure as "wants to read" once makes the protocol
+    flush the alert; the connection's task, told through :class:`_TlsHandshake`, then closes
+    it and counts the real error. Without a ``_TlsHandshake`` in context it behaves as SSLObject.
+    """
+
+    def do_handshake(self) -> None:
+        """``SSLObject.do_handshake``, but a first failure is recorded and its alert flushed."""
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            handshake = _HANDSHAKE.get(None)
+            if handshake is None or handshake.refusal is not None:
+                raise
+            handshake.failed(exc)
+            raise ssl.SSLWantReadError("TLS handshake failed; flushing its alert") from exc
 
 
 class MigrationListener:
@@ -147,6 +261,10 @@ class MigrationListener:
         self.max_pending = max_pending
         self.handshake_timeout_s = handshake_timeout_s
         self.stall_timeout_s = stall_timeout_s
+        if ssl_context is not None:
+            # The context is the listener's (the server side of mutual TLS): its failed handshakes
+            # send their alert (see _AlertingSSLObject).
+            ssl_context.sslobject_class = _AlertingSSLObject
         self._ssl = ssl_context
         self._client_ssl = client_ssl
         #: Connections ended before authentication, by reason (every one counted, logged or not).
@@ -233,31 +351,45 @@ class MigrationListener:
         """One connection: the TLS handshake (if any), then its incoming session, under the deadline."""
         loop = asyncio.get_running_loop()
         proto = connection.proto = FrameProtocol(require_authentication=True)
-        sock, connection.sock = connection.sock, None  # from here the transport owns it (and closes it)
+        sock = connection.sock
         assert sock is not None
+
+        async def connect() -> None:
+            # From here the transport owns the socket (and closes it); a task cancelled before
+            # its first step never gets here, and _served closes the socket.
+            connection.sock = None
+            await loop.connect_accepted_socket(
+                lambda: proto, sock, ssl=self._ssl,
+                ssl_handshake_timeout=self.handshake_timeout_s if self._ssl is not None else None,
+            )
+
+        handshake = _TlsHandshake()
+        # Set before the connecting task exists: create_task copies this context into it, and the
+        # transport it makes runs its callbacks in a copy of that (see _HANDSHAKE).
+        _HANDSHAKE.set(handshake)
+        connecting = handshake.connecting = loop.create_task(connect())
         try:
             async with asyncio.timeout_at(connection.deadline):
-                await loop.connect_accepted_socket(
-                    lambda: proto, sock, ssl=self._ssl,
-                    ssl_handshake_timeout=self.handshake_timeout_s if self._ssl is not None else None,
-                )
+                await connecting
         except TimeoutError:
-            self._refuse_connection(connection, Refusal.HANDSHAKE_TIMEOUT,
+            self._refuse_connection(connection, Refusal.TLS_TIMEOUT,
                                     f"no TLS handshake within {self.handshake_timeout_s:g} s")
             return None
-        except (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError) as exc:
-            self._refuse_connection(connection, Refusal.CLOSED_BEFORE_AUTHENTICATION,
-                                    f"closed during the TLS handshake: {exc!r}")
-            return None
-        except ssl.SSLError as exc:
-            self._refuse_connection(connection, Refusal.TLS_HANDSHAKE, str(exc))
-            return None
-        except ConnectionAbortedError as exc:  # ssl_handshake_timeout: a backstop, ours fires first
-            self._refuse_connection(connection, Refusal.HANDSHAKE_TIMEOUT, str(exc))
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if handshake.refusal is None or (current is not None and current.cancelling()):
+                raise  # cancelled from outside (close()), not by a failed handshake
+            self._refuse_connection(connection, *handshake.refusal)
             return None
         except OSError as exc:
-            self._refuse_connection(connection, Refusal.CLOSED_BEFORE_AUTHENTICATION, repr(exc))
+            # A recorded TLS failure is the cause even when the peer then closed or reset.
+            self._refuse_connection(connection, *(handshake.refusal or _handshake_refusal(exc)))
             return None
+        finally:
+            # The transport's handles keep a copy of this context, and so the handshake, after the
+            # connection is over (a cancelled timer stays in the loop's heap until its time):
+            # the finished task, its exception and that exception's frames must not hang on it.
+            handshake.connecting = None
         current = asyncio.current_task()
         assert current is not None
         watch = loop.create_task(self._watch(connection, current))

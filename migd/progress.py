@@ -1,4 +1,12 @@
-"""Progress and statistics of one migration: the REST migration object (docs/design.md §9)."""
+"""Progress and statistics of one migration: the REST migration object (docs/design.md §9).
+
+Bytes, on both ends and in every statistic (``bytes.transferred``, ``bytes_by_kind``, the
+``migd_migration_bytes_total`` metric), are *page-frame bytes*: every byte of each
+PRIVATE_PAGES, SHARED_PAGES and ZERO_PAGES frame, from its length prefix to its CRC
+(docs/protocol.md: prefix, msgpack metadata with a private run's 52-byte transport header,
+payload, CRC). Control frames, TLS and TCP are not counted. The source counts the frames it
+writes, the destination the frames it places, so both report the same number for one migration.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,24 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
+from migd import wire
 from migd.abi import PAGE_SIZE, MiB
 from migd.migration_state import MigrationPhase, MigrationStatus
 from migd.page_runs import PageKind
+
+
+def page_frame_bytes(msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages) -> int:
+    """Size of a page frame as the stream codec (migd/wire.py ``FrameEncoder``) frames it.
+
+    The destination counts with this: the decoder hands over messages, not frame sizes. For a
+    migd source it is the size of the frame that arrived; a peer that pads its metadata
+    (non-minimal msgpack) is counted at the size migd would have sent, never more.
+    """
+    meta = msgpack.packb(msg.to_meta(), use_bin_type=True)
+    payload = getattr(msg, "payload", b"")
+    return wire.PREFIX_SIZE + len(meta) + len(payload) + wire.CRC_SIZE
 
 
 
@@ -34,6 +57,8 @@ class MigrationProgress:
     throttle_percent: int = 0
     #: SHA-256 of the final shared-page bitmap sent (source) or installed (destination).
     shared_bitmap_sha256: str | None = None
+    #: Destination role: where the guest came from (the source's migration listener, else its address).
+    source: str | None = None
 
     def __post_init__(self) -> None:
         self.remaining_pages = self.npages
@@ -43,7 +68,7 @@ class MigrationProgress:
         return self.phase.status
 
     def count_run(self, kind: PageKind, npages: int, wire_bytes: int) -> None:
-        """Account one run sent or received."""
+        """Account one run sent or placed; ``wire_bytes``: its whole page frame (see the module doc)."""
         self.pages[kind] += npages
         self.bytes_by_kind[kind] += wire_bytes
         self.bytes_transferred += wire_bytes
@@ -60,6 +85,7 @@ class MigrationProgress:
             "role": self.role,
             "status": self.status.value,
             "destination": self.destination,
+            "source": self.source,
             "rounds": self.rounds,
             "bytes": {
                 "transferred": self.bytes_transferred,

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from migd import wire
+from migd import failure_text, wire
 from migd.abi import PAGE_SHIFT, PAGE_SIZE, GuestPolicy, MiB
 from migd.bitmap import PageBitmap
 from migd.guest.channel import GuestChannel
@@ -42,10 +42,11 @@ from migd.convergence import AutoConverge, BandwidthMeter, Decision, HandoffCost
 from migd.errors import MigdError
 from migd.guest.host_guest import GuestState, HostGuest
 from migd.peer_text import printable
+from migd.platform.pki_verify import TlsProblem, tls_problem
 from migd.page_runs import CHUNK_PAGES, HOLE_STEP_PAGES, PageKind, classify
 from migd.progress import MigrationProgress
 from migd.send_buffers import SendRing
-from migd.session import Timeouts
+from migd.session import Phase, Timeouts
 from migd.source_session import SourceSession
 from migd.stream import WRITE_HIGH_WATER, FrameProtocol, StreamClosed, open_stream
 
@@ -57,6 +58,38 @@ SEND_RING_BYTES = WRITE_HIGH_WATER + 2 * CHUNK_PAGES * PAGE_SIZE
 
 class MigrationRefused(MigdError):
     """The migration cannot start now (guest state, MSR not READY): REST 409."""
+
+
+def tls_connect_failure(reason: str | None, verify_code: int | None, text: str, host: str) -> str:
+    """The migration's error for a TLS handshake with the destination ``host`` that failed.
+
+    ``reason``/``verify_code``: OpenSSL's codes (``ssl.SSLError.reason``, ``verify_code``);
+    ``text``: the error as OpenSSL worded it, kept at the end for the exact detail.
+    """
+    problem = tls_problem(reason, verify_code)
+    what = {
+        TlsProblem.UNKNOWN_CA: "the destination's certificate is not signed by our tls.ca",
+        TlsProblem.EXPIRED: "the destination's certificate has expired",
+        TlsProblem.NOT_YET_VALID: "the destination's certificate is not valid yet (are both hosts' clocks right?)",
+        TlsProblem.NAME_MISMATCH: f"the destination's certificate is not issued for {host!r}",
+        TlsProblem.WRONG_PURPOSE: "the destination's certificate does not allow serverAuth",
+        TlsProblem.BAD_CERTIFICATE: "the destination's certificate does not verify",
+        TlsProblem.NO_CERTIFICATE: "the destination presented no certificate",
+        TlsProblem.REFUSED_BY_PEER: "the destination refused our certificate (mutual TLS: is our tls.cert issued "
+                                    "by the CA in its tls.ca? its log names the reason)",
+        TlsProblem.VERSION: "the destination does not offer TLS 1.3",
+        TlsProblem.NOT_TLS: "the destination does not speak TLS (does its config lack the [tls] table?)",
+    }.get(problem, "the handshake with the destination failed")
+    return f"TLS: {what}: {text}"
+
+
+def closed_by_tls(exc: StreamClosed, host: str) -> str | None:
+    """The migration's error when TLS ended the stream (e.g. the destination's alert refusing our
+    certificate, which TLS 1.3 delivers after the handshake, at the first read), else None."""
+    cause = exc.__cause__
+    if not isinstance(cause, ssl.SSLError):
+        return None
+    return tls_connect_failure(cause.reason, getattr(cause, "verify_code", None), str(exc), host)
 
 
 class MigrationFailed(MigdError):
@@ -209,7 +242,7 @@ class OutgoingMigration:
             if self.session.committed:
                 self._after_commit_failure(exc)
             else:
-                await self._roll_back(_reason(exc))
+                await self._roll_back(_reason(exc, f"{self.host}:{self.port}", self.session.phase))
         finally:
             self.guest.vm.on_migration_control_change = None
             if self._proto is not None:
@@ -253,11 +286,19 @@ class OutgoingMigration:
                                                     timeout=p.handshake_timeout_s)
         except TimeoutError:
             raise MigrationFailed(f"could not connect to {self.host}:{self.port} within "
-                                  f"{p.handshake_timeout_s:g} s") from None
-        proto.write(session.hello(time.monotonic()))
+                                  f"{p.handshake_timeout_s:g} s: check the address, the route and any firewall "
+                                  f"between the hosts (the limit is migration.handshake_timeout_s)") from None
+        except ssl.SSLError as exc:  # our side refused the destination (its certificate, its TLS)
+            raise MigrationFailed(tls_connect_failure(exc.reason, getattr(exc, "verify_code", None),
+                                                      str(exc), self.host)) from exc
         try:
+            # TLS 1.3: the destination checks our certificate after our side of the handshake, so
+            # its refusal (an alert) ends the stream at the first write or read.
+            proto.write(session.hello(time.monotonic()))
             welcome: wire.Welcome = await self._receive(wire.Welcome)
         except StreamClosed as exc:
+            if self._ssl is not None and (tls_failure := closed_by_tls(exc, self.host)) is not None:
+                raise MigrationFailed(tls_failure) from exc
             hint = " (mutual TLS: does the destination trust our certificate's CA?)" if self._ssl else ""
             raise MigrationFailed(f"destination closed the stream during the handshake{hint}: {exc}") from exc
         # SEND_START checks the destination's PDH chain; the nonce binds the session to this connection.
@@ -596,7 +637,9 @@ class OutgoingMigration:
     def _after_commit_failure(self, exc: BaseException) -> None:
         # The destination owns the guest now; never resume here. Keep the RAM until an
         # operator confirms the destination runs it (nothing is lost either way).
-        reason = f"committed, but the destination did not confirm the start: {_reason(exc)}"
+        reason = (f"committed, but the destination did not confirm the start: "
+                  f"{_reason(exc, f'{self.host}:{self.port}', self.session.phase)}; the guest is the "
+                  f"destination's now: check there that it runs")
         log.error("migration guest=%s: %s; the guest stays paused here", self.guest.name, reason)
         self.guest.state = GuestState.MIGRATED
         self.session.fail(reason, time.monotonic())
@@ -606,7 +649,7 @@ class OutgoingMigration:
         """Before the commit: tell the peer, cancel the session, resume the guest untouched."""
         session = self.session
         if self._proto is not None and self._proto.peer_abort is not None:
-            reason = f"destination aborted: {printable(self._proto.peer_abort)}"
+            reason = f"the destination aborted the migration: {printable(self._proto.peer_abort)}"
         log.warning("migration guest=%s %s: %s", self.guest.name, "cancelled" if cancelled else "failed",
                     printable(reason, 1024))
         if self._proto is not None and self._proto.close_reason is None:
@@ -658,6 +701,18 @@ def _retrieve(task: asyncio.Future[bytes]) -> None:
         task.exception()
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if not isinstance(exc, MigdError) else text
+#: What the source was doing in each phase, in the words of a failure's sentence ("... during pre-copy").
+_STEP = {
+    Phase.CONNECTING: "the connection", Phase.AWAIT_WELCOME: "the handshake", Phase.SENDING_SESSION: "the handshake",
+    Phase.AWAIT_SESSION_ACK: "the handshake", Phase.PRECOPY: "pre-copy", Phase.BLACKOUT: "blackout",
+    Phase.STOP_COPY: "stop-and-copy", Phase.AWAIT_PREPARED: "stop-and-copy (waiting for PREPARED)",
+    Phase.COMMITTING: "the commit", Phase.AWAIT_STARTED: "the hand-off (waiting for STARTED)",
+}
+
+
+def _reason(exc: BaseException, peer: str, phase: Phase) -> str:
+    """The migration's ``error`` for ``exc`` (migd/failure_text.py); an internal error's traceback goes to the log."""
+    step = _STEP.get(phase, phase.value)
+    if failure_text.cause_of(exc) is failure_text.Cause.INTERNAL:
+        log.error("internal error during %s of a migration to %s", step, peer, exc_info=exc)
+    return failure_text.describe(exc, peer=peer, peer_role="destination", step=step)

@@ -13,6 +13,10 @@ from migd.peer_text import printable
 from migd.session import PAGE_PHASES, Local, LocalProtocolError, Phase, Role, Session, Timeouts, agree, vcpu_digest
 
 P, R = Phase, Role
+#: What a handshake that ran out of time was waiting for, per phase (its SessionTimeout says it).
+_AWAITED = {P.AWAIT_WELCOME: "it sent no WELCOME after our HELLO",
+            P.SENDING_SESSION: "this host was still opening the session",
+            P.AWAIT_SESSION_ACK: "it sent no SESSION_ACK after our SESSION"}
 
 
 class SourceSession(Session):
@@ -40,7 +44,8 @@ class SourceSession(Session):
 
     def _on_welcome(self, msg: wire.Welcome, now: float) -> wire.Welcome:
         if msg.version != wire.PROTOCOL_VERSION:
-            raise PeerProtocolError(f"destination speaks protocol {msg.version}, we speak {wire.PROTOCOL_VERSION}")
+            raise PeerProtocolError(f"protocol version mismatch: the destination speaks migd protocol {msg.version}, "
+                                    f"this source {wire.PROTOCOL_VERSION}; run the same migd release on both hosts")
         hello = self._hello
         self.capabilities = agree(hello.capabilities, msg.capabilities, hello.transport_mode, hello.guest.policy)
         self._transition(wire.Welcome, now)
@@ -147,18 +152,26 @@ class SourceSession(Session):
         t, phase = self.timeouts, self.phase
         if phase in (P.AWAIT_WELCOME, P.SENDING_SESSION, P.AWAIT_SESSION_ACK):
             return ("handshake", self.handshake_deadline,
-                    f"the destination did not complete the handshake within {t.handshake_s:g} s ({phase.value})")
+                    f"the destination did not complete the handshake within {t.handshake_s:g} s ({phase.value}): "
+                    f"{_AWAITED[phase]}; is that port its migration.listen, and is it overloaded? "
+                    f"(the limit is migration.handshake_timeout_s)")
         if phase is P.PRECOPY:
             return ("stall", self.last_activity + t.stall_s,
-                    f"the destination took nothing for {t.stall_s:g} s (link stalled or peer stopped reading)")
+                    f"the destination took nothing for {t.stall_s:g} s during pre-copy: the link stalled or the "
+                    f"destination stopped reading; see its log (the limit is migration.stall_timeout_s)")
         if phase is P.BLACKOUT:
             return ("blackout", self.entered_at + t.blackout_s,
                     f"the guest did not re-enable migration (MSR READY) within {t.blackout_s:g} s after it dropped")
         if phase in (P.STOP_COPY, P.AWAIT_PREPARED):
             # The guest is paused: a stall here is downtime, bounded by the limit plus a margin.
             bound = t.downtime_limit_s + t.stop_copy_margin_s
+            if phase is P.AWAIT_PREPARED:
+                return ("stop-copy", self.last_activity + bound,
+                        f"no PREPARED from the destination within {bound:g} s of the end of stop-and-copy: it did "
+                        f"not confirm the guest it received; see its log (the guest resumes here)")
             return ("stop-copy", self.last_activity + bound,
-                    f"the destination made no progress for {bound:g} s in stop-and-copy ({phase.value})")
+                    f"the destination took nothing for {bound:g} s during stop-and-copy: the link stalled or the "
+                    f"destination stopped reading; see its log (the guest resumes here)")
         if phase is P.AWAIT_STARTED:
             return ("started", self.entered_at + t.handoff_s,
                     f"no STARTED from the destination within {t.handoff_s:g} s of COMMIT")

@@ -89,6 +89,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._close_reason: BaseException | None = None
         self.bytes_sent = 0
         self.peer: str | None = None
+        #: This end's address ("host:port", IPv6 in brackets): on a destination, what the source dialled.
+        self.local = "unknown"
         self.last_activity = time.monotonic()  # when bytes last arrived (idle timeouts)
         self.peer_abort: str | None = None  # the peer's reason, if it sent ABORT
         self.connected = asyncio.Event()
@@ -109,6 +111,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
             self.peer = f"{peername[0]}:{peername[1]}"
+        sockname = transport.get_extra_info("sockname")
+        if isinstance(sockname, tuple) and len(sockname) >= 2:
+            host = str(sockname[0])
+            self.local = f"[{host}]:{sockname[1]}" if ":" in host else f"{host}:{sockname[1]}"
         # Large writes go straight to the socket; pause only past a few MiB queued.
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         self._loop = asyncio.get_running_loop()
@@ -204,7 +210,14 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._linger.cancel()
         if self._close_reason is None and not self._aborting:
             self.closed_by_peer = True
-        self._fail(StreamClosed(f"migration stream lost: {exc}" if exc else "migration stream closed"))
+        if isinstance(exc, ssl.SSLError):
+            # A TLS record that fails its MAC is tampering or corruption on the path: say it was TLS.
+            what = f"TLS record rejected: {exc.reason.lower().replace('_', ' ') if exc.reason else exc}"
+        else:
+            what = str(exc) if exc else ""
+        closed = StreamClosed(f"migration stream lost: {what}" if what else "migration stream closed")
+        closed.__cause__ = exc  # the reader may want the codes (a TLS alert's reason), not only the text
+        self._fail(closed)
         self._can_write.set()
 
     def pause_writing(self) -> None:

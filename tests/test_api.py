@@ -14,8 +14,10 @@ import logging
 import re
 import shutil
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from migd import __version__
 from migd.platform import identity
 from migd.daemon import openapi
-from migd.daemon.api import MAX_BODY_BYTES, build_app
+from migd.daemon.api import MAX_BODY_BYTES, build_app, decode_json
 from migd.daemon.config import parse_config
 from migd.daemon.core import Daemon
 from migd.errors import ConfigError
@@ -49,6 +51,7 @@ def make_daemon(root: Path, name: str) -> Daemon:
     identity.init_host(state, root / "ca", common_name=name)
     token_file = state / "api.token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # the daemon refuses a token file others can read
     raw = {
         "state_dir": str(state),
         "api": {"listen": "127.0.0.1:0", "token_file": str(token_file)},
@@ -170,6 +173,32 @@ async def serving(root: Path, name: str = "hostA") -> AsyncIterator[Api]:
         await client.close()
         await daemon.shutdown()
         shutil.rmtree(daemon.host.runtime_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serving_in_thread(root: Path) -> Iterator[tuple[Api, asyncio.AbstractEventLoop]]:
+    """``serving`` on an event loop of its own thread, for synchronous clients (schemathesis, the
+    fuzzer); the daemon is shut down (agents and all) when the block ends."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    ready: Future[Api] = Future()
+    done = asyncio.Event()
+
+    async def serve() -> None:
+        async with serving(root) as api:
+            ready.set_result(api)
+            await done.wait()
+
+    task = asyncio.run_coroutine_threadsafe(serve(), loop)
+    try:
+        yield ready.result(timeout=30), loop
+    finally:
+        loop.call_soon_threadsafe(done.set)
+        task.result(timeout=60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 def run(main: Callable[[], Awaitable[None]], timeout: float = 60.0) -> None:
@@ -330,7 +359,8 @@ def test_unknown_guest_or_migration_is_404_on_every_route_that_names_one(tmp_pat
                 if "{name}" not in template and "{id}" not in template:
                     continue
                 path = template.replace("{name}", "ghost").replace("{id}", "0123456789abcdef")
-                body = valid_body.get(template.rsplit("/", 1)[-1], {})
+                # GET and DELETE take no body (a body there is a 400, test_a_body_on_a_bodiless_route_is_400).
+                body = _NO_BODY if method in ("GET", "DELETE") else valid_body.get(template.rsplit("/", 1)[-1], {})
                 answer = await api.call(method, path, body)
                 assert answer.status == 404 and answer.body["error"] == "not_found", (method, path, answer)
                 assert "ghost" in answer.detail or "0123456789abcdef" in answer.detail
@@ -388,10 +418,11 @@ def test_invalid_bodies_are_400_with_a_reason_naming_the_field(tmp_path: Path) -
         (b"", "empty body"),
         ({"destination": 4444}, "destination: expected string"),
         ({"destination": ""}, "destination: must be at least 1"),
-        ({"destination": "nowhere"}, "expected HOST:PORT"),
-        ({"destination": "127.0.0.1:0"}, "port must be 1..65535"),
-        ({"destination": "127.0.0.1:99999"}, "port must be in 0..65535"),
-        ({"destination": "bad host!:1"}, "neither an IP address nor a host name"),
+        # The document's pattern (test_the_destination_pattern_is_what_the_daemon_accepts) refuses these.
+        ({"destination": "nowhere"}, "destination: must match the pattern (HOST:PORT"),
+        ({"destination": "127.0.0.1:0"}, "port 1..65535), got '127.0.0.1:0'"),
+        ({"destination": "127.0.0.1:99999"}, "port 1..65535), got '127.0.0.1:99999'"),
+        ({"destination": "bad host!:1"}, "destination: must match the pattern"),
         ({"destination": "127.0.0.1:4444", "downtime_limit_ms": 0}, "downtime_limit_ms: must be > 0"),
         ({"destination": "127.0.0.1:4444", "downtime_limit_ms": True}, "downtime_limit_ms: expected number or null"),
         ({"destination": "127.0.0.1:4444", "max_bandwidth_mib_s": -5}, "max_bandwidth_mib_s: must be >= 0"),
@@ -469,7 +500,7 @@ def test_migrate_is_409_while_the_msr_is_not_ready_and_the_reason_is_in_the_answ
             assert migration["guest"] == "efi-on" and migration["role"] == "source"
             assert migration["destination"] == destination
             failed = await api.poll(f"/v1/migrations/{migration['id']}", lambda m: m["status"] == "failed")
-            assert "refused" in failed["error"].lower() or "connect" in failed["error"].lower(), failed
+            assert "nothing is listening on" in failed["error"], failed
             assert (await api.ok("GET", "/v1/migrations"))["migrations"] == [failed]
             assert (await api.ok("GET", "/v1/guests/efi-on"))["state"] == "running"  # nothing lost
 
@@ -526,8 +557,8 @@ def test_migration_cancel_and_completion_between_two_daemons(tmp_path: Path) -> 
             finished = await a.call("POST", f"/v1/migrations/{fast['id']}/cancel")
             assert finished.status == 409 and "committed" in finished.detail
             metrics = (await a.call("GET", "/metrics")).body
-            assert 'migd_migrations{role="source",status="completed"} 1' in metrics
-            assert 'migd_migrations{role="source",status="cancelled"} 1' in metrics
+            assert 'migd_migrations_total{role="source",result="completed"} 1' in metrics
+            assert 'migd_migrations_total{role="source",result="cancelled"} 1' in metrics
             assert 'migd_migration_downtime_seconds_count 1' in metrics
             assert (await a.call("DELETE", "/v1/guests/g1")).status == 204  # the migrated husk goes
             await b.ok("POST", "/v1/guests/g1/stop")
@@ -624,13 +655,15 @@ def test_the_openapi_document_is_served_and_true_to_the_routes(tmp_path: Path) -
 
 
 def schema_nodes(schema: dict[str, Any]) -> list[dict[str, Any]]:
-    """A schema and every subschema it holds (properties, items, additionalProperties)."""
+    """A schema and every subschema it holds (properties, items, additionalProperties, if, then, anyOf)."""
     nodes = [schema]
     for sub in schema.get("properties", {}).values():
         nodes += schema_nodes(sub)
-    for key in ("items", "additionalProperties"):
+    for key in ("items", "additionalProperties", "if", "then"):
         if isinstance(schema.get(key), dict):
             nodes += schema_nodes(schema[key])
+    for sub in schema.get("anyOf", []):
+        nodes += schema_nodes(sub)
     return nodes
 
 
@@ -648,6 +681,8 @@ def test_the_document_is_well_formed() -> None:
             if "requestBody" in op:
                 assert "400" in responses and "413" in responses
                 roots += [c["schema"] for c in op["requestBody"]["content"].values()]
+            else:  # a body where none belongs is refused (test_a_body_on_a_bodiless_route_is_400)
+                assert method in ("get", "delete") and "400" in responses, (method, path)
             for response in responses.values():
                 roots += [c["schema"] for c in response.get("content", {}).values()]
     nodes = [node for root in roots for node in schema_nodes(root)]
@@ -667,6 +702,7 @@ def test_the_schema_checker_rejects_what_it_must() -> None:
         "migration_control": {"feature": True, "msr": 1, "ready": True},
         "pages": {"total": 4096, "private": 4000, "shared": 96},
         "check": {"pages_verified": 0, "errors": 0, "last_error": None},
+        "migrated": None,
     }
     openapi.check(guest, openapi.ref("Guest"))
     bad = [
@@ -684,3 +720,133 @@ def test_the_schema_checker_rejects_what_it_must() -> None:
         openapi.check({"guests": [guest, 5]}, openapi.ref("GuestList"))
     with pytest.raises(ConfigError, match="expected number"):
         openapi.check(float("nan"), {"type": "number"})
+
+
+# ---------------------------------------------------------------------- what schemathesis found (issue 13)
+
+
+def test_integral_floats_are_integers_in_every_body(tmp_path: Path) -> None:
+    """JSON Schema's integer includes 875.0; the daemon takes it as 875 in every integer field."""
+    assert decode_json(b'{"seed": 875.0, "a": 8.75e2, "b": 9007199254740993.0, "c": -0.0}') == {
+        "seed": 875, "a": 875, "b": 9007199254740993, "c": 0}  # exact: float() would give ...992
+    assert all(type(v) is int for v in decode_json(b"[875.0, 8.75e2, 1e19]"))
+    for fractional in (b"16.5", b"1e-999999", b"1.0000000000000000000000000000000001"):
+        assert type(decode_json(fractional)) is float, fractional  # not integral: still no integer
+    with pytest.raises(ConfigError, match="expected integer, got number"):
+        openapi.check(decode_json(b"1.0000000000000000000000000000000001"), {"type": "integer"})
+    # Negative control: the old decoding (json.loads with float) is what the checker refused.
+    with pytest.raises(ConfigError, match=r"workload.seed: expected integer, got number 875.0"):
+        openapi.check(json.loads('{"workload": {"seed": 875.0}}'), openapi.schema("StartGuest"))
+
+    async def main() -> None:
+        async with serving(tmp_path) as api:
+            created = await api.call("POST", "/v1/guests", raw=b'{"name": "g1", "memory_mib": 16.0, "policy": 1e0}')
+            assert created.status == 201, created
+            assert created.body["memory_mib"] == 16 and created.body["policy"] == 1
+            guest = api.daemon.guest("g1")
+            assert type(guest.definition.memory_mib) is int
+            started = await api.call("POST", "/v1/guests/g1/start", raw=b'{"workload": {"seed": 875.0}}')
+            assert started.status == 200, started
+            assert guest.workload.seed == 875 and type(guest.workload.seed) is int
+            await api.ok("POST", "/v1/guests/g1/stop")
+
+    run(main)
+
+
+def test_the_destination_pattern_is_what_the_daemon_accepts() -> None:
+    """Every string the document's pattern allows is an address parse_address takes with a port
+    1..65535 (so a schema-valid migrate is never a 400), and the pattern refuses the shapes the
+    issue named."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from migd.daemon.config import parse_address
+
+    destination = openapi.schema("MigrateRequest")["properties"]["destination"]
+    pattern = re.compile(openapi._ecma_pattern(destination["pattern"]))
+
+    @settings(max_examples=400, deadline=None, database=None, derandomize=True)
+    @given(st.from_regex(pattern, fullmatch=True))
+    def accepted(text: str) -> None:
+        address = parse_address(text, "destination")
+        assert address.port is not None and 1 <= address.port <= 65535, text
+
+    accepted()
+    for good in ("127.0.0.1:4444", "[::1]:4444", "localhost:1", "host-b.example:65535", "[::ffff:10.0.0.1]:80",
+                 "[fe80::1:2:3:4]:4444"):
+        openapi.check(good, destination)
+    for bad in ("nowhere", "127.0.0.1:0", "127.0.0.1:65536", "h:01", "h:", ":1", "::1:4444", "[abc]:1",
+                "[1::2::3]:1", "[::1]", "bad host!:1", "a..b:1", "-a:1", "127.0.0.1:4444\n", "ü.example:1"):
+        with pytest.raises(ConfigError, match="destination: must match|must be at least"):
+            openapi.check({"destination": bad}, openapi.schema("MigrateRequest"))
+    # Negative control: the old schema (no pattern) let these through to the handler.
+    old = {k: v for k, v in destination.items() if k != "pattern"}
+    openapi.check("[abc]:1", old)
+    openapi.check("::1:4444", old)
+
+
+def test_a_destination_outside_the_pattern_is_400_before_any_state_check(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as api:
+            await api.ok("POST", "/v1/guests", {"name": "g1", "memory_mib": 16}, status=201)
+            # The old code took "[abc]:1" as host "abc" and answered 409 (the guest is not running).
+            for bad in ("[abc]:1", "::1:4444", "127.0.0.1:01"):
+                answer = await api.call("POST", "/v1/guests/g1/migrate", {"destination": bad})
+                assert answer.status == 400 and "destination: must match" in answer.detail, (bad, answer)
+            # Negative control: a destination inside the pattern gets past the body check.
+            answer = await api.call("POST", "/v1/guests/g1/migrate", {"destination": "[::1]:4444"})
+            assert answer.status == 409 and "only a running guest can migrate" in answer.detail, answer
+
+    run(main)
+
+
+def test_the_uefi_rule_is_in_the_schema() -> None:
+    """uefi_live_migration (not null) needs efi: true, and the document says so (if/then), so a
+    client generating bodies from the document meets no undocumented 400."""
+    create = openapi.schema("CreateGuest")
+    refused = [{"name": "g1", "memory_mib": 16, "uefi_live_migration": False},
+               {"name": "g1", "memory_mib": 16, "efi": False, "uefi_live_migration": True}]
+    allowed = [{"name": "g1", "memory_mib": 16, "efi": False, "uefi_live_migration": None},
+               {"name": "g1", "memory_mib": 16, "efi": True, "uefi_live_migration": False},
+               {"name": "g1", "memory_mib": 16, "efi": True}, {"name": "g1", "memory_mib": 16}]
+    for body in refused:
+        with pytest.raises(ConfigError, match="only meaningful with efi: true"):
+            openapi.check(body, create)
+    for body in allowed:
+        openapi.check(body, create)
+    # An independent JSON Schema 2020-12 validator reads the served schema the same way.
+    import jsonschema_rs
+
+    document = json.loads(json.dumps(openapi.DOCUMENT))
+    validator = jsonschema_rs.Draft202012Validator(
+        {**document["components"]["schemas"]["CreateGuest"], "components": document["components"]})
+    assert [validator.is_valid(b) for b in refused + allowed] == [False] * len(refused) + [True] * len(allowed)
+    # Negative control: without the if/then (the old schema) the refused bodies are schema-valid.
+    old = {k: v for k, v in create.items() if k not in ("if", "then")}
+    for body in refused:
+        openapi.check(body, old)
+    with pytest.raises(ConfigError, match="expected true, got 1"):  # const is JSON equality: 1 is not true
+        openapi.check(1, {"const": True})
+
+
+def test_a_body_on_a_bodiless_route_is_400(tmp_path: Path) -> None:
+    """GET and DELETE take no body; one that comes is refused, never silently ignored."""
+    async def main() -> None:
+        async with serving(tmp_path) as api:
+            await api.ok("POST", "/v1/guests", {"name": "g1", "memory_mib": 16}, status=201)
+            bodiless = sorted((m, t) for m, t in routes_of(api.app) if m in ("GET", "DELETE"))
+            assert len(bodiless) == 8
+            for method, template in bodiless:
+                path = template.replace("{name}", "g1").replace("{id}", "0123456789abcdef")
+                for garbage in (b"garbage", b"{}", b'{"force": true}', b"\x00\xff"):
+                    answer = await api.call(method, path, raw=garbage)
+                    assert answer.status == 400 and "takes no body" in answer.detail, (method, path, garbage, answer)
+                # Negative control: no body, or only whitespace, gets past the check.
+                if method == "GET":
+                    assert (await api.call(method, path)).status != 400
+                    assert (await api.call(method, path, raw=b" \r\n")).status != 400
+            # The old daemon deleted the guest and ignored the body; now it is still there.
+            assert (await api.ok("GET", "/v1/guests/g1"))["name"] == "g1"
+            assert (await api.call("DELETE", "/v1/guests/g1")).status == 204
+
+    run(main)

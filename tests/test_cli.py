@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,3 +90,34 @@ def test_process_exit_status_is_non_zero(tmp_path: Path, regular_file: Path) -> 
     ok = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert ok.returncode == 0, ok.stderr  # negative control
     assert "pdh_key: " in ok.stdout
+
+
+def _guest_json(**changes: Any) -> dict[str, Any]:
+    guest = {
+        "name": "g1", "state": "running", "memory_mib": 16, "policy": 0,
+        "migration_control": {"feature": True, "msr": 1, "ready": True},
+        "pages": {"total": 4096, "private": 4000, "shared": 96},
+        "check": {"pages_verified": 4096, "errors": 0, "last_error": None},
+        "migrated": None, "agent": {"pid": 1234, "exit": None},
+    }
+    return {**guest, **changes}
+
+
+def test_guest_list_and_show_say_where_a_migrated_guest_went() -> None:
+    gone = _guest_json(state="migrated", migration_control={"feature": True, "msr": 1, "ready": False},
+                       pages={"total": 4096, "private": 0, "shared": 0},
+                       migrated={"migration": "abc123", "to": "10.0.0.2:4444"}, agent={"pid": None, "exit": None})
+    table = cli.guest_table([_guest_json(), gone])
+    assert table[1].split()[-2:] == ["4096/4096", "ok"]
+    assert table[2].split()[1:4] == ["migrated", "16", "MiB"] and table[2].endswith("left for 10.0.0.2:4444")
+    assert "no" in table[2].split()  # not migratable
+    shown = cli.guest_lines(gone)
+    assert "migrated to: 10.0.0.2:4444 (migration abc123); only this record is left here" in shown
+    # Negative control: a guest still here says nothing of the kind.
+    assert not any(line.startswith("migrated to") for line in cli.guest_lines(_guest_json()))
+
+
+def test_guest_show_names_why_the_agent_died() -> None:
+    dead = _guest_json(state="stopped", agent={"pid": None, "exit": "killed by SIGBUS"})
+    assert "agent:       killed by SIGBUS" in cli.guest_lines(dead)
+    assert not any(line.startswith("agent:") for line in cli.guest_lines(_guest_json()))

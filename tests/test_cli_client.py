@@ -24,6 +24,7 @@ import pytest
 from migd.cli import commands as cli
 from migd.abi import PAGE_SIZE
 from migd.cli.client import ApiError, ApiUnreachable, MigdClient, format_api_error, parse_api_url, resolve_settings
+from migd.daemon.config import read_token
 from migd.errors import ConfigError
 from migd.migration_state import MigrationStatus
 from migd.page_runs import PageKind
@@ -32,9 +33,11 @@ from migd.cli.progress_bar import (
     ProgressDisplay,
     format_bytes,
     format_ms,
+    moved_pages,
     percent_done,
     progress_line,
     summary_lines,
+    terminal_columns,
 )
 
 from integration.serve_process import ROOT, ServeProcess, free_port, write_config
@@ -113,6 +116,7 @@ def tokens(tmp_path: Path) -> dict[str, Path]:
     for name in ("flag", "config", "env", "envconfig"):
         paths[name] = tmp_path / f"{name}.token"
         paths[name].write_text(f"{name}-token-{TOKEN}\n")
+        paths[name].chmod(0o600)
     return paths
 
 
@@ -172,8 +176,34 @@ def test_settings_errors_say_what_is_missing(kwargs: dict[str, str], message: st
 def test_short_token_is_refused(tmp_path: Path) -> None:
     short = tmp_path / "short.token"
     short.write_text("abc\n")
+    short.chmod(0o600)
     with pytest.raises(ConfigError, match="at least 16 characters"):
         resolve_settings(api="h:1", token_file=str(short), env={}, default_config=tmp_path / "none.toml")
+
+
+@pytest.mark.parametrize("mode, refused", [
+    (0o600, None), (0o400, None), (0o640, None),  # owner-only, or the daemon's group may read (sysusers.conf)
+    (0o644, "readable by every user"), (0o604, "readable by every user"),
+    (0o620, "writable by other users"), (0o602, "writable by other users"),
+], ids=lambda value: f"{value:04o}" if isinstance(value, int) else None)
+def test_token_file_open_to_other_users_is_refused_by_client_and_daemon_alike(
+    tmp_path: Path, mode: int, refused: str | None,
+) -> None:
+    token = tmp_path / "api.token"
+    token.write_text(f"secret-{TOKEN}\n")
+    token.chmod(mode)
+    if refused is None:
+        assert resolve_settings(api="h:1", token_file=str(token), env={}, default_config=tmp_path / "none.toml"
+                                ).token == f"secret-{TOKEN}"
+        assert read_token(token) == f"secret-{TOKEN}"
+        return
+    with pytest.raises(ConfigError) as client:
+        resolve_settings(api="h:1", token_file=str(token), env={}, default_config=tmp_path / "none.toml")
+    with pytest.raises(ConfigError) as daemon:
+        read_token(token)  # what load_config (migd serve) calls
+    text = str(daemon.value)
+    assert str(client.value) == text and text.startswith(f"api.token_file: {token} is {refused}, ")
+    assert f"(mode {mode:04o}); run `chmod 600 {token}`" in text
 
 
 def test_api_url_forms() -> None:
@@ -260,6 +290,80 @@ def test_summary_lists_status_rounds_bytes_by_kind_throughput_downtime_and_time(
     failed = "\n".join(summary_lines(_migration(MigrationStatus.FAILED)))
     assert ": failed" in failed and "error:       peer closed the connection" in failed
     assert "downtime:    -" in failed
+
+
+def test_summary_of_a_failed_migration_can_leave_the_error_to_stderr() -> None:
+    failed = _migration(MigrationStatus.FAILED)
+    assert summary_lines(failed, with_error=False) == summary_lines(failed)[:-1]
+    assert summary_lines(failed)[-1] == "  error:       peer closed the connection"  # control: it has one
+    assert moved_pages(failed)
+
+
+def _nothing_moved(status: str = "failed") -> dict[str, Any]:
+    progress = MigrationProgress(guest="g1", role="source", destination="10.0.0.2:4444", npages=16384)
+    if status != "setup":
+        progress.phase.advance(MigrationStatus(status), progress.phase.started_at + 0.01, error="nothing is listening")
+    return progress.to_json()
+
+
+def test_a_migration_that_moved_nothing_gets_no_final_bar() -> None:
+    nothing = _nothing_moved()
+    assert not moved_pages(nothing)
+    for tty in (True, False):
+        stream = io.StringIO()
+        display = ProgressDisplay(stream, tty=tty, columns=80)
+        display.update(_nothing_moved("setup"), now=0.0)
+        display.finish(nothing)
+        # On a terminal the setup bar is erased; in a pipe its line stays, and no "failed 0.0%" follows.
+        assert "failed" not in stream.getvalue()
+        assert stream.getvalue().endswith("\r\x1b[K" if tty else "\n")
+    # Control: one that moved pages gets its final line.
+    stream = io.StringIO()
+    ProgressDisplay(stream, tty=False).finish(_migration(MigrationStatus.FAILED))
+    assert stream.getvalue().split()[1] == "failed"
+
+
+class _Tty(io.StringIO):
+    """A stream whose terminal reports ``columns`` (a pty whose size was never set reports 0)."""
+
+    def __init__(self, columns: int) -> None:
+        super().__init__()
+        self.reported = columns
+
+    def fileno(self) -> int:
+        return -1
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("env, reported, expected", [
+    ({}, 0, 80),  # the tty does not know: unknown is 80
+    ({}, 5, 80),  # absurdly narrow: taken as wrong
+    ({}, 132, 132),
+    ({"COLUMNS": "100"}, 0, 100),  # COLUMNS first, as shutil.get_terminal_size
+    ({"COLUMNS": "0"}, 120, 120),  # 0 means unknown: ask the tty
+    ({"COLUMNS": "wide"}, 0, 80),
+])
+def test_terminal_width_follows_get_terminal_size_and_zero_means_unknown(
+    env: dict[str, str], reported: int, expected: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = _Tty(reported)
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd: os.terminal_size((stream.reported, 24)))
+    assert terminal_columns(stream, env) == expected
+
+
+def test_a_terminal_reporting_zero_columns_still_gets_the_whole_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd: os.terminal_size((0, 0)))
+    migration = _migration(rounds=2, remaining_pages=1000, throughput_bps=100 * 2**20, expected_downtime_ms=12.0)
+    stream = _Tty(0)
+    ProgressDisplay(stream).update(migration, now=0.0)
+    drawn = stream.getvalue().removeprefix("\r").removesuffix("\x1b[K")
+    assert drawn == progress_line(migration, width=79) and drawn.endswith("exp. downtime 12.0 ms")
+    # Negative control: the old rule, max(columns - 1, 20), cut the same line to 20 characters.
+    old = progress_line(migration, width=max(0 - 1, 20))[:max(0 - 1, 20)]
+    assert len(old) == 20 and old != drawn
 
 
 def test_units() -> None:
@@ -375,7 +479,7 @@ def test_uefi_variable_absent_vs_default_is_what_the_efi_guest_sees(daemon: Serv
             run_cli(daemon, "guest", "delete", name)
     # A bad combination is refused by the daemon, whose reason the CLI prints.
     code, _, err = run_cli(daemon, "guest", "create", "u1", "--memory-mib", "16", "--uefi-live-migration", "true")
-    assert code == 1 and err.startswith("migd: error: 400 bad_request: uefi_live_migration")
+    assert code == 1 and err.startswith("migd: error: 400 bad_request: ") and "uefi_live_migration" in err
 
 
 def test_errors_print_the_daemons_reason_and_exit_1(daemon: ServeProcess) -> None:
@@ -401,6 +505,7 @@ def test_errors_print_the_daemons_reason_and_exit_1(daemon: ServeProcess) -> Non
 def test_wrong_token_is_401_with_the_reason(daemon: ServeProcess, tmp_path: Path) -> None:
     wrong = tmp_path / "wrong.token"
     wrong.write_text("f" * 32 + "\n")
+    wrong.chmod(0o600)
     code, out, err = run_cli(daemon, "migrations", token_file=wrong)
     assert (code, out) == (1, "") and err.startswith("migd: error: 401 ")
     # Negative control: the right token lists (possibly no) migrations.

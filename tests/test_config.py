@@ -13,6 +13,8 @@ import pytest
 from migd.platform import identity
 from migd.daemon.config import (
     DEFAULT_HANDSHAKE_TIMEOUT_S,
+    DEFAULT_KEEP_MIGRATED_COUNT,
+    DEFAULT_KEEP_MIGRATED_S,
     DEFAULT_MAX_PENDING_CONNECTIONS,
     DEFAULT_STALL_TIMEOUT_S,
     Config,
@@ -31,6 +33,7 @@ def raw(tmp_path: Path) -> dict[str, Any]:
     identity.init_host(state, tmp_path / "ca", common_name="hostA")
     token_file = state / "api.token"
     token_file.write_text("c0ffee" * 6 + "\n")
+    token_file.chmod(0o600)
     return {
         "state_dir": str(state),
         "api": {"listen": "127.0.0.1:0", "token_file": str(token_file)},
@@ -111,3 +114,40 @@ def test_the_daemon_gives_the_bounds_to_its_listener(raw: dict[str, Any]) -> Non
             await daemon.shutdown()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("guests", "expected"),
+    [
+        ({}, (None, 86_400.0, 100)),
+        ({"ram_dir": "/dev/shm/migd", "keep_migrated_s": 60, "keep_migrated_count": 0},
+         (Path("/dev/shm/migd"), 60.0, 0)),
+        ({"ram_dir": "ram"}, (Path("/ram"), 86_400.0, 100)),  # relative to the config's directory (base "/")
+    ],
+)
+def test_the_guests_table_is_read(raw: dict[str, Any], guests: dict[str, Any],
+                                  expected: tuple[Path | None, float, int]) -> None:
+    config = parse_config({**raw, "guests": guests}, base=Path("/"))
+    assert (config.ram_dir, config.keep_migrated_s, config.keep_migrated_count) == expected
+
+
+@pytest.mark.parametrize(
+    ("guests", "why"),
+    [
+        ({"keep_migrated_s": -1}, r"guests\.keep_migrated_s must be a finite number of seconds >= 0"),
+        ({"keep_migrated_s": float("inf")}, r"guests\.keep_migrated_s must be a finite number"),
+        ({"keep_migrated_count": -1}, r"guests\.keep_migrated_count must be >= 0"),
+        ({"keep_migrated_count": 1.5}, r"guests\.keep_migrated_count: expected int, got float"),
+        ({"ram_dir": 5}, r"guests\.ram_dir: expected str, got int"),
+        ({"ramdir": "/x"}, r"unknown key 'guests\.ramdir'"),
+    ],
+)
+def test_bad_guests_keys_are_refused_naming_the_key(raw: dict[str, Any], guests: dict[str, Any], why: str) -> None:
+    with pytest.raises(ConfigError, match=why):
+        parse_config({**raw, "guests": guests}, base=Path("/"))
+
+
+def test_the_documented_example_guests_table_holds_the_defaults(raw: dict[str, Any]) -> None:
+    example = tomllib.loads(EXAMPLE.read_text())["guests"]
+    config = parse_config({**raw, "guests": example}, base=Path("/"))
+    assert (config.keep_migrated_s, config.keep_migrated_count) == (DEFAULT_KEEP_MIGRATED_S, DEFAULT_KEEP_MIGRATED_COUNT)

@@ -17,21 +17,22 @@ ROOT = Path(__file__).resolve().parents[1] / "migd"
 
 #: The layers, lowest first. A module may import its own layer and the ones below it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"migd", "migd.abi", "migd.errors", "migd.fileio", "migd.peer_text"}),
+    ("base", {"migd", "migd.abi", "migd.errors", "migd.fileio", "migd.peer_text", "migd.failure_text"}),
     ("platform", {"migd.platform", "migd.platform.memory", "migd.platform.psp", "migd.platform.psp_store",
                   "migd.platform.identity", "migd.platform.pki_verify", "migd.sev_transport", "migd.bitmap",
                   "migd.bitmap_codec"}),
     ("guest", {"migd.guest", "migd.guest.agent", "migd.guest.agent_launcher", "migd.guest.channel",
                "migd.guest.channel_codec", "migd.guest.guest_layout", "migd.guest.guest_vcpu",
                "migd.guest.page_content", "migd.guest.selfcheck", "migd.guest.vm", "migd.guest.workload",
-               "migd.guest.host_guest"}),
+               "migd.guest.host_guest", "migd.guest.record_retention", "migd.guest.ram_capacity"}),
     ("migration core", {"migd.wire", "migd.stream", "migd.session", "migd.session_auth", "migd.source_session",
                         "migd.dest_session", "migd.source", "migd.dest", "migd.resolve", "migd.listener",
                         "migd.convergence", "migd.migration_state", "migd.progress", "migd.page_runs",
                         "migd.send_buffers", "migd.host", "migd.journal", "migd.page_pipeline", "migd.messages",
                         "migd.frame_fields"}),
     ("daemon", {"migd.daemon", "migd.daemon.core", "migd.daemon.api", "migd.daemon.openapi", "migd.daemon.metrics",
-                "migd.daemon.serve", "migd.daemon.sdnotify", "migd.daemon.config", "migd.daemon.recovery"}),
+                "migd.daemon.serve", "migd.daemon.sdnotify", "migd.daemon.config", "migd.daemon.recovery",
+                "migd.daemon.tls_check"}),
     ("cli", {"migd.cli", "migd.cli.commands", "migd.cli.client", "migd.cli.progress_bar", "migd.cli.demo",
              "migd.cli.watch", "migd.__main__"}),
 ]

@@ -13,11 +13,13 @@ the former listener's connection handling (``create_server(ssl=...)`` and a task
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import gc
 import logging
 import re
+import socket
 import ssl
 import struct
 from collections.abc import Callable, Coroutine, Iterator
@@ -262,14 +264,17 @@ def test_connections_that_never_authenticate_leave_nothing_behind(host: Host, pk
         kinds = _expected_refusals(tls, n)
         assert sum(lst.refused.values()) == n, lst.refused
         assert lst.refused[Refusal.CAPACITY] == 0
-        timeouts = kinds["silence"] + (kinds["tls-then-silence"] if tls else 0)
-        assert lst.refused[Refusal.HANDSHAKE_TIMEOUT] == timeouts
         if tls:
-            # Garbage and zeros fail the handshake; so do the anonymous and the rogue client,
+            # Silence never finishes TLS; a client that did and then says nothing is not authenticated.
+            assert lst.refused[Refusal.TLS_TIMEOUT] == kinds["silence"]
+            assert lst.refused[Refusal.HANDSHAKE_TIMEOUT] == kinds["tls-then-silence"]
+            # Garbage and zeros are not TLS; the anonymous and the rogue client fail the handshake
             # from the listener's side (their own side may have finished before the refusal).
-            failed = kinds["garbage"] + kinds["zeros"] + kinds["anonymous"] + kinds["rogue"]
-            assert lst.refused[Refusal.TLS_HANDSHAKE] == failed
+            assert lst.refused[Refusal.TLS_NOT_TLS] == kinds["garbage"] + kinds["zeros"]
+            assert lst.refused[Refusal.TLS_NO_CLIENT_CERTIFICATE] == kinds["anonymous"]
+            assert lst.refused[Refusal.TLS_UNKNOWN_CA] == kinds["rogue"]
         else:
+            assert lst.refused[Refusal.HANDSHAKE_TIMEOUT] == kinds["silence"]
             assert lst.refused[Refusal.PROTOCOL_ERROR] == kinds["garbage"] + kinds["zeros"] + kinds["huge-frame"]
             # The huge frame was refused by its prefix: the ABORT says so.
             huge = sent[PLAIN_KINDS.index("huge-frame")::len(PLAIN_KINDS)]
@@ -347,6 +352,8 @@ def test_past_max_pending_a_connection_is_closed_at_once_and_counted(
     logged rate-limited); once the first three time out, a new one is taken again. With 100
     (the negative control) the same seven wait for their handshake deadline like the rest."""
     caplog.set_level(logging.WARNING, logger="migd.listener")
+    # A silent peer on the TLS port never finishes its TLS handshake; on the plain one, the session's.
+    timeout = Refusal.TLS_TIMEOUT if tls else Refusal.HANDSHAKE_TIMEOUT
 
     async def main() -> None:
         lst = MigrationListener(host, ssl_context=pki.server() if tls else None, max_pending=max_pending,
@@ -368,11 +375,11 @@ def test_past_max_pending_a_connection_is_closed_at_once_and_counted(
                 assert lst.refused == {Refusal.CAPACITY: 7} and lst.pending_connections == 3
             else:
                 assert waited >= SHORT_HANDSHAKE_S * 0.9
-                assert lst.refused[Refusal.CAPACITY] == 0 and lst.refused[Refusal.HANDSHAKE_TIMEOUT] >= 7
+                assert lst.refused[Refusal.CAPACITY] == 0 and lst.refused[timeout] >= 7
             # The first three time out; then a new connection is taken (pending, not refused).
             assert [await _until_closed(reader) for reader, _ in first] == [b""] * 3
             await settled(lst)
-            assert lst.refused[Refusal.HANDSHAKE_TIMEOUT] == (3 if max_pending == 3 else 10)
+            assert lst.refused[timeout] == (3 if max_pending == 3 else 10)
             capacity = lst.refused[Refusal.CAPACITY]
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             async with asyncio.timeout(WAIT):
@@ -384,12 +391,13 @@ def test_past_max_pending_a_connection_is_closed_at_once_and_counted(
         finally:
             await lst.close()
 
-        # One warning line per REFUSAL_LOG_INTERVAL_S at most; each says how many it held back,
-        # and close() reports the rest: every refusal is accounted for.
+        # One warning line per reason per REFUSAL_LOG_INTERVAL_S at most; each says how many it
+        # held back, and close() reports the rest: every refusal is accounted for.
         lines = [r.getMessage() for r in caplog.records if r.name == "migd.listener"]
         refusal_lines = [line for line in lines if line.startswith("incoming connection refused ")]
         held_back = sum(int(m.group(1)) for line in lines if (m := re.search(r"suppressed=(\d+)", line)))
-        assert len(refusal_lines) == 1  # the whole test takes less than the interval
+        # The whole test takes less than the interval: one line per reason that occurred.
+        assert sorted(re.search(r"reason=(\S+)", line).group(1) for line in refusal_lines) == sorted(lst.refused)
         assert len(refusal_lines) + held_back == sum(lst.refused.values())
 
     run(main)
@@ -494,3 +502,146 @@ def test_an_authenticated_connection_is_no_longer_pending_nor_bounded(host: Host
         assert not lst.refused
 
     run(main)
+
+
+# ---------------------------------------------------------------------- a refused TLS peer: its reason, its log line, its alert
+
+
+#: kind of peer → (the listener's refusal reason, the alert the peer receives: OpenSSL's reason code of it)
+TLS_PEERS: dict[str, tuple[Refusal, str | None]] = {
+    "anonymous": (Refusal.TLS_NO_CLIENT_CERTIFICATE, "TLSV13_ALERT_CERTIFICATE_REQUIRED"),
+    "rogue": (Refusal.TLS_UNKNOWN_CA, "TLSV1_ALERT_UNKNOWN_CA"),
+    "tls1.2": (Refusal.TLS_VERSION, "TLSV1_ALERT_PROTOCOL_VERSION"),
+    "plain-migd": (Refusal.TLS_NOT_TLS, None),  # a source without [tls]: its HELLO frame is no ClientHello
+}
+
+
+def _tls12_client(pki: Pki) -> ssl.SSLContext:
+    """A client with our CA's certificate that speaks TLS 1.2 at most."""
+    context = pki.client()
+    context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+async def _refused_peer(port: int, kind: str, pki: Pki) -> tuple[str, str | None]:
+    """One peer of ``kind``; returns its address as the listener sees it, and the reason code of
+    the TLS alert it received (None: the connection just ended)."""
+    contexts = {"anonymous": pki.anonymous, "rogue": pki.rogue, "tls1.2": lambda: _tls12_client(pki)}
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    sock.setblocking(False)
+    address = "%s:%d" % sock.getsockname()[:2]
+    async with asyncio.timeout(WAIT):
+        if kind == "plain-migd":
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(wire.FrameEncoder().encode_bytes(wire.Abort("a HELLO would do as well")))
+        else:
+            try:
+                reader, writer = await asyncio.open_connection(sock=sock, ssl=contexts[kind](),
+                                                               server_hostname="hostA")
+            except ssl.SSLError as exc:  # refused within the handshake (TLS 1.2: the version)
+                return address, exc.reason
+            except OSError:  # the connection just ended (reset, EOF): no alert
+                return address, None
+        try:
+            await _until_closed_raising(reader)
+        except ssl.SSLError as exc:  # TLS 1.3: the refusal of our certificate comes after our Finished
+            return address, exc.reason
+        finally:
+            writer.close()
+    return address, None
+
+
+async def _until_closed_raising(reader: asyncio.StreamReader) -> None:
+    with contextlib.suppress(ConnectionResetError):
+        while await reader.read(65536):
+            pass
+
+
+def check_refusal(kind: str, lst: MigrationListener, caplog: pytest.LogCaptureFixture, peer: str,
+                  alert: str | None) -> None:
+    """The refusal of one ``kind`` peer: counted by its reason, logged with its address and
+    reason, and the peer got the alert that says why."""
+    reason, expected_alert = TLS_PEERS[kind]
+    assert dict(lst.refused) == {reason: 1}, lst.refused
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "migd.listener" and r.getMessage().startswith("incoming connection refused ")]
+    assert len(lines) == 1 and f"reason={reason} peer={peer} " in lines[0], lines
+    assert alert == expected_alert, f"the peer received {alert}, expected {expected_alert}"
+
+
+def _serve_refused_peer(host: Host, pki: Pki, kind: str, loop: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="migd.listener")
+
+    async def main() -> None:
+        lst = MigrationListener(host, ssl_context=pki.server(), max_pending=5, handshake_timeout_s=WAIT)
+        port = await lst.start("127.0.0.1", 0)
+        try:
+            peer, alert = await _refused_peer(port, kind, pki)
+            await settled(lst)
+        finally:
+            await lst.close()
+        check_refusal(kind, lst, caplog, peer, alert)
+
+    run(main, loop)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("kind", list(TLS_PEERS))
+def test_a_refused_tls_peer_is_counted_and_logged_with_its_reason_and_gets_its_alert(
+    host: Host, pki: Pki, kind: str, loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _serve_refused_peer(host, pki, kind, loop, caplog)
+
+
+@pytest.mark.parametrize("kind", ["anonymous", "rogue", "tls1.2"])
+@pytest.mark.parametrize("former", ["alert", "reason"])
+def test_negative_control_the_check_catches_the_former_listener(
+    host: Host, pki: Pki, kind: str, former: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same check against the former behaviour, one part at a time: the SSL protocol's own
+    SSLObject (the alert dropped: the peer saw a bare EOF), or every failure counted as
+    "tls-handshake" with OpenSSL's text. Either way the check fails."""
+    if former == "alert":
+        monkeypatch.setattr(listener, "_AlertingSSLObject", ssl.SSLObject)
+    else:
+        monkeypatch.setattr(listener, "tls_refusal", lambda exc: (Refusal.TLS_HANDSHAKE, str(exc)))
+    with pytest.raises(AssertionError):
+        _serve_refused_peer(host, pki, kind, "asyncio", caplog)
+
+
+def test_a_refused_tls_handshake_that_never_finishes_is_a_tls_timeout(host: Host, pki: Pki) -> None:
+    """Silence on the TLS port: "tls-timeout", no alert (there is nothing to answer)."""
+
+    async def main() -> None:
+        lst = MigrationListener(host, ssl_context=pki.server(), max_pending=5, handshake_timeout_s=SHORT_HANDSHAKE_S)
+        port = await lst.start("127.0.0.1", 0)
+        try:
+            assert await _client(port, "silence", pki, True) == b""
+            await settled(lst)
+        finally:
+            await lst.close()
+        assert dict(lst.refused) == {Refusal.TLS_TIMEOUT: 1}
+
+    run(main)
+
+
+class _GlobalRefusalLog(listener._RefusalLog):
+    """The former rate limit: one line per interval for all reasons together."""
+
+    def note(self, reason: Refusal, peer: str, detail: str) -> None:
+        super().note(Refusal.CAPACITY, peer, f"{reason} {detail}")  # one key: one shared limit
+
+
+@pytest.mark.parametrize("log_class", [listener._RefusalLog, _GlobalRefusalLog], ids=["per-reason", "former"])
+def test_a_flood_of_one_refusal_does_not_hide_another(log_class: type, caplog: pytest.LogCaptureFixture) -> None:
+    """Fifty port-scanner refusals, then the one misconfigured peer: its reason is logged at once.
+    The former, global limit (the negative control) holds that line back."""
+    caplog.set_level(logging.WARNING, logger="migd.listener")
+    refusals = log_class(60.0)
+    for i in range(50):
+        refusals.note(Refusal.TLS_NOT_TLS, f"192.0.2.1:{1000 + i}", "http request")
+    refusals.note(Refusal.TLS_UNKNOWN_CA, "192.0.2.7:4242", "verify error 20")
+    logged = "reason=tls-unknown-ca peer=192.0.2.7:4242" in caplog.text
+    assert logged == (log_class is listener._RefusalLog)
+    refusals.flush()
+    assert "reason=tls-not-tls suppressed=49" in caplog.text or log_class is _GlobalRefusalLog

@@ -20,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import threading
 import urllib.parse
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ from hypothesis import strategies as st
 from migd.daemon import openapi
 from migd.daemon.api import MAX_BODY_BYTES
 from migd.errors import ConfigError
-from test_api import TOKEN, Api, check_against_document, free_port, serving
+from test_api import TOKEN, Api, check_against_document, free_port, serving_in_thread
 
 pytestmark = pytest.mark.fault_class("bad input: REST API fuzz")
 MAX_EXAMPLES = 300
@@ -77,20 +75,7 @@ class Server:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``serving`` on its own event loop thread for the whole module (one daemon, guest g1 running)."""
     root = tmp_path_factory.mktemp("fuzz")
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    ready: Future[Api] = Future()
-    done = asyncio.Event()
-
-    async def serve() -> None:
-        async with serving(Path(root)) as api:
-            ready.set_result(api)
-            await done.wait()
-
-    task = asyncio.run_coroutine_threadsafe(serve(), loop)
-    try:
-        api = ready.result(timeout=30)
+    with serving_in_thread(Path(root)) as (api, loop):
         port = api.client.server.port
         assert port is not None
         srv = Server(port, api, {})
@@ -105,12 +90,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         asyncio.run_coroutine_threadsafe(api.poll("/v1/guests/g1", lambda g: g["migration_control"]["ready"]),
                                          loop).result(timeout=30)
         yield srv
-    finally:
-        loop.call_soon_threadsafe(done.set)
-        task.result(timeout=60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 # ---------------------------------------------------------------------- strategies from the schemas
@@ -132,8 +111,8 @@ def valid(schema: dict[str, Any], key: str = "") -> st.SearchStrategy[Any]:
     if key == "destination":
         return st.sampled_from([f"127.0.0.1:{CLOSED_PORT}", f"[::1]:{CLOSED_PORT}", f"localhost:{CLOSED_PORT}"])
     if key == "policy":
-        # Bits 16..31 of a policy are the minimum firmware API; above this firmware's 0.24 the
-        # create answers 500 (DEFECT, test_a_policy_the_firmware_refuses_is_not_a_5xx below).
+        # Bits 16..31 of a policy are the minimum firmware API; the schema's anyOf allows at most
+        # this firmware's 0.24 (test_a_policy_the_firmware_refuses_is_outside_the_document below).
         return st.integers(0, 0xFFFF) | st.integers(0, 24).map(lambda minor: minor << 24)  # API 0.minor
     if key == "name":
         return st.just("g1") | st.from_regex(openapi._ecma_pattern(schema["pattern"]), fullmatch=True)
@@ -174,6 +153,11 @@ def valid_object(draw: st.DrawFn, schema: dict[str, Any]) -> dict[str, Any]:
     for key, sub in properties.items():
         if key in required or draw(st.booleans()):
             out[key] = draw(valid(sub, key))
+    if "if" in schema and not _rejected(out, schema["if"]):
+        # if/then (CreateGuest: uefi_live_migration needs efi: true): satisfy then's constants.
+        for key, sub in schema["then"].get("properties", {}).items():
+            if "const" in sub:
+                out[key] = sub["const"]
     return out
 
 
@@ -359,9 +343,19 @@ def test_every_documented_operation_survives_generated_requests(server: Server) 
     assert server.request("GET", "/v1/health", None)[0] == 200
 
 
-def test_a_policy_the_firmware_refuses_is_not_a_5xx(server: Server) -> None:
-    body = {"name": "p1", "memory_mib": 16, "policy": 0xFFFFFFFF}
-    openapi.check(body, openapi.schema("CreateGuest"))  # valid by the document
+def test_a_policy_the_firmware_refuses_is_outside_the_document(server: Server) -> None:
+    """The document allows exactly the policies the firmware launches (schemathesis found the
+    document allowing API versions above the firmware's, answered 400 by the firmware)."""
+    for policy in (0xFFFFFFFF, 25 << 24, 1 << 16):  # API 255.255, 0.25, 1.0: newer than 0.24
+        body = {"name": "p1", "memory_mib": 16, "policy": policy}
+        with pytest.raises(ConfigError, match="at most this firmware's 0.24"):
+            openapi.check(body, openapi.schema("CreateGuest"))
+        status, _, answer, _ = server.request("POST", "/v1/guests", json.dumps(body).encode())
+        assert status == 400 and "policy: must be SEV guest policy" in answer["detail"], (status, answer)
+        assert server.request("GET", "/v1/guests/p1", None)[0] == 404  # nothing half-created
+    # Negative control: the newest policy the document allows (API 0.24) is launched.
+    body = {"name": "p1", "memory_mib": 16, "policy": 24 << 24 | 0xFFFF}
+    openapi.check(body, openapi.schema("CreateGuest"))
     status, _, answer, _ = server.request("POST", "/v1/guests", json.dumps(body).encode())
-    assert server.request("GET", "/v1/guests/p1", None)[0] == 404  # holds today: nothing half-created
-    assert 400 <= status < 500 and "POLICY_FAILURE" in answer["detail"], (status, answer)
+    assert status == 201 and answer["policy"] == 24 << 24 | 0xFFFF, (status, answer)
+    assert server.request("DELETE", "/v1/guests/p1", None)[0] == 204

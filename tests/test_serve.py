@@ -17,6 +17,7 @@ def _config(root: Path, api_port: int) -> object:
     state = root / "hostA"
     identity.init_host(state, root / "ca", common_name="hostA")
     (state / "api.token").write_text("t" * 32 + "\n")
+    (state / "api.token").chmod(0o600)  # the daemon refuses a token file others can read
     return parse_config({
         "state_dir": str(state),
         "api": {"listen": f"127.0.0.1:{api_port}", "token_file": str(state / "api.token")},

@@ -3,9 +3,9 @@ MemoryDenyWriteExecute= shown harmless by running two daemons and a migration un
 
 from __future__ import annotations
 
-import configparser
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from integration.serve_process import ROOT, ServeProcess
+from syscall_filter import unit_assignments
 
 UNIT = ROOT / "systemd" / "migd.service"
 SYSUSERS = ROOT / "systemd" / "migd.sysusers.conf"
@@ -34,10 +35,8 @@ def _verify(unit_text: str, tmp_path: Path, executable: str | None = None) -> su
 
 
 def _service() -> dict[str, str]:
-    parser = configparser.ConfigParser(interpolation=None, strict=True, empty_lines_in_values=False)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys are case-sensitive
-    parser.read_string(UNIT.read_text())
-    return dict(parser["Service"])
+    """[Service] as key → value; a key given more than once (SystemCallFilter=) keeps its last value."""
+    return dict(unit_assignments(UNIT.read_text(), "Service"))
 
 
 @needs_systemd_analyze
@@ -59,6 +58,34 @@ def test_verify_would_catch_a_bad_unit(tmp_path: Path) -> None:
     assert missing.returncode != 0 and "no-such-migd" in missing.stderr
 
 
+#: The sandbox directives issue 13 added to bring the exposure from 3.2 to 1.2.
+HARDENING_ADDED = ("PrivateMounts", "ProtectProc", "ProcSubset", "DevicePolicy", "SystemCallFilter",
+                   "SystemCallErrorNumber")
+MAX_EXPOSURE = 2.0
+
+
+def _exposure(unit_text: str, tmp_path: Path) -> float:
+    """``systemd-analyze security --offline=yes``'s overall exposure of the unit (0.0 best, 10.0 worst)."""
+    unit = tmp_path / "migd.service"
+    unit.write_text(unit_text)
+    result = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=yes", str(unit)], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    match = re.search(r"Overall exposure level for migd\.service: (\d+\.\d+)", result.stdout)
+    assert result.returncode == 0 and match, result.stdout + result.stderr
+    return float(match.group(1))
+
+
+@needs_systemd_analyze
+def test_exposure_is_at_most_two(tmp_path: Path) -> None:
+    text = UNIT.read_text()
+    assert _exposure(text, tmp_path) <= MAX_EXPOSURE
+    # Negative control: the unit without the added directives is the 3.2 the issue started from.
+    removed = "".join(line for line in text.splitlines(keepends=True)
+                      if line.split("=", 1)[0] not in HARDENING_ADDED)
+    assert len(text.splitlines()) - len(removed.splitlines()) == len(HARDENING_ADDED) + 1  # two SystemCallFilter=
+    assert _exposure(removed, tmp_path) > MAX_EXPOSURE
+
+
 def test_unit_settings() -> None:
     service = _service()
     expected = {
@@ -69,8 +96,13 @@ def test_unit_settings() -> None:
         "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes",
         "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6", "RestrictNamespaces": "yes", "LockPersonality": "yes",
         "MemoryDenyWriteExecute": "yes", "SystemCallArchitectures": "native", "CapabilityBoundingSet": "",
+        "PrivateMounts": "yes", "ProtectProc": "invisible", "ProcSubset": "pid", "DevicePolicy": "closed",
+        "SystemCallErrorNumber": "EPERM",
     }
     assert {key: service.get(key) for key in expected} == expected
+    # The allow-list and what is taken out of it (tests/test_seccomp.py proves migd runs under it).
+    filters = [value for key, value in unit_assignments(UNIT.read_text(), "Service") if key == "SystemCallFilter"]
+    assert filters == ["@system-service mincore", "~@privileged @resources"]
     assert "ExecReload" not in service  # migd has no reload: no SIGHUP handler
     # Stopping waits for a committed hand-off (up to 120 s for STARTED) plus the guests' offline paths.
     assert int(service["TimeoutStopSec"].removesuffix("s")) > 120

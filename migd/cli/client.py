@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from migd import failure_text
 from migd.daemon.config import DEFAULT_CONFIG, parse_address, read_token
 from migd.errors import ConfigError, MigdError
 
@@ -177,6 +179,47 @@ def resolve_settings(
     return ClientSettings(parse_api_url(listen), read_token(token_path), token_path)
 
 
+def unreachable_text(endpoint: ApiEndpoint, exc: aiohttp.ClientError) -> str:
+    """One sentence for a request to the API that got no HTTP answer: what happened, the likely fix.
+
+    aiohttp's own text (``Cannot connect to host ... ssl:default [Connect call failed ...]``)
+    names its internals; the OS error underneath says what happened (migd/failure_text.py).
+    """
+    where = f"cannot reach the migd API at {endpoint}"
+    is_unix = endpoint.unix_path is not None
+    os_error = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else None
+    if os_error is None:
+        if isinstance(exc, aiohttp.ServerDisconnectedError):
+            what = "closed the connection without an HTTP answer"
+        elif isinstance(exc, aiohttp.ClientResponseError):
+            what = "did not answer in HTTP"
+        else:
+            return f"{where}: the connection broke before the answer; see the daemon's log (journalctl -u migd)"
+        return (f"the server at {endpoint} {what}: it is not the migd API; check --api (the API is "
+                f"api.listen of the daemon's config, not migration.listen)")
+    cause = failure_text.cause_of(os_error)
+    if cause is failure_text.Cause.REFUSED:
+        if is_unix:
+            return f"{where}: nothing accepts connections on that socket; is `migd serve` running?"
+        return (f"{where}: nothing is listening there; is `migd serve` running, and is --api (or api.listen "
+                f"of --config) this address?")
+    if cause is failure_text.Cause.NO_SOCKET and is_unix:
+        return (f"{where}: the socket does not exist; is `migd serve` running, and is api.listen of its "
+                f"config this path?")
+    if cause is failure_text.Cause.PERMISSION:
+        return f"{where}: permission denied; run the command as a user allowed to open it (root or the daemon's group)"
+    if cause is failure_text.Cause.UNRESOLVED:
+        host = exc.host if isinstance(exc, aiohttp.ClientConnectorError) else str(endpoint)
+        return f"{where}: the host name {host} does not resolve; check --api (or api.listen of --config)"
+    if cause is failure_text.Cause.TLS:
+        assert isinstance(os_error, ssl.SSLError)
+        return (f"{where}: the TLS handshake failed ({failure_text.tls_reason(os_error)}); the migd API speaks "
+                f"plain HTTP (http://) unless a proxy in front of it adds TLS")
+    if cause is failure_text.Cause.TIMEOUT:
+        return f"{where}: the connection timed out; check the address and the route to it"
+    return f"{where}: {failure_text.os_reason(os_error)}; check the address and the route to it"
+
+
 def _path_segment(value: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"expected a non-empty name or id, got {value!r}")
@@ -229,13 +272,13 @@ class MigdClient:
                 data = await resp.read()
                 content_type = resp.content_type
                 status = resp.status
-        except aiohttp.ClientConnectionError as exc:
-            raise ApiUnreachable(f"cannot reach the migd API at {self.endpoint}: {exc}") from None
         except TimeoutError:
             raise ApiUnreachable(
-                f"the migd API at {self.endpoint} did not answer {method} {path} "
-                f"within {self._timeout.total:g} s"
+                f"the migd API at {self.endpoint} did not answer {method} {path} within {self._timeout.total:g} s: "
+                f"the daemon may be overloaded or hung; see its log (journalctl -u migd)"
             ) from None
+        except aiohttp.ClientError as exc:
+            raise ApiUnreachable(unreachable_text(self.endpoint, exc)) from None
         decoded: Any = None
         if data:
             if content_type == "application/json":

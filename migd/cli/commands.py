@@ -1,8 +1,16 @@
 """The ``migd`` command line: one entry point, subcommands dispatch to their modules.
 
 Client commands (``guest``, ``migrate``, ``migrations``, ``cancel``) talk to a daemon over
-its REST API (docs/design.md §9 "External contract"); they exit 0 on success, 1 when the daemon
-refuses (printing its reason) or cannot be reached, 2 on usage errors.
+its REST API (docs/design.md §9 "External contract"). Exit codes (docs/operations.md "Errors"):
+
+- 0: done (``migrate``: the migration completed);
+- 1 (:data:`EXIT_API_ERROR`): the daemon refused (its reason is printed), cannot be reached, or
+  the migration failed or was cancelled;
+- 2 (:data:`EXIT_USAGE`): bad options, no API address or token, an unreadable or unsafe token file;
+- 130 (:data:`EXIT_INTERRUPTED`): Ctrl-C.
+
+A failure is one line on stderr, ``migd: error: ...``: what happened and the likely fix, never a
+traceback or an exception's class name (tests/test_cli_errors.py holds the table).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from migd.cli.watch import watch_migration
 from migd.errors import ConfigError, MigdError
 
 if TYPE_CHECKING:  # imported when used: `migd --help` and `migd serve` need no HTTP client
-    from migd.cli.client import MigdClient
+    from migd.cli.client import ApiError, ClientSettings, MigdClient
 
 EXIT_API_ERROR = 1
 EXIT_USAGE = 2
@@ -58,6 +66,9 @@ def _print_json(value: Any) -> None:
 
 def _guest_check(guest: dict[str, Any]) -> str:
     check = guest["check"]
+    if guest.get("migrated"):
+        # Nothing of the guest is here: say where it went instead of a check of a RAM that is gone.
+        return f"left for {guest['migrated']['to']}"
     if check["errors"]:
         return f"{check['errors']} errors"
     if check["pages_verified"]:
@@ -80,6 +91,12 @@ def guest_lines(guest: dict[str, Any]) -> list[str]:
     ]
     if check.get("last_error"):
         lines.append(f"last error:  {check['last_error']}")
+    if guest.get("migrated"):
+        lines.append(f"migrated to: {guest['migrated']['to']} (migration {guest['migrated']['migration']}); "
+                     f"only this record is left here")
+    agent = guest.get("agent") or {}
+    if agent.get("exit"):
+        lines.append(f"agent:       {agent['exit']}")
     return lines
 
 
@@ -174,8 +191,17 @@ async def _guest_delete(api: MigdClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def failure_line(migration: dict[str, Any]) -> str:
+    """``migration ID failed: REASON`` — what ended a failed or cancelled migration, in one sentence."""
+    reason = migration.get("error") or ("cancelled before the commit; the guest runs on at the source"
+                                        if migration["status"] == "cancelled"
+                                        else "no reason recorded; see the daemon's log")
+    return f"migration {migration['id']} of {migration['guest']} to {migration['destination']} " \
+           f"{migration['status']}: {reason}"
+
+
 async def _migrate(api: MigdClient, args: argparse.Namespace) -> int:
-    from migd.cli.progress_bar import ProgressDisplay, summary_lines
+    from migd.cli.progress_bar import ProgressDisplay, moved_pages, summary_lines
 
     migration = await api.migrate(
         args.name, args.to, downtime_limit_ms=args.downtime_limit_ms, max_bandwidth_mib_s=args.max_bandwidth_mib_s
@@ -187,15 +213,16 @@ async def _migrate(api: MigdClient, args: argparse.Namespace) -> int:
             print(migration["id"])
         return 0
     final, interrupted = await watch_migration(api, migration, ProgressDisplay(sys.stderr), cancel_on_interrupt=True)
+    failed = final["status"] in ("failed", "cancelled")
     if getattr(args, "json", False):
         _print_json(final)
-    else:
-        print("\n".join(summary_lines(final)))
+    elif final["status"] == "completed" or moved_pages(final):
+        # The error goes to stderr below, once: the summary leaves it out.
+        print("\n".join(summary_lines(final, with_error=not failed)))
     if final["status"] == "completed":
         return 0
-    if final["status"] in ("failed", "cancelled"):
-        reason = f": {final['error']}" if final.get("error") else ""
-        print(f"migd: error: migration {final['id']} {final['status']}{reason}", file=sys.stderr)
+    if failed:
+        print(f"migd: error: {failure_line(final)}", file=sys.stderr)
     return EXIT_INTERRUPTED if interrupted else EXIT_API_ERROR
 
 
@@ -227,6 +254,16 @@ async def _cancel(api: MigdClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_error_hint(exc: ApiError, settings: ClientSettings) -> str:
+    """The likely fix for an error status whose reason alone does not say it (the daemon cannot know)."""
+    if exc.status == 401:
+        return (f"; {settings.token_file} must hold the token in the daemon's api.token_file "
+                f"(pass --token-file, or --config with the daemon's config)")
+    if exc.status >= 500:
+        return "; the daemon hit an internal error: its log has the details (journalctl -u migd)"
+    return ""
+
+
 def _run_client(args: argparse.Namespace) -> int:
     from migd.cli.client import ApiError, ApiUnreachable, MigdClient, resolve_settings
 
@@ -240,12 +277,15 @@ def _run_client(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     async def run() -> int:
-        async with MigdClient.from_settings(settings) as api:
+        async with MigdClient.from_settings(settings, timeout_s=getattr(args, "api_timeout", 120.0)) as api:
             return await args.client_func(api, args)
 
     try:
         return asyncio.run(run())
-    except (ApiError, ApiUnreachable) as exc:
+    except ApiError as exc:
+        print(f"migd: error: {exc}{_api_error_hint(exc, settings)}", file=sys.stderr)
+        return EXIT_API_ERROR
+    except ApiUnreachable as exc:
         print(f"migd: error: {exc}", file=sys.stderr)
         return EXIT_API_ERROR
     except KeyboardInterrupt:
@@ -269,6 +309,8 @@ def _client_options() -> argparse.ArgumentParser:
                             "else api.token_file of $MIGD_CONFIG or /etc/migd/migd.toml)")
     group.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
                        help="the daemon's TOML config, for api.listen and api.token_file")
+    group.add_argument("--api-timeout", type=_positive(float), default=argparse.SUPPRESS, metavar="SECONDS",
+                       help="how long one API request may take (default: 120)")
     options.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                          help="print the daemon's JSON objects instead of text")
     return options

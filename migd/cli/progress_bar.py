@@ -9,7 +9,6 @@ when the stream is a pipe or a log file, where control characters would be noise
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping
 from typing import Any, TextIO
 
@@ -18,6 +17,36 @@ from migd.abi import PAGE_SIZE
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 _BAR_WIDTH = 24
 _MIN_BAR_WIDTH = 8
+#: What a terminal whose width is unknown is taken to be (shutil.get_terminal_size's fallback).
+DEFAULT_COLUMNS = 80
+#: Narrower than this, a reported width is taken as wrong (a serial console or a pty whose size
+#: was never set reports 0): drawing into it would cut the line to nothing.
+MIN_COLUMNS = 20
+
+
+def usable_columns(columns: int) -> int:
+    """``columns`` if it is a believable terminal width, else :data:`DEFAULT_COLUMNS`."""
+    return columns if columns >= MIN_COLUMNS else DEFAULT_COLUMNS
+
+
+def terminal_columns(stream: TextIO, env: Mapping[str, str] | None = None) -> int:
+    """The width to draw ``stream``'s progress line in, as :func:`shutil.get_terminal_size` finds it.
+
+    ``COLUMNS`` first (a positive integer), then the size of *this* stream's terminal (stdout
+    may be redirected while stderr is not); 0 or an absurdly small width means unknown, and
+    unknown is :data:`DEFAULT_COLUMNS`.
+    """
+    env = os.environ if env is None else env
+    try:
+        columns = int(env.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            columns = 0
+    return usable_columns(columns)
 
 
 def format_bytes(n: float) -> str:
@@ -81,8 +110,16 @@ def page_breakdown(pages: Mapping[str, int]) -> str:
     )
 
 
-def summary_lines(migration: Mapping[str, Any]) -> list[str]:
-    """The end-of-migration report: status, rounds, bytes, pages by kind, throughput, downtime, time."""
+def moved_pages(migration: Mapping[str, Any]) -> bool:
+    """Whether any guest page was sent or received: a summary of a migration that moved none is all zeros."""
+    return any(count for count in migration.get("pages", {}).values())
+
+
+def summary_lines(migration: Mapping[str, Any], *, with_error: bool = True) -> list[str]:
+    """The end-of-migration report: status, rounds, bytes, pages by kind, throughput, downtime, time.
+
+    ``with_error=False`` leaves out the error line (``migd migrate`` prints the error once, on stderr).
+    """
     nbytes = migration["bytes"]
     lines = [
         f"migration {migration['id']} of {migration['guest']} ({migration['role']}) "
@@ -95,7 +132,7 @@ def summary_lines(migration: Mapping[str, Any]) -> list[str]:
         f"  downtime:    {format_ms(migration.get('downtime_ms'))}",
         f"  total time:  {format_ms(migration.get('total_time_ms'))}",
     ]
-    if migration.get("error"):
+    if with_error and migration.get("error"):
         lines.append(f"  error:       {migration['error']}")
     return lines
 
@@ -116,19 +153,15 @@ class ProgressDisplay:
 
     def _columns(self) -> int:
         if self.columns is not None:
-            return self.columns
-        try:
-            # The size of *this* stream's terminal: stdout may be redirected while stderr is not.
-            return os.get_terminal_size(self.stream.fileno()).columns
-        except (OSError, ValueError, AttributeError):
-            return shutil.get_terminal_size((80, 24)).columns
+            return usable_columns(self.columns)
+        return terminal_columns(self.stream)
 
     def update(self, migration: Mapping[str, Any], now: float) -> None:
         """Draw ``migration`` as of ``now`` (seconds, monotonic): redrawn in place, or a plain line
         when the status or round changed or ``plain_interval_s`` passed since the last one."""
         if self.tty:
             # Longer than the terminal, the line would wrap and \r would redraw only its tail.
-            columns = max(self._columns() - 1, 20)
+            columns = self._columns() - 1
             self.stream.write("\r" + progress_line(migration, width=columns)[:columns] + "\x1b[K")
             self.stream.flush()
             self._open = True
@@ -142,7 +175,17 @@ class ProgressDisplay:
             self._last_key, self._last_plain = key, now
 
     def finish(self, migration: Mapping[str, Any]) -> None:
-        """Draw the final state and end the line (the caller prints :func:`summary_lines`)."""
+        """Draw the final state and end the line (the caller prints :func:`summary_lines`).
+
+        A migration that ended without moving a page gets no final bar (an all-zero line says
+        nothing): the caller's one error line says what happened.
+        """
+        if migration.get("status") != "completed" and not moved_pages(migration):
+            if self._open:
+                self.stream.write("\r\x1b[K")
+                self._open = False
+            self.stream.flush()
+            return
         if self.tty:
             self.update(migration, 0.0)
             self.end_line()

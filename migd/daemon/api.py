@@ -11,6 +11,7 @@ traceback in the log. Every answer but 204 and ``/metrics`` is JSON; every error
 
 from __future__ import annotations
 
+import decimal
 import hmac
 import json
 import logging
@@ -25,6 +26,7 @@ from migd.guest.channel import GuestChannelError
 from migd.daemon.core import CannotCancel, Daemon, UnknownMigration
 from migd.errors import ConfigError, FirmwareError
 from migd.guest.host_guest import GuestDefinition, GuestStateError
+from migd.guest.ram_capacity import InsufficientRam
 from migd.host import GuestExists, UnknownGuest
 from migd.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from migd.daemon.metrics import MetricsCollector
@@ -56,6 +58,7 @@ ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
     (CannotCancel, 409),
     (GuestChannelError, 409),  # the guest's agent is gone or not answering: the guest is not running
     (FirmwareError, 409),  # the (emulated) PSP refused the command in this state
+    (InsufficientRam, 409),  # no room for the guest's RAM in guests.ram_dir (detail: the numbers)
 )
 
 routes = web.RouteTableDef()
@@ -86,7 +89,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _finite_float(text: str) -> float:
+def _json_number(text: str) -> int | float:
+    # JSON Schema counts 875.0 and 8.75e2 as integers (2020-12 validation §6.1.1), so does the
+    # document's checker; returning them as int here means every handler gets the int a field typed
+    # "integer" promises, whichever spelling the client chose. Decimal keeps it exact (float()
+    # would round 9007199254740993.0), and the range test comes first so that 1e999999 is never
+    # expanded into a million-digit int.
+    exact = decimal.Decimal(text)
+    if exact.copy_abs() <= MAX_JSON_INT and exact == exact.to_integral_value():
+        return int(exact)
     value = float(text)
     if value in (float("inf"), float("-inf")):
         raise ValueError(f"number {text} is out of range")
@@ -112,14 +123,18 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def decode_json(raw: bytes) -> Any:
-    """Strict JSON: UTF-8, no NaN/Infinity, finite floats, integers within ±(2**64 - 1), unique keys."""
+    """Strict JSON: UTF-8, no NaN/Infinity, finite floats, integers within ±(2**64 - 1), unique keys.
+
+    A number with a zero fractional part (``875.0``, ``8.75e2``) decodes as an int: JSON Schema's
+    integer.
+    """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"body: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
         return json.loads(
-            text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_u64_range_int,
+            text, parse_constant=_reject_constant, parse_float=_json_number, parse_int=_u64_range_int,
             object_pairs_hook=_unique_keys,
         )
     except json.JSONDecodeError as exc:
@@ -195,6 +210,21 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     return await handler(request)
 
 
+#: Methods whose routes take no body (the document declares no requestBody for any of them).
+_BODYLESS_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_DELETE})
+
+
+@web.middleware
+async def _no_body(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse (400) a body on a GET or DELETE route: nothing reads it, so a client that sends one
+    has a mistake the daemon must not silently ignore (POST routes check theirs in read_body)."""
+    if request.method in _BODYLESS_METHODS and request.match_info.http_exception is None:
+        raw = await request.read()  # aiohttp raises 413 past client_max_size
+        if raw.strip():
+            raise ConfigError(f"body: {request.method} {request.path} takes no body, got {len(raw)} bytes")
+    return await handler(request)
+
+
 def _unauthorized(detail: str, error: str | None) -> web.Response:
     challenge = f'Bearer realm="{REALM}"' + (f', error="{error}"' if error else "")
     return error_response(401, detail, {hdrs.WWW_AUTHENTICATE: challenge})
@@ -221,9 +251,8 @@ async def list_guests(request: web.Request) -> web.Response:
 @routes.post("/v1/guests")
 async def create_guest(request: web.Request) -> web.Response:
     body = await read_body(request, "CreateGuest", required=True)
+    # The schema's if/then already refused uefi_live_migration (not null) without efi: true.
     efi = body.get("efi", False)
-    if not efi and body.get("uefi_live_migration") is not None:
-        raise ConfigError("uefi_live_migration: only meaningful with efi: true")
     definition = GuestDefinition(
         body["name"], body["memory_mib"], body.get("policy", 0), efi,
         # An EFI guest sees SevLiveMigrationEnabled = true unless told otherwise (null: absent).
@@ -301,8 +330,9 @@ async def cancel_migration(request: web.Request) -> web.Response:
 
 @routes.get("/metrics", allow_head=False)
 async def metrics(request: web.Request) -> web.Response:
-    host = _daemon(request).host
-    text = request.app[METRICS].render(host.guests.values(), host.migrations.values())
+    daemon = _daemon(request)
+    host = daemon.host
+    text = request.app[METRICS].render(host.guests.values(), host.migrations.values(), daemon.listener.refused)
     return web.Response(body=text.encode(), headers={hdrs.CONTENT_TYPE: METRICS_CONTENT_TYPE})
 
 
@@ -315,10 +345,11 @@ def build_app(daemon: Daemon, token: str) -> web.Application:
     """The aiohttp application serving ``daemon`` behind bearer token ``token``."""
     if not token:
         raise ConfigError("the API token must not be empty")
-    app = web.Application(middlewares=[_errors, _auth], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[_errors, _auth, _no_body], client_max_size=MAX_BODY_BYTES)
     app[DAEMON] = daemon
     app[API_TOKEN] = token.encode("utf-8", "surrogateescape")
     app[METRICS] = MetricsCollector()
+    app[METRICS].track(daemon.host)  # before the daemon starts (migd serve): no migration goes uncounted
     app.add_routes(routes)
     return app
 

@@ -114,12 +114,32 @@ class Config:
         return read_token(self.token_file)
 
 
+#: Mode bits a token file must not have: readable by every user, or writable by anyone but its
+#: owner. Group-readable is allowed (root:migd 0640, systemd/migd.sysusers.conf).
+TOKEN_FORBIDDEN_MODE = 0o026
+
+
 def read_token(path: Path) -> str:
-    """Read a bearer token file: one non-empty line, at least 16 characters."""
+    """Read a bearer token file: one non-empty line, at least 16 characters, not open to other users.
+
+    Like sshd with a private key readable by others, a token that every local user can read
+    (or replace) is refused, not warned about: it is the key to the whole API.
+    """
     try:
-        token = path.read_text().strip()
+        with path.open("rb") as file:
+            mode = os.fstat(file.fileno()).st_mode  # of the file read, not of a path swapped meanwhile
+            raw = file.read()
     except OSError as exc:
         raise ConfigError(f"api.token_file: cannot read {path}: {exc.strerror}") from None
+    if mode & TOKEN_FORBIDDEN_MODE:
+        who = ("readable by every user, so anyone on this host could use the API" if mode & 0o004
+               else "writable by other users, so they could replace the token")
+        raise ConfigError(f"api.token_file: {path} is {who} (mode {mode & 0o777:04o}); "
+                          f"run `chmod 600 {path}` (or 640 with the daemon's group)")
+    try:
+        token = raw.decode().strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"api.token_file: {path} is not text") from None
     if len(token) < 16 or any(c.isspace() for c in token):
         raise ConfigError(f"api.token_file: {path} must hold one token of at least 16 characters, no spaces")
     return token

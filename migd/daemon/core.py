@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from migd.platform.pki_verify import tls_client_context, tls_server_context
 from migd.progress import MigrationProgress
 from migd.platform.psp import PspFirmware
 from migd.daemon.recovery import RecoveryReport, recover
+from migd.daemon.tls_check import check_tls_identity
 from migd.source import MigrationParams, MigrationRefused, OutgoingMigration
 from migd.guest.workload import WorkloadConfig
 
@@ -88,6 +90,8 @@ class Daemon:
         self._server_tls = self._client_tls = None
         if config.tls is not None:
             t = config.tls
+            # Before anything listens: a certificate the peers would refuse stops `migd serve` here.
+            check_tls_identity(t.ca, t.cert, t.key)
             self._server_tls = tls_server_context(t.ca, t.cert, t.key)
             self._client_tls = tls_client_context(t.ca, t.cert, t.key)
         self.listener = MigrationListener(
@@ -97,12 +101,15 @@ class Daemon:
         )
         self.migration_port: int | None = None
         self.accepting = True
+        self._pruning: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifetime
 
     async def start(self) -> None:
         """Reload guests and migrations from the journal (restart recovery), then start the listener."""
         self.recovery = await recover(self.host, self.journal, client_ssl=self._client_tls)
+        self.prune_migrated()
+        self._pruning = asyncio.get_running_loop().create_task(self._prune_periodically(), name="prune-migrated")
         addr = self.config.migration_listen
         self.migration_port = await self.listener.start(addr.host, addr.port)
         log.info("migration listener on %s:%d", addr.host, self.migration_port)
@@ -110,6 +117,10 @@ class Daemon:
     async def shutdown(self) -> None:
         """Stop taking work; cancel migrations that have not committed, let committed ones finish."""
         self.accepting = False
+        if self._pruning is not None:
+            self._pruning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruning
         await self.listener.close()
         tasks = []
         for migration in self.outgoing.values():
@@ -123,6 +134,21 @@ class Daemon:
         self.journal.close()
         if self._own_runtime_dir is not None:  # only channel sockets live there (guests_dir_for)
             shutil.rmtree(self._own_runtime_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ migrated records
+
+    def prune_migrated(self) -> list[str]:
+        """Drop ``migrated`` records past ``guests.keep_migrated_s`` / ``keep_migrated_count``."""
+        return self.host.prune_migrated(time.monotonic(), keep_s=self.config.keep_migrated_s,
+                                        keep_count=self.config.keep_migrated_count)
+
+    async def _prune_periodically(self) -> None:
+        # Age is checked a few times per retention period (at most once a minute); the count
+        # is enforced at once, when a migration ends (migrate's done callback).
+        interval = min(60.0, max(1.0, self.config.keep_migrated_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.prune_migrated()
 
     # ------------------------------------------------------------------ guests
 
@@ -222,7 +248,7 @@ class Daemon:
         self.outgoing[migration.progress.id] = migration
         self.host.add_migration(migration.progress)
         # After the task: the guest's final state (mark_migrated runs after the last transition).
-        task.add_done_callback(lambda _: self.host.journal_guest(guest))
+        task.add_done_callback(lambda _: (self.host.journal_guest(guest), self.prune_migrated()))
         return migration.progress
 
     def migrations(self) -> list[MigrationProgress]:

@@ -1,22 +1,28 @@
 """``GET /metrics``: the daemon's state in the Prometheus text exposition format 0.0.4.
 
 Hand-written (the format is small and this keeps the daemon free of a metrics library).
-Families:
+Families (docs/operations.md "Metrics" has each one's meaning and example alerts):
 
-- ``migd_guests{state}`` (gauge) and ``migd_migrations{role,status}`` (gauge): how many
-  guests / migrations this daemon holds in each state right now; every label value is
-  always present, 0 included, so series never vanish.
-- ``migd_migration_bytes_total{role,kind}``, ``migd_migration_rounds_total{role}``,
-  ``migd_migration_blackouts_total``, ``migd_hypercalls_total{result}`` (counters) and
-  ``migd_migration_downtime_seconds`` (histogram of completed outgoing migrations).
+- gauges: ``migd_build_info{version}``; ``migd_guests{state}`` and
+  ``migd_migration_records{role,status}``: the guests / migration records this daemon holds
+  right now (the records include the history its journal reloaded at start);
+- counters: ``migd_migrations_total{role,result}``, ``migd_migration_pages_total{role,kind}``,
+  ``migd_migration_bytes_total{role,kind}``, ``migd_migration_rounds_total{role}``,
+  ``migd_migration_blackouts_total``, ``migd_incoming_connections_refused_total{reason}``,
+  ``migd_hypercalls_total{result}``;
+- histograms: ``migd_migration_duration_seconds{role}`` (finished migrations) and
+  ``migd_migration_downtime_seconds`` (completed outgoing ones).
 
-Counters never go backwards while the process lives: the objects they are summed over
-(a guest's hypercall counts, a migration's progress) are held by :class:`MetricsCollector`
-after they leave the daemon (a deleted guest) and folded into running totals at the next
-observation. The REST ``DELETE`` observes right before deleting; a guest that comes and goes
-between two observations without passing through it (an incoming migration that failed
-before anyone looked) is not counted. A restart starts the counters again, as Prometheus
-expects of any process.
+Every label value that can occur is always present, 0 included, so series never vanish.
+
+The migration counters and histograms count the migrations this process registered
+(:meth:`MetricsCollector.track` listens to ``Host.add_migration``), never the history a restart
+reloads from the journal: a restart starts every counter at 0, as Prometheus expects of a
+process, whatever the journal holds. Counters never go backwards while the process lives: the
+objects they are summed over (a guest's hypercall counts, a migration's progress) are held by
+:class:`MetricsCollector` after they leave the daemon (a deleted guest) and folded into running
+totals at the next observation. The REST ``DELETE`` observes right before deleting; a guest
+that comes and goes between two observations without passing through it is not counted.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Generic, Protocol, TypeVar
 
 from migd import __version__
 from migd.guest.host_guest import GuestState
+from migd.listener import Refusal
 from migd.migration_state import MigrationStatus
 from migd.daemon.openapi import METRICS_CONTENT_TYPE
 from migd.page_runs import PageKind
@@ -37,13 +44,24 @@ CONTENT_TYPE = METRICS_CONTENT_TYPE
 #: Downtime histogram buckets, seconds: the default limit is 300 ms (docs/design.md §9), so the
 #: buckets are dense from 5 ms to 1 s and coarse above.
 DOWNTIME_BUCKETS_S: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Duration histogram buckets, seconds: a small guest on loopback takes about a second, a large
+#: one behind a rate limit or a busy link minutes; past an hour only the count matters.
+DURATION_BUCKETS_S: tuple[float, ...] = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 ROLES = ("source", "destination")
+#: The ``result`` label of ``migd_migrations_total``: the final statuses.
+RESULTS: tuple[MigrationStatus, ...] = tuple(s for s in MigrationStatus if s.finished)
 #: Hypercall results, the keys of VmPlatform.hypercall_counts (migd/guest/vm.py).
 HYPERCALL_RESULTS = ("ok", "enosys", "einval", "eperm")
 
 
 class VmView(Protocol):
     hypercall_counts: dict[str, int]
+
+
+class MigrationRegistry(Protocol):
+    """What the metrics need of migd.host.Host: to be told of each migration it registers."""
+
+    migration_listeners: list[Callable[[MigrationProgress], None]]
 
 
 class GuestView(Protocol):
@@ -152,20 +170,43 @@ def _hypercalls(counts: dict[str, int]) -> Mapping[str, float]:
 MigrationKey = tuple[str, ...]
 
 
+def _observe(out: dict[MigrationKey, float], key: MigrationKey, value: float, buckets: tuple[float, ...]) -> None:
+    """One histogram observation, as per-migration counters under ``key``."""
+    out[(*key, "count")] = 1
+    out[(*key, "sum")] = value
+    for bound in buckets:
+        out[(*key, "le", repr(bound))] = 1 if value <= bound else 0
+
+
 def _migration_counters(progress: MigrationProgress) -> dict[MigrationKey, float]:
-    role = progress.role
+    role, status = progress.role, progress.status
     out: dict[MigrationKey, float] = {("rounds", role): progress.rounds}
     for kind in PageKind:
         out[("bytes", role, kind.value)] = progress.bytes_by_kind[kind]
+        out[("pages", role, kind.value)] = progress.pages[kind]
+    # A final status is final (migd/migration_state.py TRANSITIONS): each migration adds 1 once.
+    if status.finished and progress.phase.finished_at is not None:
+        out[("result", role, status.value)] = 1
+        duration_s = progress.phase.total_time_ms(progress.phase.finished_at) / 1000.0
+        _observe(out, ("duration", role), duration_s, DURATION_BUCKETS_S)
     if role == "source":
         out[("blackouts",)] = progress.phase.blackouts
-        if progress.downtime_ms is not None and progress.status is MigrationStatus.COMPLETED:
-            seconds = progress.downtime_ms / 1000.0
-            out[("downtime", "count")] = 1
-            out[("downtime", "sum")] = seconds
-            for bound in DOWNTIME_BUCKETS_S:
-                out[("downtime", "le", repr(bound))] = 1 if seconds <= bound else 0
+        # Read at each observation, not at the transition: the source sets downtime_ms just
+        # after "completed" (on the verified STARTED, migd/source.py), with no await between.
+        if progress.downtime_ms is not None and status is MigrationStatus.COMPLETED:
+            _observe(out, ("downtime",), progress.downtime_ms / 1000.0, DOWNTIME_BUCKETS_S)
     return out
+
+
+def _histogram(family: Family, counters: Mapping[MigrationKey, float], key: MigrationKey,
+               buckets: tuple[float, ...], **labels: str) -> None:
+    """The _bucket (cumulative: each migration counted 1 in every bucket it fits), _sum and _count samples."""
+    for bound in buckets:
+        family.add(counters.get((*key, "le", repr(bound)), 0), "_bucket", **labels, le=format_value(bound))
+    count = counters.get((*key, "count"), 0)
+    family.add(count, "_bucket", **labels, le="+Inf")
+    family.add(counters.get((*key, "sum"), 0.0), "_sum", **labels)
+    family.add(count, "_count", **labels)
 
 
 # ---------------------------------------------------------------------- the collector
@@ -177,14 +218,30 @@ class MetricsCollector:
     def __init__(self) -> None:
         self._hypercalls: RunningTotals[dict[str, int], str] = RunningTotals(_hypercalls)
         self._migrations: RunningTotals[MigrationProgress, MigrationKey] = RunningTotals(_migration_counters)
+        #: Ids of the migrations registered in this process (ids are unique on a host: the
+        #: destination refuses one in use), the only ones the migration counters sum over.
+        self._registered: set[str] = set()
+
+    def track(self, host: MigrationRegistry) -> None:
+        """Count the migrations ``host`` registers from now on (before the daemon starts: none missed)."""
+        host.migration_listeners.append(self.migration_registered)
+
+    def migration_registered(self, progress: MigrationProgress) -> None:
+        """A migration of this process (not one restored from the journal): count it."""
+        self._registered.add(progress.id)
 
     def observe(self, guests: Iterable[GuestView], migrations: Iterable[MigrationProgress]) -> None:
         """Take note of the guests and migrations alive now (call before anything is removed)."""
         self._hypercalls.observe(g.vm.hypercall_counts for g in guests)
-        self._migrations.observe(migrations)
+        self._migrations.observe(m for m in migrations if m.id in self._registered)
 
-    def families(self, guests: Iterable[GuestView], migrations: Iterable[MigrationProgress]) -> list[Family]:
-        """Every metric family, from the current state plus the running totals."""
+    def families(self, guests: Iterable[GuestView], migrations: Iterable[MigrationProgress],
+                 refused: Mapping[str, int] | None = None) -> list[Family]:
+        """Every metric family, from the current state plus the running totals.
+
+        ``refused``: the listener's refusals by reason (``MigrationListener.refused``); every
+        :class:`~migd.listener.Refusal` is reported, 0 included, and any other key as it is.
+        """
         guests, migrations = list(guests), list(migrations)
         self.observe(guests, migrations)
         hypercalls = self._hypercalls.totals()
@@ -197,17 +254,30 @@ class MetricsCollector:
         for state in GuestState:
             by_state.add(sum(1 for g in guests if g.state is state), state=state.value)
 
-        by_status = Family("migd_migrations", "gauge",
-                           "Migrations this daemon knows (since it started) by role and status.")
+        records = Family("migd_migration_records", "gauge",
+                         "Migration records this daemon holds now, by role and status: those it ran since it "
+                         "started and the history its journal reloaded at start.")
         for role in ROLES:
             for status in MigrationStatus:
-                by_status.add(sum(1 for m in migrations if m.role == role and m.status is status),
-                              role=role, status=status.value)
+                records.add(sum(1 for m in migrations if m.role == role and m.status is status),
+                            role=role, status=status.value)
 
+        results = Family("migd_migrations_total", "counter",
+                         "Migrations of this process that reached a final status, by role and result "
+                         "(history reloaded from the journal not included).")
+        for role in ROLES:
+            for status in RESULTS:
+                results.add(counters.get(("result", role, status.value), 0), role=role, result=status.value)
+
+        pages = Family("migd_migration_pages_total", "counter",
+                       "Guest pages by kind (private, shared, zero) the source sent or the destination placed; "
+                       "pages re-sent in later rounds count again.")
         nbytes = Family("migd_migration_bytes_total", "counter",
-                        "Bytes on the migration stream by page kind (source: sent, destination: received).")
+                        "Bytes of page frames (whole frames: prefix, metadata, payload, CRC) by page kind; "
+                        "source: written, destination: placed.")
         for role in ROLES:
             for kind in PageKind:
+                pages.add(counters.get(("pages", role, kind.value), 0), role=role, kind=kind.value)
                 nbytes.add(counters.get(("bytes", role, kind.value), 0), role=role, kind=kind.value)
 
         rounds = Family("migd_migration_rounds_total", "counter", "Pre-copy and stop-and-copy rounds.")
@@ -218,28 +288,38 @@ class MetricsCollector:
                            "Times an outgoing migration stopped sending because the guest's MSR dropped.")
         blackouts.add(counters.get(("blackouts",), 0))
 
+        duration = Family("migd_migration_duration_seconds", "histogram",
+                          "Total time (start to final status) of finished migrations, any result, by role.")
+        for role in ROLES:
+            _histogram(duration, counters, ("duration", role), DURATION_BUCKETS_S, role=role)
+
         downtime = Family("migd_migration_downtime_seconds", "histogram",
                           "Guest downtime (pause to destination start) of completed outgoing migrations.")
-        for bound in DOWNTIME_BUCKETS_S:
-            downtime.add(counters.get(("downtime", "le", repr(bound)), 0), "_bucket", le=format_value(bound))
-        count = counters.get(("downtime", "count"), 0)
-        downtime.add(count, "_bucket", le="+Inf")
-        downtime.add(counters.get(("downtime", "sum"), 0.0), "_sum")
-        downtime.add(count, "_count")
+        _histogram(downtime, counters, ("downtime",), DOWNTIME_BUCKETS_S)
+
+        reasons = {reason.value: 0 for reason in Refusal}
+        for reason, count in sorted((refused or {}).items(), key=lambda item: str(item[0])):
+            reasons[str(reason)] = count
+        refusals = Family("migd_incoming_connections_refused_total", "counter",
+                          "Incoming migration connections closed before their peer was authenticated, by reason.")
+        for reason_text, count in reasons.items():
+            refusals.add(count, reason=reason_text)
 
         calls = Family("migd_hypercalls_total", "counter",
                        "Guest hypercalls (KVM_HC_MAP_GPA_RANGE; unknown numbers: enosys) by result.")
         for result in HYPERCALL_RESULTS:
             calls.add(hypercalls.get(result, 0), result=result)
 
-        return [info, by_state, by_status, nbytes, rounds, blackouts, downtime, calls]
+        return [info, by_state, records, results, pages, nbytes, rounds, blackouts, duration, downtime, refusals,
+                calls]
 
-    def render(self, guests: Iterable[GuestView], migrations: Iterable[MigrationProgress]) -> str:
+    def render(self, guests: Iterable[GuestView], migrations: Iterable[MigrationProgress],
+               refused: Mapping[str, int] | None = None) -> str:
         """The exposition text served at ``/metrics``."""
-        return render_families(self.families(guests, migrations))
+        return render_families(self.families(guests, migrations, refused))
 
 
 __all__ = [
-    "CONTENT_TYPE", "DOWNTIME_BUCKETS_S", "Family", "MetricsCollector", "RunningTotals", "escape_help",
-    "escape_label_value", "format_value", "render_families",
+    "CONTENT_TYPE", "DOWNTIME_BUCKETS_S", "DURATION_BUCKETS_S", "RESULTS", "Family", "MetricsCollector",
+    "MigrationRegistry", "RunningTotals", "escape_help", "escape_label_value", "format_value", "render_families",
 ]

@@ -11,6 +11,7 @@ refuses any other keyword, so a schema can never silently mean less than it says
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -21,6 +22,8 @@ from migd.errors import ConfigError
 from migd.guest.host_guest import GUEST_NAME, MAX_MEMORY_MIB, GuestState
 from migd.migration_state import MigrationStatus
 from migd.guest.page_content import MAX_SEED
+from migd.platform import psp
+from migd.abi import POLICY_API_MAJOR_SHIFT, POLICY_API_MINOR_SHIFT
 from migd.page_runs import PageKind
 
 Schema = dict[str, Any]
@@ -32,6 +35,30 @@ MAX_DOWNTIME_LIMIT_MS = 3_600_000
 #: that the float arithmetic downstream cannot overflow.
 MAX_RATE = 1 << 20
 MAX_GUEST_TIMER_S = 86400.0  # guest-initiated reboot/kexec timers and boot time: at most a day
+
+# The migrate body's ``destination``: HOST:PORT where HOST is a DNS name or IPv4 address, or an
+# IPv6 address in brackets (RFC 3986 §3.2.2 ``IP-literal``, its ``IPv6address`` ABNF spelled out),
+# and PORT is 1..65535 without leading zeros. Every string it matches is one that
+# migd/daemon/config.py ``parse_address`` accepts with a non-zero port (tests/test_api.py checks
+# both directions), so the document promises no more and no less than the daemon takes.
+_H16 = r"[0-9A-Fa-f]{1,4}"
+_DEC_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = rf"{_DEC_OCTET}(?:\.{_DEC_OCTET}){{3}}"
+_LS32 = rf"(?:{_H16}:{_H16}|{_IPV4})"
+_IPV6 = "(?:" + "|".join([
+    rf"(?:{_H16}:){{6}}{_LS32}",
+    rf"::(?:{_H16}:){{5}}{_LS32}",
+    rf"(?:{_H16})?::(?:{_H16}:){{4}}{_LS32}",
+    rf"(?:(?:{_H16}:){{0,1}}{_H16})?::(?:{_H16}:){{3}}{_LS32}",
+    rf"(?:(?:{_H16}:){{0,2}}{_H16})?::(?:{_H16}:){{2}}{_LS32}",
+    rf"(?:(?:{_H16}:){{0,3}}{_H16})?::{_H16}:{_LS32}",
+    rf"(?:(?:{_H16}:){{0,4}}{_H16})?::{_LS32}",
+    rf"(?:(?:{_H16}:){{0,5}}{_H16})?::{_H16}",
+    rf"(?:(?:{_H16}:){{0,6}}{_H16})?::",
+]) + ")"
+_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+DESTINATION_PATTERN = rf"^(?:{_DNS_LABEL}(?:\.{_DNS_LABEL})*|\[{_IPV6}\]):{_PORT}$"
 
 #: The ``error`` codes of the error object, by HTTP status.
 ERROR_CODES: dict[int, str] = {
@@ -62,6 +89,15 @@ def _object(properties: dict[str, Schema], required: Iterable[str] | None = None
 
 
 _COUNT: Schema = {"type": "integer", "minimum": 0}
+#: The policies LAUNCH_START takes: the firmware refuses one that asks for a newer API than its own
+#: (migd/platform/psp.py ``_new_context``), so the document says so, one range of the low 16 bits
+#: per API version (major, minor) <= the firmware's.
+_LAUNCHABLE_POLICIES: list[Schema] = [
+    {"minimum": base, "maximum": base | 0xFFFF}
+    for major in range(psp.API_MAJOR + 1)
+    for minor in range(0x100 if major < psp.API_MAJOR else psp.API_MINOR + 1)
+    for base in [minor << POLICY_API_MINOR_SHIFT | major << POLICY_API_MAJOR_SHIFT]
+]
 _WORKLOAD_PROPERTIES: dict[str, Schema] = {
     "dirty_rate_mib_s": {"type": "number", "minimum": 0, "maximum": MAX_RATE, "description": "MiB/s the guest writes"},
     "convert_rate_hz": {"type": "number", "minimum": 0, "maximum": MAX_RATE,
@@ -101,13 +137,31 @@ SCHEMAS: dict[str, Schema] = {
             "errors": _COUNT,
             "last_error": {"type": ["string", "null"]},
         }),
+        "agent": _object({
+            "pid": {"type": ["integer", "null"], "minimum": 1, "description": "the running agent's pid; null: none"},
+            "exit": {"type": ["string", "null"],
+                     "description": "how the last agent ended when the host had not asked it to, e.g. "
+                                    "'killed by SIGBUS' or 'exited with status 1'; null otherwise, cleared by "
+                                    "the next start"},
+        }, description="the guest agent process (the VM)"),
+        "migrated": {
+            **_object({
+                "migration": {"type": "string", "description": "id of the committed outgoing migration"},
+                "to": {"type": "string", "description": "the destination it went to (HOST:PORT)"},
+            }),
+            "type": ["object", "null"],
+            "description": "state migrated: where the guest went (null otherwise); the record is kept for "
+                           "guests.keep_migrated_s, and replaced when the guest comes back",
+        },
     }),
     "GuestList": _object({"guests": {"type": "array", "items": ref("Guest")}}),
     "CreateGuest": _object(
         {
             "name": {"type": "string", "pattern": GUEST_NAME.pattern},
             "memory_mib": {"type": "integer", "minimum": 1, "maximum": MAX_MEMORY_MIB},
-            "policy": {"type": "integer", "minimum": 0, "maximum": 0xFFFFFFFF, "description": "SEV guest policy"},
+            "policy": {"type": "integer", "minimum": 0, "maximum": 0xFFFFFFFF, "anyOf": _LAUNCHABLE_POLICIES,
+                       "description": (f"SEV guest policy whose minimum firmware API (bits 23:16 major, 31:24 "
+                                       f"minor) is at most this firmware's {psp.API_MAJOR}.{psp.API_MINOR}")},
             "efi": {"type": "boolean", "description": "boot with UEFI (default false)"},
             "uefi_live_migration": {
                 "type": ["boolean", "null"],
@@ -119,6 +173,11 @@ SCHEMAS: dict[str, Schema] = {
             },
         },
         required=["name", "memory_mib"],
+        # The variable exists only in UEFI: a value for it on a guest without efi: true is a mistake
+        # the daemon refuses (400) rather than ignores.
+        **{"if": {"properties": {"uefi_live_migration": {"type": "boolean"}}, "required": ["uefi_live_migration"]},
+           "then": {"properties": {"efi": {"const": True}}, "required": ["efi"],
+                    "description": "uefi_live_migration is only meaningful with efi: true"}},
     ),
     "Workload": _object(_WORKLOAD_PROPERTIES, required=[]),
     "StartGuest": _object(
@@ -129,8 +188,9 @@ SCHEMAS: dict[str, Schema] = {
     "Empty": _object({}, description="no body, or an empty object"),
     "MigrateRequest": _object(
         {
-            "destination": {"type": "string", "minLength": 1, "maxLength": 300,
-                            "description": "HOST:PORT of the destination daemon's migration listener"},
+            "destination": {"type": "string", "minLength": 1, "maxLength": 300, "pattern": DESTINATION_PATTERN,
+                            "description": "HOST:PORT of the destination daemon's migration listener: a DNS "
+                                           "name or IPv4 address, or an IPv6 address in brackets; port 1..65535"},
             "downtime_limit_ms": {"type": ["number", "null"], "exclusiveMinimum": 0,
                                   "maximum": MAX_DOWNTIME_LIMIT_MS, "description": "default from the config"},
             "max_bandwidth_mib_s": {"type": ["number", "null"], "minimum": 0, "maximum": MAX_RATE,
@@ -143,7 +203,12 @@ SCHEMAS: dict[str, Schema] = {
         "guest": {"type": "string"},
         "role": {"type": "string", "enum": ["source", "destination"]},
         "status": {"type": "string", "enum": [s.value for s in MigrationStatus]},
-        "destination": {"type": "string", "description": "source role: where to; destination role: the peer"},
+        "destination": {"type": "string",
+                        "description": "where the guest goes (HOST:PORT); on the destination, its own address "
+                                       "as the source reached it"},
+        "source": {"type": ["string", "null"],
+                   "description": "destination role: the source's migration listener (HOST:PORT), or its "
+                                  "address if it did not say; null on the source"},
         "rounds": _COUNT,
         "bytes": _object({"transferred": _COUNT, "remaining": _COUNT, "total": _COUNT}),
         "pages": _object({k.value: _COUNT for k in PageKind}),
@@ -155,6 +220,10 @@ SCHEMAS: dict[str, Schema] = {
     }),
     "MigrationList": _object({"migrations": {"type": "array", "items": ref("Migration")}}),
 }
+# Additions to the contract's guest and migration objects: always sent, but not required, so that
+# a client checking answers against this document still accepts them from a daemon that predates them.
+for _name, _added in (("Guest", {"agent", "migrated"}), ("Migration", {"source"})):
+    SCHEMAS[_name]["required"] = [key for key in SCHEMAS[_name]["required"] if key not in _added]
 
 _JSON = "application/json"
 #: The Prometheus text exposition format served by ``GET /metrics`` (migd/daemon/metrics.py).
@@ -244,6 +313,11 @@ PATHS: dict[str, Schema] = {
         "openapi", "this document", {"200": _json_response("the OpenAPI 3.1 document", {"type": "object"})},
     )},
 }
+# GET and DELETE take no body; the daemon refuses one (migd/daemon/api.py _no_body).
+for _item in PATHS.values():
+    for _method in ("get", "delete"):
+        if _method in _item:
+            _item[_method]["responses"]["400"] = _error("a body was sent; this operation takes none")
 
 DOCUMENT: Schema = {
     "openapi": "3.1.0",
@@ -276,7 +350,7 @@ _ANNOTATIONS = frozenset({"description", "title", "default", "examples", "format
 #: The JSON Schema keywords :func:`check` implements (plus annotations it ignores).
 SUPPORTED_KEYWORDS = frozenset({
     "$ref", "type", "enum", "properties", "required", "additionalProperties", "items",
-    "minimum", "maximum", "exclusiveMinimum", "minLength", "maxLength", "pattern",
+    "minimum", "maximum", "exclusiveMinimum", "minLength", "maxLength", "pattern", "const", "if", "then", "anyOf",
 }) | _ANNOTATIONS
 
 
@@ -303,6 +377,10 @@ def _type_matches(value: Any, wanted: str) -> bool:
     actual = json_type(value)
     if wanted == "number":
         return actual in ("integer", "number") and (actual == "integer" or math.isfinite(value))
+    # An "integer" is an int here. JSON Schema also counts 875.0 as one (2020-12 validation
+    # §6.1.1); request bodies get that from decode_json in migd/daemon/api.py, which decodes every
+    # number whose exact decimal value is integral as an int, so a float that reaches this test is
+    # not integral (1.0000000000000000000001 is a float 1.0 in Python, and still no integer).
     return actual == wanted
 
 
@@ -338,6 +416,14 @@ def check(value: Any, schema: Mapping[str, Any], where: str = "", *,
             raise ConfigError(f"{label}: expected {' or '.join(types)}, got {json_type(value)} {_show(value)}")
     if "enum" in schema and value not in schema["enum"]:
         raise ConfigError(f"{label}: expected one of {schema['enum']}, got {_show(value)}")
+    if "const" in schema and not _same_json(value, schema["const"]):
+        raise ConfigError(f"{label}: expected {json.dumps(schema['const'])}, got {_show(value)}")
+    if "if" in schema and "then" in schema and _matches(value, schema["if"], where, schemas):
+        try:
+            check(value, schema["then"], where, schemas=schemas)
+        except ConfigError as exc:
+            why = schema["then"].get("description")
+            raise ConfigError(f"{label}: {why} ({exc})" if why else str(exc)) from None
     kind = json_type(value)
     if kind == "object":
         _check_object(value, schema, where, schemas)
@@ -357,7 +443,29 @@ def check(value: Any, schema: Mapping[str, Any], where: str = "", *,
         if "maxLength" in schema and len(value) > schema["maxLength"]:
             raise ConfigError(f"{label}: must be at most {schema['maxLength']} characters, got {len(value)}")
         if "pattern" in schema and not re.search(_ecma_pattern(schema["pattern"]), value):
-            raise ConfigError(f"{label}: must match {schema['pattern']}, got {_show(value)}")
+            # A long pattern (the destination's is 1.6 kB) helps nobody in an error line: say
+            # what it means instead; the document has it verbatim.
+            shown = schema["pattern"]
+            if len(shown) > 100:
+                shown = f"the pattern ({schema.get('description', 'see the OpenAPI document')})"
+            raise ConfigError(f"{label}: must match {shown}, got {_show(value)}")
+    # Last: the plain keywords above give the more precise reason when they fail too.
+    if "anyOf" in schema and not any(_matches(value, sub, where, schemas) for sub in schema["anyOf"]):
+        why = schema.get("description", f"one of {len(schema['anyOf'])} alternatives")
+        raise ConfigError(f"{label}: must be {why}, got {_show(value)}")
+
+
+def _same_json(value: Any, const: Any) -> bool:
+    """JSON equality: ``true`` is not ``1`` (Python's ``True == 1`` is)."""
+    return json_type(value) == json_type(const) and value == const
+
+
+def _matches(value: Any, schema: Mapping[str, Any], where: str, schemas: Mapping[str, Schema]) -> bool:
+    try:
+        check(value, schema, where, schemas=schemas)
+    except ConfigError:
+        return False
+    return True
 
 
 def _check_object(value: dict[str, Any], schema: Mapping[str, Any], where: str,

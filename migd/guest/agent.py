@@ -123,6 +123,7 @@ class GuestAgent:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        _quiet_wakeup_fd()
         vcpu_task: asyncio.Task[None] | None = None
         try:
             rsp = await channel.request("hello", name=guest.name, npages=guest.npages, pid=os.getpid(),
@@ -146,6 +147,7 @@ class GuestAgent:
             with contextlib.suppress(OSError, ConnectionError):
                 await writer.wait_closed()
             self.ram.close()
+            _ignore_exit_signals(loop)
         return self.exit_code
 
     def _finish(self, code: int) -> None:
@@ -232,6 +234,49 @@ class GuestAgent:
             with contextlib.suppress(OSError, ConnectionError):
                 await self._channel.writer.drain()
             self._finish(0)
+
+
+def _quiet_wakeup_fd() -> None:
+    """Keep the loop's signal wakeup fd, without the traceback when its buffer is full.
+
+    asyncio learns which signal came from the bytes in its self-pipe. A burst of signals (a
+    host or systemd repeating SIGTERM while the loop is busy) fills it, and every further one
+    printed "Exception ignored when trying to write to the signal wakeup fd: BlockingIOError".
+    Nothing is lost: the pipe already holds that signal for the loop to handle, which is why
+    CPython has ``warn_on_full_buffer=False`` (bpo-30050). The signals are blocked while the fd
+    is re-registered, so none arrives while no wakeup fd is set.
+    """
+    signums = {signal.SIGTERM, signal.SIGINT}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    try:
+        fd = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _ignore_exit_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """From here the process only exits: take SIGTERM/SIGINT away from the loop, and ignore them.
+
+    The loop's signal handlers write to its self-pipe (``signal.set_wakeup_fd``), and
+    ``loop.close()`` closes that pipe *before* it removes them (CPython
+    Lib/asyncio/unix_events.py, ``_UnixSelectorEventLoop.close``). A signal in between — the
+    host's SIGTERM right after ``shutdown``, or systemd signalling the whole control group —
+    printed "Exception ignored when trying to write to the signal wakeup fd: OSError: [Errno 9]
+    Bad file descriptor" to the daemon's log. Removing them here unsets the wakeup fd while
+    the pipe is open. The signals are blocked in this thread meanwhile, and one pending when
+    they become ignored is discarded (signal(7)); only one that another thread of the process
+    (numpy's) takes in the instant between the two calls meets the default action and ends
+    the process as SIGTERM — which is what its sender asked for.
+    """
+    signums = {signal.SIGTERM, signal.SIGINT}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    try:
+        for signum in signums:
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_IGN)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 # ---------------------------------------------------------------------- command line

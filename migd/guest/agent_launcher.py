@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,11 @@ from migd.guest.workload import WorkloadConfig
 
 #: How the agent is started by default: the same interpreter, as a module (works in a venv
 #: without the ``migd`` console script on PATH). ``("migd", "agent")`` is the installed form.
-DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "migd.guest.agent")
+#: ``-P``: ``python -m`` would put the daemon's working directory first on sys.path, and a
+#: ``concurrent.py`` or ``operator.py`` there would run inside every agent. Not ``-I``: that
+#: also drops PYTHONPATH and the other PYTHON* variables, which an operator (or a
+#: sitecustomize hook, tests/test_systemd_unit.py) sets for the daemon and its agents alike.
+DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-P", "-m", "migd.guest.agent")
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,16 @@ def launch_agent(
         with contextlib.suppress(OSError):
             os.close(write_fd)
     return AgentProcess(popen)
+
+
+def describe_exit(returncode: int) -> str:
+    """How a process ended, for people: ``killed by SIGBUS``, ``exited with status 1``."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with status {returncode}"
 
 
 def process_start_ticks(pid: int) -> int | None:

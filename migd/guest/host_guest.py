@@ -13,17 +13,20 @@ import enum
 import logging
 import re
 import shutil
-from collections.abc import Sequence
+import signal
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from migd.abi import PAGE_SIZE, MiB
-from migd.guest.agent_launcher import DEFAULT_COMMAND, AgentProcess, AgentSpec, launch_agent
+from migd.guest.agent_launcher import DEFAULT_COMMAND, AgentProcess, AgentSpec, describe_exit, launch_agent
 from migd.guest.channel import CheckReport, GuestChannel
+from migd.guest.ram_capacity import RamAccount, RamReservation
 from migd.errors import ConfigError, MigdError
 from migd.platform.memory import GuestRam
 from migd.platform.psp import PspFirmware
+from migd.guest.record_retention import Departure
 from migd.guest.vm import VmConfig, VmPlatform
 from migd.guest.workload import WorkloadConfig
 
@@ -32,6 +35,10 @@ log = logging.getLogger(__name__)
 GUEST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 MAX_MEMORY_MIB = 256 * 1024
 BOOT_TIMEOUT_S = 30.0
+#: How long an agent that answered ``shutdown`` (or whose channel just failed) gets to exit on its
+#: own before the host signals it or gives up on reading its exit status.
+AGENT_EXIT_GRACE_S = 2.0
+_T = TypeVar("_T")
 #: File in a guest directory while the guest is a not-yet-committed incoming migration:
 #: a daemon that finds it at start-up removes the partial guest (docs/design.md §8 "Invariants", 5).
 INCOMING_MARKER = "incoming"
@@ -39,6 +46,10 @@ INCOMING_MARKER = "incoming"
 
 class GuestStateError(MigdError):
     """The guest is not in a state that allows the operation (REST 409)."""
+
+
+class AgentDied(GuestStateError):
+    """The guest's agent ended while the host waited for it (connect, boot); the message says how."""
 
 
 class GuestState(str, enum.Enum):
@@ -95,6 +106,8 @@ class HostGuest:
         ram: GuestRam | None,
         state: GuestState,
         agent_command: Sequence[str] = DEFAULT_COMMAND,
+        ram_account: RamAccount | None = None,
+        ram_reservation: RamReservation | None = None,
     ) -> None:
         self.definition = definition
         self.guest_dir = guest_dir
@@ -114,6 +127,15 @@ class HostGuest:
         self._watcher: asyncio.Task[None] | None = None
         #: The agent connection that holds a staged incoming state, and that state.
         self._staged: tuple[GuestChannel, bytes] | None = None
+        #: Set once the guest has migrated away (state ``migrated``): where it went, when.
+        self.departure: Departure | None = None
+        #: Admission control of the RAM directory (None: none, engine tests), and this guest's
+        #: admission while it runs or arrives (migd/guest/ram_capacity.py).
+        self.ram_account = ram_account
+        self._ram_reservation = ram_reservation
+        #: How the last agent ended when nobody asked it to (``killed by SIGBUS``); None after a
+        #: stop the host asked for, and cleared by the next start.
+        self.agent_exit: str | None = None
 
     @property
     def name(self) -> str:
@@ -136,44 +158,67 @@ class HostGuest:
     @classmethod
     def create(
         cls, definition: GuestDefinition, *, guest_dir: Path, socket_path: Path, firmware: PspFirmware,
-        agent_command: Sequence[str] = DEFAULT_COMMAND,
+        agent_command: Sequence[str] = DEFAULT_COMMAND, ram_account: RamAccount | None = None,
     ) -> HostGuest:
-        """A new guest: empty (sparse) RAM and a launched firmware context; state ``defined``."""
-        return cls._new(definition, guest_dir, socket_path, firmware, None, GuestState.DEFINED, agent_command)
+        """A new guest: empty (sparse) RAM and a launched firmware context; state ``defined``.
+
+        InsufficientRam if its RAM would not fit now (a defined guest reserves nothing: it is
+        admitted again, for real, when it starts).
+        """
+        return cls._new(definition, guest_dir, socket_path, firmware, None, GuestState.DEFINED, agent_command,
+                        ram_account)
 
     @classmethod
     def create_incoming(
         cls, definition: GuestDefinition, *, guest_dir: Path, socket_path: Path, firmware: PspFirmware,
-        handle: int, agent_command: Sequence[str] = DEFAULT_COMMAND,
+        handle: int, agent_command: Sequence[str] = DEFAULT_COMMAND, ram_account: RamAccount | None = None,
     ) -> HostGuest:
-        """The destination side of a migration: empty RAM, the RECEIVE_START context; ``incoming``."""
-        return cls._new(definition, guest_dir, socket_path, firmware, handle, GuestState.INCOMING, agent_command)
+        """The destination side of a migration: empty RAM, the RECEIVE_START context; ``incoming``.
+
+        Its whole RAM is reserved first (InsufficientRam, before any file exists, if it does not fit):
+        the pages stream in from the source.
+        """
+        return cls._new(definition, guest_dir, socket_path, firmware, handle, GuestState.INCOMING, agent_command,
+                        ram_account)
 
     @classmethod
     def _new(
         cls, definition: GuestDefinition, guest_dir: Path, socket_path: Path, firmware: PspFirmware,
-        handle: int | None, state: GuestState, agent_command: Sequence[str],
+        handle: int | None, state: GuestState, agent_command: Sequence[str], ram_account: RamAccount | None,
     ) -> HostGuest:
-        guest_dir.mkdir(parents=True, exist_ok=False)
+        size, ram_path = definition.npages * PAGE_SIZE, guest_dir / "ram"
+        reservation = None
+        if ram_account is not None and state is GuestState.INCOMING:
+            reservation = ram_account.reserve(definition.name, size, ram_path)
+        elif ram_account is not None:
+            ram_account.check(definition.name, size, ram_path)
+        try:
+            guest_dir.mkdir(parents=True, exist_ok=False)
+        except BaseException:
+            if reservation is not None:
+                reservation.release()
+            raise
         try:
             if state is GuestState.INCOMING:
                 (guest_dir / INCOMING_MARKER).touch()
-            ram = GuestRam(guest_dir / "ram", definition.npages, create=True)
+            ram = GuestRam(ram_path, definition.npages, create=True)
             if handle is None:
                 handle = firmware.launch(definition.policy)
         except BaseException:
             shutil.rmtree(guest_dir, ignore_errors=True)
+            if reservation is not None:
+                reservation.release()
             raise
         return cls(
             definition, guest_dir=guest_dir, socket_path=socket_path, firmware=firmware, handle=handle,
-            ram=ram, state=state, agent_command=agent_command,
+            ram=ram, state=state, agent_command=agent_command, ram_account=ram_account, ram_reservation=reservation,
         )
 
     @classmethod
     def restore(
         cls, definition: GuestDefinition, *, guest_dir: Path, socket_path: Path, firmware: PspFirmware,
         handle: int, state: GuestState, workload: WorkloadConfig,
-        agent_command: Sequence[str] = DEFAULT_COMMAND,
+        agent_command: Sequence[str] = DEFAULT_COMMAND, ram_account: RamAccount | None = None,
     ) -> HostGuest:
         """A guest reloaded from the journal after a restart: its RAM file is opened, not created.
 
@@ -191,7 +236,7 @@ class HostGuest:
             ram = GuestRam(ram_path, definition.npages, create=not ram_path.exists())
         guest = cls(
             definition, guest_dir=guest_dir, socket_path=socket_path, firmware=firmware, handle=handle,
-            ram=ram, state=state, agent_command=agent_command,
+            ram=ram, state=state, agent_command=agent_command, ram_account=ram_account,
         )
         guest.workload = workload
         if ram is None:
@@ -218,16 +263,51 @@ class HostGuest:
         )
         self.agent = agent = launch_agent(spec, self.firmware.guest_key(self.handle), command=self._agent_command)
         self._watcher = asyncio.get_running_loop().create_task(self._watch_agent(agent))
-        await channel.wait_connected(BOOT_TIMEOUT_S)
+        await self._unless_agent_dies(agent, channel.wait_connected(BOOT_TIMEOUT_S), "connecting")
         return channel
+
+    async def _unless_agent_dies(self, agent: AgentProcess, awaitable: Awaitable[_T], what: str) -> _T:
+        """``await awaitable``, but if the agent exits first: AgentDied saying how, at once.
+
+        Without this a start whose agent died while booting waited the whole boot timeout
+        and then blamed a missing report.
+        """
+        waiting = asyncio.ensure_future(awaitable)
+        exited = asyncio.ensure_future(agent.wait_async(None))
+        try:
+            await asyncio.wait((waiting, exited), return_when=asyncio.FIRST_COMPLETED)
+            if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
+                return waiting.result()
+            if not exited.done():
+                # The wait failed (the channel closed, a timeout): if the agent is on its way
+                # out, its exit status follows within moments and is the better answer.
+                await asyncio.wait((exited,), timeout=AGENT_EXIT_GRACE_S)
+            if not exited.done():
+                return waiting.result()  # not the agent's death: the wait's own error
+            code = exited.result()
+        finally:
+            for future in (waiting, exited):
+                future.cancel()  # no-op once done
+            await asyncio.gather(waiting, exited, return_exceptions=True)
+        self.agent_exit = describe_exit(code)
+        raise AgentDied(f"guest {self.name}: its agent (pid {agent.pid}) {self.agent_exit} while {what}"
+                        f"{self._exit_hint(code)}")
+
+    def _exit_hint(self, code: int) -> str:
+        if code == -signal.SIGBUS:
+            # A MAP_SHARED page of a file whose filesystem is full cannot be backed: the
+            # kernel's answer to the write fault is SIGBUS (mmap(2), "SIGBUS").
+            return f" (SIGBUS: a page of its RAM file could not be allocated; is the filesystem of {self.guest_dir} full?)"
+        return ""
 
     async def _watch_agent(self, agent: AgentProcess) -> None:
         """Notice an agent that dies on its own (a crashed VM): reap it, the guest is stopped."""
         code = await agent.wait_async(None)
         if self.agent is not agent:
             return  # a stop or teardown we asked for
-        log.error("guest %s: agent pid %d exited unexpectedly (status %s); the guest is stopped",
-                  self.name, agent.pid, code)
+        self.agent_exit = describe_exit(code)
+        log.error("guest %s: agent pid %d %s unexpectedly%s; the guest is stopped",
+                  self.name, agent.pid, self.agent_exit, self._exit_hint(code))
         self.agent = None
         if self.state in (GuestState.RUNNING, GuestState.PAUSED):
             self.state = GuestState.STOPPED  # before the MSR reset: listeners see a stopped guest
@@ -235,6 +315,21 @@ class HostGuest:
         if channel is not None:
             await channel.close()
         self.vm.vcpu_reset()  # a dead vCPU has no migration-control MSR
+        self._release_ram(only_if_idle=True)
+
+    def _admit_ram(self) -> None:
+        """Reserve room for the whole RAM before the agent may populate it (InsufficientRam otherwise)."""
+        if self.ram_account is not None and self._ram_reservation is None:
+            self._ram_reservation = self.ram_account.reserve(
+                self.name, self.definition.npages * PAGE_SIZE, self.ram.path)
+
+    def _release_ram(self, *, only_if_idle: bool = False) -> None:
+        """Give the admission back; ``only_if_idle``: not while pages may still come (running, incoming)."""
+        if only_if_idle and self.state in (GuestState.RUNNING, GuestState.PAUSED, GuestState.INCOMING):
+            return
+        reservation, self._ram_reservation = self._ram_reservation, None
+        if reservation is not None:
+            reservation.release()
 
     async def start(
         self, workload: WorkloadConfig | None = None, *, timeout: float = BOOT_TIMEOUT_S,
@@ -247,11 +342,15 @@ class HostGuest:
         """
         self._require(GuestState.DEFINED, GuestState.STOPPED)
         self.workload = workload or WorkloadConfig()
+        self.agent_exit = None
+        self._admit_ram()  # no await before it: the check and the reservation are one step
         try:
             channel = await self._spawn_agent(incoming=False, unsafe_kexec_keep_msr=unsafe_kexec_keep_msr)
-            await channel.wait_event("booted", timeout, since=0)
+            assert self.agent is not None
+            await self._unless_agent_dies(self.agent, channel.wait_event("booted", timeout, since=0), "booting")
         except BaseException:
             await self._teardown_agent()
+            self._release_ram()
             raise
         self.state = GuestState.RUNNING
 
@@ -304,12 +403,20 @@ class HostGuest:
     async def stop(self, *, timeout: float = 10.0) -> None:
         """Shut the guest down (its offline path writes MSR 0) and stop the agent."""
         self._require(GuestState.RUNNING, GuestState.PAUSED)
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()  # from here the agent's exit is one we asked for, not a crash to report
         if self.channel is not None and self.channel.connected:
             with contextlib.suppress(MigdError, TimeoutError):
                 await self.channel.shutdown(timeout=timeout)
+                # The agent exits on its own once it has answered: a SIGTERM now would only
+                # land in the middle of its interpreter's exit.
+                if self.agent is not None:
+                    await self.agent.wait_async(AGENT_EXIT_GRACE_S)
         await self._teardown_agent(timeout)
         self.vm.vcpu_reset()
         self.state = GuestState.STOPPED
+        self._release_ram()
 
     async def reboot(self) -> None:
         """vCPU reset (MSR → 0) and reboot; the guest re-runs its boot path."""
@@ -365,6 +472,7 @@ class HostGuest:
         copy may be the only one, so shutting down must not discard it (a restart asks).
         """
         await self._teardown_agent()
+        self._release_ram()  # unmapped: nothing populates it until a restart decides its fate
         ram, self._ram = self._ram, None
         if ram is not None:
             ram.close()
@@ -375,6 +483,7 @@ class HostGuest:
         self._release_memory()
 
     def _release_memory(self) -> None:
+        self._release_ram()
         ram, self._ram = self._ram, None
         if ram is not None:
             ram.close()
@@ -395,7 +504,11 @@ class HostGuest:
     def to_json(self) -> dict[str, Any]:
         """The REST guest object (docs/design.md §9 "External contract")."""
         check = self.last_check
-        shared = self.vm.shared_bitmap.count()
+        gone = self.state is GuestState.MIGRATED
+        # A migrated guest has no memory, bitmap or MSR here: the last values would read as a
+        # guest still ready to migrate, with page counts of a RAM that is gone.
+        shared = 0 if gone else self.vm.shared_bitmap.count()
+        private = 0 if gone else self.definition.npages - shared
         return {
             "name": self.name,
             "state": self.state.value,
@@ -404,14 +517,19 @@ class HostGuest:
             "migration_control": {
                 "feature": self.vm.config.cpuid_migration_control,
                 "msr": self.vm.msr_migration_control,
-                "ready": self.vm.migration_ready,
+                "ready": self.vm.migration_ready and not gone,
             },
-            "pages": {"total": self.definition.npages, "private": self.definition.npages - shared, "shared": shared},
+            "pages": {"total": self.definition.npages, "private": private, "shared": shared},
             "check": {
                 "pages_verified": check.pages_verified if check else 0,
                 "errors": check.errors if check else 0,
                 "last_error": check.first_error if check else None,
             },
+            "agent": {
+                "pid": agent.pid if (agent := self.agent) is not None and agent.poll() is None else None,
+                "exit": self.agent_exit,
+            },
+            "migrated": self.departure.to_json() if gone and self.departure is not None else None,
         }
 
 

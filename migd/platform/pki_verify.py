@@ -21,6 +21,7 @@ and every parse failure surfaces as :class:`~migd.errors.CertificateError`.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import os
 import ssl
 from collections.abc import Iterable, Sequence
@@ -39,6 +40,7 @@ __all__ = [
     "MAX_PEM_FILE",
     "PDH_CURVE",
     "PDH_MARKER_OID",
+    "TlsProblem",
     "certificate_extension",
     "certificate_pem",
     "check_is_ca",
@@ -49,6 +51,8 @@ __all__ = [
     "load_certificate_file",
     "load_private_key_file",
     "load_trust_anchors",
+    "read_limited",
+    "tls_problem",
     "tls_client_context",
     "tls_server_context",
     "verify_pdh_certificate",
@@ -84,6 +88,73 @@ _MALFORMED = (
 _ALLOWED_SIGNATURE_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
 
 _Ext = TypeVar("_Ext", bound=x509.ExtensionType)
+
+# OpenSSL's X509_V_ERR_* verify codes (include/openssl/x509_vfy.h), as
+# ssl.SSLCertVerificationError.verify_code carries them.
+X509_V_ERR_CERT_NOT_YET_VALID = 9
+X509_V_ERR_CERT_HAS_EXPIRED = 10
+X509_V_ERR_INVALID_PURPOSE = 26
+X509_V_ERR_HOSTNAME_MISMATCH = 62
+#: "Not issued by a CA this side trusts": no issuer among the trusted certificates (2, 20, 21),
+#: a self-signed certificate or chain root that is not one of them (18, 19), a signature that
+#: does not verify under the issuer's key (7).
+UNKNOWN_ISSUER_VERIFY_CODES = frozenset({2, 7, 18, 19, 20, 21})
+
+
+class TlsProblem(enum.Enum):
+    """Why a TLS handshake between two daemons failed, as OpenSSL reports it (either side)."""
+
+    NO_CERTIFICATE = "no-certificate"  # the peer presented none (we required one)
+    UNKNOWN_CA = "unknown-ca"  # the peer's certificate is not issued by our tls.ca
+    EXPIRED = "expired"  # the peer's certificate is past its notAfter
+    NOT_YET_VALID = "not-yet-valid"  # the peer's certificate is before its notBefore
+    WRONG_PURPOSE = "wrong-purpose"  # its ExtendedKeyUsage lacks serverAuth / clientAuth
+    NAME_MISMATCH = "name-mismatch"  # the destination's certificate does not name the host we dialled
+    BAD_CERTIFICATE = "bad-certificate"  # any other verify failure of the peer's certificate
+    REFUSED_BY_PEER = "refused-by-peer"  # the peer sent an alert about our certificate
+    VERSION = "version"  # no common TLS version (migd speaks 1.3 only)
+    NOT_TLS = "not-tls"  # the bytes that came are not TLS (plain TCP, HTTP)
+    OTHER = "other"
+
+
+# OpenSSL reason codes (the ``reason`` attribute of ssl.SSLError; include/openssl/sslerr.h).
+_NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "UNKNOWN_PROTOCOL",
+                              "PACKET_LENGTH_TOO_LONG"})
+_VERSION_REASONS = frozenset({"UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE", "VERSION_TOO_LOW",
+                              "TLSV1_ALERT_PROTOCOL_VERSION", "WRONG_SSL_VERSION"})
+# Alerts the peer sends when it refuses the certificate we presented (received: "<...>_ALERT_<name>").
+_REFUSED_ALERTS = ("_ALERT_CERTIFICATE_REQUIRED", "_ALERT_UNKNOWN_CA", "_ALERT_BAD_CERTIFICATE",
+                   "_ALERT_CERTIFICATE_EXPIRED", "_ALERT_UNSUPPORTED_CERTIFICATE", "_ALERT_CERTIFICATE_UNKNOWN",
+                   "_ALERT_CERTIFICATE_REVOKED", "_ALERT_DECRYPT_ERROR", "_ALERT_ACCESS_DENIED")
+_VERIFY_PROBLEMS = {
+    X509_V_ERR_CERT_NOT_YET_VALID: TlsProblem.NOT_YET_VALID,
+    X509_V_ERR_CERT_HAS_EXPIRED: TlsProblem.EXPIRED,
+    X509_V_ERR_INVALID_PURPOSE: TlsProblem.WRONG_PURPOSE,
+    X509_V_ERR_HOSTNAME_MISMATCH: TlsProblem.NAME_MISMATCH,
+    **{code: TlsProblem.UNKNOWN_CA for code in UNKNOWN_ISSUER_VERIFY_CODES},
+}
+
+
+def tls_problem(reason: str | None, verify_code: int | None = None) -> TlsProblem:
+    """Classify a failed TLS handshake from OpenSSL's reason code and, if any, its verify code.
+
+    ``reason`` is ``ssl.SSLError.reason`` (e.g. ``PEER_DID_NOT_RETURN_A_CERTIFICATE``);
+    ``verify_code`` is ``ssl.SSLCertVerificationError.verify_code``. Codes, not message
+    prose, so that OpenSSL rewording a message changes nothing.
+    """
+    if reason == "CERTIFICATE_VERIFY_FAILED" or verify_code:
+        return _VERIFY_PROBLEMS.get(verify_code or 0, TlsProblem.BAD_CERTIFICATE)
+    if reason is None:
+        return TlsProblem.OTHER
+    if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return TlsProblem.NO_CERTIFICATE
+    if reason in _VERSION_REASONS:
+        return TlsProblem.VERSION
+    if reason in _NOT_TLS_REASONS:
+        return TlsProblem.NOT_TLS
+    if reason.endswith(_REFUSED_ALERTS):
+        return TlsProblem.REFUSED_BY_PEER
+    return TlsProblem.OTHER
 
 
 def load_trust_anchors(paths: Iterable[str | os.PathLike[str]]) -> list[x509.Certificate]:
@@ -163,12 +234,12 @@ def tls_client_context(
 
 def load_certificate_file(path: Path, what: str) -> x509.Certificate:
     """Exactly one well-formed PEM certificate from ``path`` (at most :data:`MAX_PEM_FILE` bytes)."""
-    return _parse_one_pem(_read_limited(path, MAX_PEM_FILE, what), f"{what} {path}")
+    return _parse_one_pem(read_limited(path, MAX_PEM_FILE, what), f"{what} {path}")
 
 
 def load_certificate_bundle(path: Path, what: str) -> list[x509.Certificate]:
     """Every PEM certificate in ``path`` (at least one; at most :data:`MAX_PEM_FILE` bytes)."""
-    data = _read_limited(path, MAX_PEM_FILE, what)
+    data = read_limited(path, MAX_PEM_FILE, what)
     try:
         return x509.load_pem_x509_certificates(data)
     except _MALFORMED as exc:
@@ -177,7 +248,7 @@ def load_certificate_bundle(path: Path, what: str) -> list[x509.Certificate]:
 
 def load_private_key_file(path: Path, curve: type[ec.EllipticCurve], what: str) -> ec.EllipticCurvePrivateKey:
     """An unencrypted PEM EC private key on ``curve`` from ``path``; ``CertificateError`` otherwise."""
-    data = _read_limited(path, MAX_PEM_FILE, what)
+    data = read_limited(path, MAX_PEM_FILE, what)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
@@ -343,7 +414,8 @@ def _usage_names(usage: x509.KeyUsage | None) -> str:
     return ", ".join(flag for flag in flags if getattr(usage, flag)) or "no usage bits"
 
 
-def _read_limited(path: Path, limit: int, what: str) -> bytes:
+def read_limited(path: Path, limit: int, what: str) -> bytes:
+    """At most ``limit`` bytes of ``path`` (``what`` names it in errors); CertificateError if larger or unreadable."""
     try:
         with path.open("rb") as handle:
             data = handle.read(limit + 1)

@@ -58,11 +58,11 @@ def test_a_migration_driven_only_through_rest_completes_with_a_clean_self_check(
 
         status, metrics = a.request("GET", "/metrics")
         assert status == 200
-        assert _sample(metrics, 'migd_migrations{role="source",status="completed"}') == 1
+        assert _sample(metrics, 'migd_migrations_total{role="source",result="completed"}') == 1
         assert _sample(metrics, 'migd_migration_bytes_total{role="source",kind="private"}') > 0
         assert _sample(metrics, "migd_migration_downtime_seconds_count") == 1
         status, metrics = b.request("GET", "/metrics")
-        assert _sample(metrics, 'migd_migrations{role="destination",status="completed"}') == 1
+        assert _sample(metrics, 'migd_migrations_total{role="destination",result="completed"}') == 1
         assert _sample(metrics, 'migd_guests{state="running"}') == 1
 
         assert b.stop() == 0 and a.stop() == 0  # SIGTERM: clean exit with the guest running on B

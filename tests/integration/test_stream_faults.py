@@ -760,7 +760,7 @@ def test_attacker_renames_the_guest_in_hello_without_tls(tmp_path: Path) -> None
         (F.SESSION, UP, "handshake within 3 s (await-session-ack)"),
         (F.SHARED_BITMAP, UP, "the shared-page bitmap"),
         (F.VCPU_STATE, UP, "unexpected Prepare"),
-        (F.PREPARE, UP, "in stop-and-copy (await-prepared)"),
+        (F.PREPARE, UP, "no PREPARED from the destination within"),
         (F.WELCOME, DOWN, "handshake within 3 s (await-welcome)"),
         (F.SESSION_ACK, DOWN, "handshake within 3 s (await-session-ack)"),
     ],
@@ -808,4 +808,4 @@ def test_tls_fails_the_stream(tmp_path: Path, fault: Fault) -> None:
     assert outcome.records and outcome.records[0].frame is not None
     assert outcome.records[0].frame.payload_len >= 8000
     outcome.assert_rolled_back()
-    assert dest_saw(outcome, "SSL")
+    assert dest_saw(outcome, "TLS record rejected")
