@@ -80,6 +80,8 @@ class IncomingMigration:
         self.host = host
         self.proto = proto
         self.peer = peer
+        #: Why this side refused the peer before it authenticated (the listener counts it), if it did.
+        self.refused_before_authentication: str | None = None
         self.start_timeout_s = start_timeout_s
         self.resolve_timeout_s = resolve_timeout_s
         self.client_ssl = client_ssl
@@ -413,7 +415,14 @@ class IncomingMigration:
 
     async def _fail(self, reason: str) -> None:
         session, progress = self.session, self.progress
-        log.warning("incoming migration from=%s failed: %s", self.peer, printable(reason, 1024))
+        if not self.proto.authenticated.is_set():
+            # An unauthenticated peer: the listener counts and logs it, rate-limited, so that a
+            # flood of forged HELLOs or SESSIONs cannot flood the log (Refusal.SESSION_REFUSED).
+            self.refused_before_authentication = printable(reason, 1024)
+            log.debug("incoming connection from=%s refused before authentication: %s", self.peer,
+                      self.refused_before_authentication)
+        else:
+            log.warning("incoming migration from=%s failed: %s", self.peer, printable(reason, 1024))
         if self.proto.close_reason is None:
             try:
                 self.proto.write(session.abort(reason))

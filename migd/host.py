@@ -173,8 +173,9 @@ class Host:
         if guest.state in (GuestState.RUNNING, GuestState.PAUSED, GuestState.INCOMING):
             raise GuestStateError(f"guest {name} is {guest.state.value}; stop it first")
         await guest.destroy()
-        del self.guests[name]
-        self._forget(name)
+        if self.guests.get(name) is guest:  # a prune may have dropped the record meanwhile
+            del self.guests[name]
+            self._forget(name)
 
     async def discard(self, name: str) -> None:
         """Remove every trace of a guest whatever its state (failed incoming migration)."""
@@ -289,7 +290,11 @@ class Host:
 
     def prune_migrated(self, now: float, *, keep_s: float, keep_count: int) -> list[str]:
         """Drop ``migrated`` records past the retention (``now`` is ``time.monotonic()``); their names."""
-        departures = {name: g.departure for name, g in self.guests.items() if g.state is GuestState.MIGRATED}
+        # Only records with nothing left here: one that keeps its RAM (the destination never
+        # confirmed the start) may be the only copy, and one still leaving is being torn down.
+        departures = {name: g.departure for name, g in self.guests.items()
+                      if g.state is GuestState.MIGRATED and not g.has_memory and g.agent is None
+                      and not g.busy.locked()}
         dropped = expired(departures, now, keep_s=keep_s, keep_count=keep_count)
         for name in dropped:
             del self.guests[name]

@@ -93,6 +93,9 @@ class Refusal(enum.StrEnum):
     TLS_NOT_TLS = "tls-not-tls"  # plain TCP (a migd without [tls], HTTP, garbage) on the TLS port
     TLS_HANDSHAKE = "tls-handshake"  # the TLS handshake failed otherwise
     PROTOCOL_ERROR = "protocol-error"  # a frame refused before authentication (malformed, too large)
+    #: The session refused the peer before it authenticated: another protocol version or transport
+    #: mode, a replayed session, a SESSION that does not verify (a forged or foreign source).
+    SESSION_REFUSED = "session-refused"
     CLOSED_BEFORE_AUTHENTICATION = "closed-before-authentication"  # the peer closed or reset it
 
 
@@ -405,7 +408,7 @@ class MigrationListener:
         finally:
             watch.cancel()
         if not proto.authenticated.is_set() and connection.refused is None:
-            self._ended_before_authentication(connection)
+            self._ended_before_authentication(connection, incoming.refused_before_authentication)
         return progress
 
     async def _watch(self, connection: _Connection, serving: asyncio.Task[MigrationProgress | None]) -> None:
@@ -449,16 +452,17 @@ class MigrationListener:
             connection.settled = True
             self._pending -= 1
 
-    def _ended_before_authentication(self, connection: _Connection) -> None:
-        """The session ended before authentication: count it, unless this side ended it on purpose.
-
-        A RESOLVE answered or a HELLO refused with ABORT is the session's decision, not a refusal.
-        """
+    def _ended_before_authentication(self, connection: _Connection, session_refusal: str | None) -> None:
+        """The session ended before authentication: count it, unless it ended as it should (a
+        RESOLVE answered). ``session_refusal``: why the session refused the peer, if it did; counted
+        and logged here, rate-limited, as every other refusal of an unauthenticated peer."""
         proto = connection.proto
         assert proto is not None
         reason = proto.close_reason
         if isinstance(reason, ProtocolError):
             self._refuse_connection(connection, Refusal.PROTOCOL_ERROR, str(reason))
+        elif session_refusal is not None:
+            self._refuse_connection(connection, Refusal.SESSION_REFUSED, session_refusal)
         elif proto.closed_by_peer:
             self._refuse_connection(connection, Refusal.CLOSED_BEFORE_AUTHENTICATION, str(reason))
 

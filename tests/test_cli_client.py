@@ -206,6 +206,31 @@ def test_token_file_open_to_other_users_is_refused_by_client_and_daemon_alike(
     assert f"(mode {mode:04o}); run `chmod 600 {token}`" in text
 
 
+def test_a_token_path_that_is_not_a_small_regular_file_is_refused_without_reading_it(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 10_000)
+    big.chmod(0o600)
+    cases = [(fifo, "is not a regular file"), (Path("/dev/zero"), "is not a regular file"),
+             (big, "is larger than 4096 bytes")]
+    for path, why in cases:  # a FIFO would block a plain open, /dev/zero would fill memory
+        with pytest.raises(ConfigError, match=why):
+            read_token(path)
+    # Negative control: the same token, small and regular, is read.
+    big.write_text(f"secret-{TOKEN}\n")
+    assert read_token(big) == f"secret-{TOKEN}"
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0"])
+def test_api_timeout_must_be_a_finite_positive_number(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--api-timeout", value, "guest", "list"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--api-timeout" in err and "Traceback" not in err, err
+
+
 def test_api_url_forms() -> None:
     assert parse_api_url("https://migd.example:8443/").base_url == "https://migd.example:8443"
     assert parse_api_url("10.1.2.3:8470").base_url == "http://10.1.2.3:8470"

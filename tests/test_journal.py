@@ -554,3 +554,46 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("reused", [True, False], ids=["new-guest-of-that-name", "negative-control-same-guest"])
+def test_a_restart_does_not_take_a_new_guest_for_one_that_left_under_its_name(
+    tmp_path: Path, make_firmware: Callable[..., PspFirmware], reused: bool,
+) -> None:
+    """g1 migrates away, its record goes (retention or a delete), a new g1 runs here; a restart
+    must keep the new one. Control: the guest that left, its commit journaled before its own row
+    says so (a crash between the two), is still released as migrated."""
+    host, journal = _host(tmp_path, make_firmware)
+    old = host.create_guest(GuestDefinition("g1", 1))
+    left = _progress("g1", status=S.STOP_COPY)
+    host.add_migration(left)
+    journal.record_commit(left)
+    left.phase.commit()
+    if reused:
+        left.phase.advance(S.COMPLETED, time.monotonic())
+        old.state = GuestState.MIGRATED
+        old._release_memory()
+        host.journal_guest(old)
+        time.sleep(0.01)  # the new row is created after the migration started (wall clock)
+        assert host.prune_migrated(time.monotonic() + 10**6, keep_s=86_400, keep_count=100) == ["g1"]
+        guest = host.create_guest(GuestDefinition("g1", 1))
+    else:
+        guest = old
+    secret = os.urandom(PAGE_SIZE)
+    MemoryEncryption(host.firmware.guest_key(guest.handle)).write_private(guest.ram, 0, secret)
+    guest.state = GuestState.RUNNING
+    host.journal_guest(guest)
+    handle = guest.handle
+    journal.close()  # the crash
+
+    host, journal = _host(tmp_path, make_firmware)
+    asyncio.run(recover(host, journal))
+    restored = host.get("g1")
+    if reused:
+        assert restored.state is GuestState.STOPPED and restored.has_memory, restored.state
+        assert restored.handle == handle and handle in host.firmware.guest_handles()
+        assert bytes(MemoryEncryption(host.firmware.guest_key(handle)).read_private(restored.ram, 0, 1)) == secret
+    else:
+        assert restored.state is GuestState.MIGRATED and not restored.has_memory
+        assert handle not in host.firmware.guest_handles()
+    journal.close()

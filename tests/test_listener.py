@@ -35,6 +35,7 @@ from migd.platform import identity
 from migd.errors import MigdError
 from migd.host import Host
 from migd.listener import MigrationListener, Refusal
+from migd.messages import GuestSpec
 from migd.platform.pki_verify import tls_client_context, tls_server_context
 from migd.platform.psp import PspFirmware
 from migd.stream import MAX_FRAME_BEFORE_AUTHENTICATION, FrameProtocol
@@ -645,3 +646,48 @@ def test_a_flood_of_one_refusal_does_not_hide_another(log_class: type, caplog: p
     assert logged == (log_class is listener._RefusalLog)
     refusals.flush()
     assert "reason=tls-not-tls suppressed=49" in caplog.text or log_class is _GlobalRefusalLog
+
+
+@pytest.mark.parametrize("former", [False, True], ids=["listener", "negative-control-former-session-log"])
+def test_hellos_the_session_refuses_are_counted_and_their_log_is_bounded(
+    host: Host, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, former: bool,
+) -> None:
+    """Twenty unauthenticated HELLOs of another protocol version: each is counted as
+    ``session-refused``, the log says so once per 5 s (not once per connection)."""
+    if former:  # the session logged every refusal itself, and the listener counted none
+        original = dest.IncomingMigration._fail
+
+        async def fail_as_before(self: dest.IncomingMigration, reason: str) -> None:
+            logging.getLogger("migd.dest").warning("incoming migration from=%s failed: %s", self.peer, reason)
+            await original(self, reason)
+            self.refused_before_authentication = None
+
+        monkeypatch.setattr(dest.IncomingMigration, "_fail", fail_as_before)
+    n = 20
+
+    async def main() -> MigrationListener:
+        lst = MigrationListener(host, handshake_timeout_s=5)
+        port = await lst.start("127.0.0.1", 0)
+        try:
+            for i in range(n):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                hello = wire.Hello(f"m{i}", GuestSpec("g1", 256, 0), host.firmware.transport_mode.value, version=99)
+                writer.write(wire.encode_bytes(hello, 0))
+                await writer.drain()
+                await asyncio.wait_for(_until_closed(reader), 5)
+                writer.close()
+            await settled(lst)
+        finally:
+            await lst.close()
+        return lst
+
+    with caplog.at_level(logging.WARNING):
+        lst = asyncio.run(main())
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    if former:
+        assert lst.refused[Refusal.SESSION_REFUSED] == 0 and len(warnings) >= n, len(warnings)
+        return
+    assert lst.refused[Refusal.SESSION_REFUSED] == n, dict(lst.refused)
+    assert len(warnings) <= 2, [r.getMessage() for r in warnings]
+    assert "reason=session-refused" in warnings[0].getMessage()
+    assert "protocol version mismatch" in warnings[0].getMessage()

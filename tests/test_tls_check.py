@@ -37,13 +37,14 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def make_ca(directory: Path, common_name: str = "owner CA") -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, Path]:
+def make_ca(directory: Path, common_name: str = "owner CA", *, path_length: int | None = 0
+            ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, Path]:
     """A self-signed CA (cert written to ``directory/ca.pem``)."""
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(_name(common_name))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW + dt.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
             .sign(key, hashes.SHA256()))
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "ca.pem"
@@ -170,3 +171,38 @@ def test_a_ca_file_that_is_not_a_ca_is_refused(tmp_path: Path) -> None:
     case = build_case("good", tmp_path)
     with pytest.raises(CertificateError, match="not by a CA in tls.ca"):
         check_tls_identity(case.cert, case.cert, case.key)
+
+
+def _intermediate(root: tuple[x509.Certificate, ec.EllipticCurvePrivateKey, Path], *, ca: bool = True
+                  ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, Path]:
+    """An intermediate CA (or, ``ca=False``, a certificate posing as one) under ``root``."""
+    root_cert, root_key, path = root
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(_name("issuing CA")).issuer_name(root_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW + dt.timedelta(days=365))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .sign(root_key, hashes.SHA256()))
+    return cert, key, path
+
+
+@pytest.mark.parametrize(("carried", "intermediate_is_ca", "refused"), [
+    (True, True, None),  # root → issuing CA → host, the file carries the issuing CA: a peer accepts it
+    (False, True, "is issued by 'CN=issuing CA', not by a CA in tls.ca"),  # control: without it, no path
+    (True, False, "expected a CA certificate"),  # control: an "intermediate" that is no CA makes no path
+    ("root-path-length-0", True, r"allows 0 intermediate CA\(s\) below it"),  # control: the root forbids one
+])
+def test_a_chain_through_an_intermediate_the_file_carries(
+    tmp_path: Path, carried: bool | str, intermediate_is_ca: bool, refused: str | None,
+) -> None:
+    root = make_ca(tmp_path / "ca", path_length=0 if carried == "root-path-length-0" else None)
+    issuing = _intermediate(root, ca=intermediate_is_ca)
+    cert, key = make_host(tmp_path / "host", issuing)
+    if carried:
+        cert.write_bytes(cert.read_bytes() + issuing[0].public_bytes(serialization.Encoding.PEM))
+    if refused is None:
+        check_tls_identity(root[2], cert, key)
+        tls_server_context(root[2], cert, key)  # and OpenSSL loads the same files
+        return
+    with pytest.raises(CertificateError, match=refused):
+        check_tls_identity(root[2], cert, key)

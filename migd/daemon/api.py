@@ -95,7 +95,10 @@ def _json_number(text: str) -> int | float:
     # "integer" promises, whichever spelling the client chose. Decimal keeps it exact (float()
     # would round 9007199254740993.0), and the range test comes first so that 1e999999 is never
     # expanded into a million-digit int.
-    exact = decimal.Decimal(text)
+    try:
+        exact = decimal.Decimal(text)
+    except decimal.InvalidOperation:  # an exponent beyond the context's Emax/Emin (1e99999999999999999999)
+        raise ValueError(f"number {text[:30]}{'...' if len(text) > 30 else ''} is out of range") from None
     if exact.copy_abs() <= MAX_JSON_INT and exact == exact.to_integral_value():
         return int(exact)
     value = float(text)
@@ -187,7 +190,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             if isinstance(exc, kind):
                 return error_response(status, str(exc) or type(exc).__name__)
         log.exception("unexpected error method=%s path=%s", request.method, request.path)
-        return error_response(500, f"{type(exc).__name__}: {exc} (the daemon's log has the traceback)")
+        # The client gets no internals (class names, paths in the text): the log has them.
+        return error_response(500, "internal error handling this request: the daemon's log has the traceback")
 
 
 @web.middleware

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,8 @@ class Config:
 #: Mode bits a token file must not have: readable by every user, or writable by anyone but its
 #: owner. Group-readable is allowed (root:migd 0640, systemd/migd.sysusers.conf).
 TOKEN_FORBIDDEN_MODE = 0o026
+#: A token file holds one line; more is a wrong path (a log, /dev/zero), not read into memory.
+MAX_TOKEN_FILE = 4096
 
 
 def read_token(path: Path) -> str:
@@ -126,11 +129,16 @@ def read_token(path: Path) -> str:
     (or replace) is refused, not warned about: it is the key to the whole API.
     """
     try:
-        with path.open("rb") as file:
+        # O_NONBLOCK: a FIFO at that path must not block the open; it is refused below.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as file:
             mode = os.fstat(file.fileno()).st_mode  # of the file read, not of a path swapped meanwhile
-            raw = file.read()
+            if not stat.S_ISREG(mode):
+                raise ConfigError(f"api.token_file: {path} is not a regular file")
+            raw = file.read(MAX_TOKEN_FILE + 1)
     except OSError as exc:
         raise ConfigError(f"api.token_file: cannot read {path}: {exc.strerror}") from None
+    if len(raw) > MAX_TOKEN_FILE:
+        raise ConfigError(f"api.token_file: {path} is larger than {MAX_TOKEN_FILE} bytes; it holds one token")
     if mode & TOKEN_FORBIDDEN_MODE:
         who = ("readable by every user, so anyone on this host could use the API" if mode & 0o004
                else "writable by other users, so they could replace the token")

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Final
 from migd.errors import MigdError
 from migd.guest.agent_launcher import process_start_ticks
 from migd.guest.host_guest import INCOMING_MARKER, GuestState
-from migd.journal import Journal, MigrationRecord, restore_progress
+from migd.journal import GuestRecord, Journal, MigrationRecord, restore_progress
 from migd.migration_state import MigrationStatus
 from migd.resolve import ask_source
 from migd.dest_session import DestinationSession
@@ -149,6 +149,19 @@ def _latest_by_guest(records: Iterable[MigrationRecord]) -> dict[str, MigrationR
     return latest
 
 
+def _about(migration: MigrationRecord | None, guest: GuestRecord) -> MigrationRecord | None:
+    """``migration`` if it can be about this guest row, else None.
+
+    Migrations are matched by name. A guest migrates out only after its row exists, so an
+    outgoing migration that started before the row was created was another guest's of the same
+    name (one that left, whose record was then deleted or expired): taken for this one, it would
+    release a guest that runs only here. An incoming migration creates its row, so it is kept.
+    """
+    if migration is not None and migration.role == "source" and migration.started_at < guest.created_at:
+        return None
+    return migration
+
+
 async def recover(host: Host, journal: Journal, *, client_ssl: ssl.SSLContext | None = None,
                   resolve_timeout_s: float = RESOLVE_TIMEOUT_S,
                   resolve_interval_s: float = RESOLVE_INTERVAL_S) -> RecoveryReport:
@@ -197,7 +210,7 @@ async def recover(host: Host, journal: Journal, *, client_ssl: ssl.SSLContext | 
             unrecoverable.append(record.name)
             continue
         guest_dir = host.guest_dir(record.name)
-        fate = guest_fate(record.state, latest.get(record.name), dir_exists=guest_dir.is_dir(),
+        fate = guest_fate(record.state, _about(latest.get(record.name), record), dir_exists=guest_dir.is_dir(),
                           marker=(guest_dir / INCOMING_MARKER).exists())
         if fate is Fate.IN_DOUBT:
             migration = doubtful[record.name]

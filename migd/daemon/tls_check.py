@@ -48,16 +48,46 @@ def check_tls_identity(ca: Path, cert: Path, key: Path, *, now: dt.datetime | No
     authorities = load_certificate_bundle(ca, "tls.ca")
     # A certificate file may carry intermediates after the leaf; the leaf comes first (as OpenSSL
     # reads it in load_cert_chain).
-    leaf = load_certificate_bundle(cert, "tls.cert")[0]
+    leaf, *intermediates = load_certificate_bundle(cert, "tls.cert")
     what = f"tls.cert {cert}"
-    _check_issuer(leaf, authorities, ca, what, at)
+    _check_chain(leaf, intermediates, authorities, ca, what, at)
     _check_validity(leaf, what, at)
     _check_key(leaf, cert, key)
     _check_purposes(leaf, what)
 
 
+def _check_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
+                 authorities: Sequence[x509.Certificate], ca: Path, what: str, at: dt.datetime) -> None:
+    """From ``leaf`` through the intermediates the file carries up to a CA in ``tls.ca``, as a peer
+    that trusts ``tls.ca`` builds the path (each intermediate used at most once: no loop)."""
+    current, label, unused, below = leaf, what, list(intermediates), 0
+    while not any(authority.subject == current.issuer for authority in authorities):
+        step = next((c for c in unused if c.subject == current.issuer), None)
+        if step is None:
+            break  # _check_issuer names the missing issuer
+        unused.remove(step)
+        step_label = f"{what} (intermediate {step.subject.rfc4514_string()!r})"
+        try:
+            current.verify_directly_issued_by(step)
+        except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise CertificateError(f"{label} is not signed by the intermediate {step_label} that names it") from exc
+        check_is_ca(step, step_label)
+        _check_path_length(step, below, step_label)
+        _check_validity(step, step_label, at)
+        current, label, below = step, step_label, below + 1
+    _check_issuer(current, authorities, ca, label, at, below)
+
+
+def _check_path_length(authority: x509.Certificate, below: int, what: str) -> None:
+    """RFC 5280 §4.2.1.9: a CA's pathLenConstraint bounds the intermediate CAs that may follow it."""
+    constraints = certificate_extension(authority, x509.BasicConstraints)
+    if constraints is not None and constraints.path_length is not None and below > constraints.path_length:
+        raise CertificateError(f"{what} allows {constraints.path_length} intermediate CA(s) below it "
+                               f"(pathLenConstraint), the chain has {below}")
+
+
 def _check_issuer(leaf: x509.Certificate, authorities: Sequence[x509.Certificate], ca: Path, what: str,
-                  at: dt.datetime) -> None:
+                  at: dt.datetime, below: int = 0) -> None:
     issuer = leaf.issuer.rfc4514_string()
     candidates = [authority for authority in authorities if authority.subject == leaf.issuer]
     if not candidates:
@@ -75,6 +105,7 @@ def _check_issuer(leaf: x509.Certificate, authorities: Sequence[x509.Certificate
             continue
         try:
             check_is_ca(authority, f"tls.ca {ca} ({issuer!r})")
+            _check_path_length(authority, below, f"tls.ca {ca} ({issuer!r})")
             _check_validity(authority, f"tls.ca {ca} ({issuer!r})", at)
         except CertificateError as exc:
             problems.append(str(exc))

@@ -127,6 +127,7 @@ class HostGuest:
         self._watcher: asyncio.Task[None] | None = None
         #: The agent connection that holds a staged incoming state, and that state.
         self._staged: tuple[GuestChannel, bytes] | None = None
+        self._memory_released = False
         #: Set once the guest has migrated away (state ``migrated``): where it went, when.
         self.departure: Departure | None = None
         #: Admission control of the RAM directory (None: none, engine tests), and this guest's
@@ -483,6 +484,11 @@ class HostGuest:
         self._release_memory()
 
     def _release_memory(self) -> None:
+        # Once only: the paths are the name's, and after a first release (a delete racing a
+        # departure's teardown) they may already belong to a guest of that name that came back.
+        if self._memory_released:
+            return
+        self._memory_released = True
         self._release_ram()
         ram, self._ram = self._ram, None
         if ram is not None:
