@@ -45,8 +45,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_daemon(root: Path, name: str) -> Daemon:
-    """A Daemon from a validated config: identity under root/ca, token file, ephemeral ports."""
+def make_daemon(root: Path, name: str, **tables: dict[str, Any]) -> Daemon:
+    """A Daemon from a validated config: identity under root/ca, token file, ephemeral ports;
+    ``tables``: more config tables (e.g. ``guests={"ram_dir": ...}``)."""
     state = root / name
     identity.init_host(state, root / "ca", common_name=name)
     token_file = state / "api.token"
@@ -57,6 +58,7 @@ def make_daemon(root: Path, name: str) -> Daemon:
         "api": {"listen": "127.0.0.1:0", "token_file": str(token_file)},
         "migration": {"listen": "127.0.0.1:0", "downtime_limit_ms": 300},
         "sev": {"trusted_roots": [str(root / "ca" / identity.CA_CERT)]},
+        **tables,
     }
     return Daemon(parse_config(raw, base=root))
 

@@ -23,12 +23,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from migd.abi import MiB
 from migd.daemon import openapi
 from migd.daemon.api import build_app
-from migd.daemon.config import parse_config
 from migd.daemon.core import Daemon
 from migd.guest.ram_capacity import FsSpace, allocated_bytes
-from migd.platform import identity
 
-TOKEN = "capacity-test-token"
+from test_api import TOKEN, make_daemon  # tests/ is on sys.path under pytest
+
 #: What the refusal says, with its numbers (migd/guest/ram_capacity.py InsufficientRam).
 REFUSAL = re.compile(
     r"no room for guest (?P<guest>\S+)'s RAM: needs (?P<needed>[\d.]+) MiB, (?P<free>[\d.]+) MiB free, "
@@ -74,18 +73,7 @@ class Api:
 
 @contextlib.asynccontextmanager
 async def serving(root: Path, name: str, ram_dir: Path) -> AsyncIterator[Api]:
-    state = root / name
-    identity.init_host(state, root / "ca", common_name=name)
-    token_file = state / "api.token"
-    token_file.write_text(TOKEN + "\n")
-    token_file.chmod(0o600)
-    daemon = Daemon(parse_config({
-        "state_dir": str(state),
-        "api": {"listen": "127.0.0.1:0", "token_file": str(token_file)},
-        "migration": {"listen": "127.0.0.1:0", "downtime_limit_ms": 300},
-        "sev": {"trusted_roots": [str(root / "ca" / identity.CA_CERT)]},
-        "guests": {"ram_dir": str(ram_dir)},
-    }, base=root))
+    daemon = make_daemon(root, name, guests={"ram_dir": str(ram_dir)})
     await daemon.start()
     client = TestClient(TestServer(build_app(daemon, TOKEN), host="127.0.0.1", port=0))
     try:
