@@ -248,7 +248,12 @@ class Daemon:
         self.outgoing[migration.progress.id] = migration
         self.host.add_migration(migration.progress)
         # After the task: the guest's final state (mark_migrated runs after the last transition).
-        task.add_done_callback(lambda _: (self.host.journal_guest(guest), self.prune_migrated()))
+
+        def settled(_: object) -> None:
+            self.host.journal_guest(guest)
+            self.prune_migrated()  # the count of migrated records, at once
+
+        task.add_done_callback(settled)
         return migration.progress
 
     def migrations(self) -> list[MigrationProgress]:

@@ -199,45 +199,45 @@ async def recover(host: Host, journal: Journal, *, client_ssl: ssl.SSLContext | 
     killed: list[int] = []
     unrecoverable: list[str] = []
     in_doubt: list[MigrationRecord] = []
-    for record in journal.guests():
+    for row in journal.guests():
         try:
-            if record.agent_pid is not None and await kill_stale_agent(record.agent_pid, record.agent_start):
-                killed.append(record.agent_pid)
+            if row.agent_pid is not None and await kill_stale_agent(row.agent_pid, row.agent_start):
+                killed.append(row.agent_pid)
         except (OSError, TimeoutError) as exc:
             # Loading the guest could make a second copy run: leave it to the operator.
             log.error("guest %s: its previous agent pid=%d cannot be stopped (%s); not reloading it",
-                      record.name, record.agent_pid, exc)
-            unrecoverable.append(record.name)
+                      row.name, row.agent_pid, exc)
+            unrecoverable.append(row.name)
             continue
-        guest_dir = host.guest_dir(record.name)
-        fate = guest_fate(record.state, _about(latest.get(record.name), record), dir_exists=guest_dir.is_dir(),
+        guest_dir = host.guest_dir(row.name)
+        fate = guest_fate(row.state, _about(latest.get(row.name), row), dir_exists=guest_dir.is_dir(),
                           marker=(guest_dir / INCOMING_MARKER).exists())
         if fate is Fate.IN_DOUBT:
-            migration = doubtful[record.name]
+            migration = doubtful[row.name]
             host.migrations[migration.id].phase.error = "in doubt after a daemon restart: asking the source"
             log.warning("guest %s: prepared by migration %s without a commit record; in doubt, kept (not "
-                        "started) until its source %s answers", record.name, migration.id, migration.resolve_address)
+                        "started) until its source %s answers", row.name, migration.id, migration.resolve_address)
             in_doubt.append(migration)
             continue
         try:
             if fate is Fate.REMOVE:
-                host.remove_leftover(record.name, record.handle)
-                journal.delete_guest(record.name)
-                removed.append(record.name)
+                host.remove_leftover(row.name, row.handle)
+                journal.delete_guest(row.name)
+                removed.append(row.name)
                 continue
             state = {
                 Fate.MIGRATED: GuestState.MIGRATED, Fate.STOPPED: GuestState.STOPPED,
-            }.get(fate, GuestState(record.state))
-            guest = host.restore_guest(record, state)
+            }.get(fate, GuestState(row.state))
+            guest = host.restore_guest(row, state)
         except (MigdError, OSError, ValueError) as exc:
-            log.error("guest %s cannot be reloaded from the journal: %s", record.name, exc)
-            unrecoverable.append(record.name)
+            log.error("guest %s cannot be reloaded from the journal: %s", row.name, exc)
+            unrecoverable.append(row.name)
             continue
-        reloaded.append(record.name)
+        reloaded.append(row.name)
         if fate is Fate.STOPPED:
-            stopped.append(record.name)
-        elif fate is Fate.MIGRATED and record.state != GuestState.MIGRATED.value:
-            migrated.append(record.name)
+            stopped.append(row.name)
+        elif fate is Fate.MIGRATED and row.state != GuestState.MIGRATED.value:
+            migrated.append(row.name)
         host.journal_guest(guest)
     pruned = journal.prune()
     resolving = None
