@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -27,8 +28,31 @@ from migd.platform import identity
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
+    """A TCP port free on 127.0.0.1 right now, outside the kernel's ephemeral range.
+
+    A port that ``bind(0)`` hands out comes from the range the kernel also uses for outgoing
+    connections, so between this call and the daemon's bind a client socket of another test may
+    take it (seen in CI: EADDRINUSE). Ports below the range are only ever taken on purpose.
+    """
+    low, _high = _ephemeral_range()
+    candidates = list(range(10000, low)) if low > 11000 else []
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -82,21 +106,34 @@ class ServeProcess:
     @classmethod
     def start(cls, root: Path, name: str, *, env: dict[str, str] | None = None, wait: bool = True,
               api_port: int | None = None, migration_port: int | None = None, **config_kw: Any) -> ServeProcess:
-        api_port = api_port or free_port()
-        migration_port = migration_port or free_port()
-        config = write_config(root, name, api_port=api_port, migration_port=migration_port, **config_kw)
-        runtime = runtime_dir(root, name)
-        log_path = root / f"{name}.log"
-        environment = {**os.environ, "RUNTIME_DIRECTORY": str(runtime), **(env or {})}
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "migd", "serve", "--config", str(config)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=environment,
-            )
-        daemon = cls(root, name, proc, config, api_port, migration_port, log_path)
-        if wait:
-            daemon.wait_healthy()
-        return daemon
+        chosen = api_port is None and migration_port is None
+        for attempt in range(3):
+            api = api_port or free_port()
+            migration = migration_port or free_port()
+            config = write_config(root, name, api_port=api, migration_port=migration, **config_kw)
+            runtime = runtime_dir(root, name)
+            log_path = root / f"{name}.log"
+            environment = {**os.environ, "RUNTIME_DIRECTORY": str(runtime), **(env or {})}
+            with open(log_path, "ab") as log:
+                start_offset = log.tell()
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "migd", "serve", "--config", str(config)],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=environment,
+                )
+            daemon = cls(root, name, proc, config, api, migration, log_path)
+            if not wait:
+                return daemon
+            try:
+                daemon.wait_healthy()
+            except RuntimeError:
+                # Ports we chose ourselves can still be taken by another process between the
+                # check and the daemon's bind; choose again rather than fail the test on it.
+                lost_port = "address already in use" in log_path.read_bytes()[start_offset:].decode(errors="replace")
+                if chosen and lost_port and attempt < 2:
+                    continue
+                raise
+            return daemon
+        raise AssertionError("unreachable")
 
     @property
     def url(self) -> str:
@@ -115,7 +152,7 @@ class ServeProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"migd serve {self.name} exited {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(OSError):
-                if self.request("GET", "/v1/health", auth=False)[0] == 200:
+                if self.request("GET", "/v1/health", auth=False, timeout=2.0)[0] == 200:
                     return
             time.sleep(0.05)
         raise TimeoutError(f"migd serve {self.name} not healthy after {timeout} s:\n{self.log()}")
