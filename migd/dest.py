@@ -250,7 +250,7 @@ class IncomingMigration:
         RAM (the destination never confirmed the start) is not replaced: it may be the only copy.
         """
         existing = self.host.guests.get(name)
-        if existing is None or existing.state is not GuestState.MIGRATED:
+        if existing is None or not existing.state.departed:
             return
         with contextlib.suppress(TimeoutError):
             await wait_until(lambda: not existing.has_memory, DEPARTURE_WAIT_S, interval=0.02)
@@ -313,7 +313,7 @@ class IncomingMigration:
             raise IncomingRefused(f"guest size of {spec.npages} pages is not a whole number of MiB")
         existing = self.host.guests.get(spec.name)
         # A guest coming back finds its own migrated record here: that record is replaced.
-        if existing is not None and existing.state is not GuestState.MIGRATED:
+        if existing is not None and not existing.state.departed:
             raise IncomingRefused(f"guest {printable(spec.name)} already exists on the destination "
                                   f"({existing.state.value})")
         if hello.migration_id in self.host.migrations:

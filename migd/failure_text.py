@@ -151,3 +151,16 @@ def describe(exc: BaseException, *, peer: str, peer_role: str, step: str) -> str
         return f"{os_reason(exc)} (during {step})"
     return (f"an internal error ended the migration during {step}; this daemon's log has the details "
             f"(please report it)")
+
+
+def describe_file_job(exc: BaseException, *, path: str, step: str) -> str:
+    """One sentence for a save's or restore's ``error`` (the other end is a file, not a host)."""
+    cause = cause_of(exc)
+    if cause is Cause.MIGD:
+        return scrub(str(exc)) or f"the job failed during {step} without a recorded reason; see this daemon's log"
+    if cause is Cause.TIMEOUT:
+        return f"timed out during {step}: the guest's agent did not answer in time; see this daemon's log"
+    if isinstance(exc, OSError):
+        return f"{os_reason(exc)} (during {step}, file {path})"
+    return (f"an internal error ended the job during {step}; this daemon's log has the details "
+            f"(please report it)")

@@ -28,6 +28,12 @@ from migd.guest.workload import WorkloadConfig
 log = logging.getLogger(__name__)
 
 
+#: Roles whose job brings a guest here (an incoming guest until its commit record).
+INCOMING_ROLES = frozenset({"destination", "restore"})
+#: What a committed job that takes the guest away leaves of it here.
+DEPARTED_STATE = {"source": GuestState.MIGRATED, "save": GuestState.SAVED}
+
+
 class GuestExists(MigdError):
     """A guest of that name already exists on this host (REST 409)."""
 
@@ -78,7 +84,7 @@ class Host:
         latest: dict[str, MigrationRecord] = {}
         for record in self.journal.migrations():  # oldest first
             latest[record.guest] = record
-        incoming = {name: r for name, r in latest.items() if r.role == "destination"}
+        incoming = {name: r for name, r in latest.items() if r.role in INCOMING_ROLES}
         return (frozenset(name for name, r in incoming.items() if r.committed),
                 frozenset(name for name, r in incoming.items() if r.prepared_in_doubt))
 
@@ -115,9 +121,9 @@ class Host:
     def _check_free(self, name: str, *, replace_migrated: bool = False) -> HostGuest | None:
         """Refuse a name in use; with ``replace_migrated`` a ``migrated`` record is no obstacle (returned)."""
         existing = self.guests.get(name)
-        if existing is not None and not (replace_migrated and existing.state is GuestState.MIGRATED):
+        if existing is not None and not (replace_migrated and existing.state.departed):
             hint = f" (it left this host; `migd guest delete {name}` removes the record)" \
-                if existing.state is GuestState.MIGRATED else ""
+                if existing.state.departed else ""
             raise GuestExists(f"guest {name} already exists on this host ({existing.state.value}){hint}")
         if self._paths(name)[0].exists():
             raise GuestExists(f"guest {name}: leftover state directory {self._paths(name)[0]} exists")
@@ -274,8 +280,8 @@ class Host:
         guest = self.guests.get(progress.guest)
         if guest is not None and progress.role == "source" and progress.phase.committed:
             guest.departure = self.departure(progress.guest)
-        if guest is not None and not (progress.role == "destination" and not progress.phase.committed):
-            state = GuestState.MIGRATED if progress.role == "source" and progress.phase.committed else None
+        if guest is not None and not (progress.role in INCOMING_ROLES and not progress.phase.committed):
+            state = DEPARTED_STATE.get(progress.role) if progress.phase.committed else None
             self.journal_guest(guest, state=state)
 
     def departure(self, name: str) -> Departure | None:
@@ -351,7 +357,7 @@ class Host:
         definition = GuestDefinition(record.name, record.memory_mib, record.policy, record.efi,
                                      record.uefi_live_migration)
         handle = record.handle or 0
-        relaunched = state is not GuestState.MIGRATED and handle not in self.firmware.guest_handles()
+        relaunched = not state.departed and handle not in self.firmware.guest_handles()
         if relaunched:
             log.error("guest %s: firmware context %s is gone; launching a new one", record.name, record.handle)
             handle = self.firmware.launch(definition.policy)

@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 JOURNAL_FILE: Final = "journal.sqlite"
 #: 2: ``migrations.resolve_address`` (where a destination in doubt asks the source, RESOLVE).
 #: 3: ``migrations.handoff_key`` (authenticated RESOLVE) and ``accepted_sessions`` (no replay).
-SCHEMA_VERSION: Final = 3
+#: 4: ``migrations.role`` may be ``save`` or ``restore`` (confidential save/restore jobs).
+SCHEMA_VERSION: Final = 4
+ROLES: Final = ("source", "destination", "save", "restore")
 #: Finished migrations kept in the journal (the oldest are pruned at start).
 KEEP_FINISHED: Final = 1000
 
@@ -66,7 +68,7 @@ CREATE TABLE IF NOT EXISTS guests (
 CREATE TABLE IF NOT EXISTS migrations (
     id           TEXT PRIMARY KEY,
     guest        TEXT NOT NULL,
-    role         TEXT NOT NULL CHECK (role IN ('source', 'destination')),
+    role         TEXT NOT NULL CHECK (role IN ('source', 'destination', 'save', 'restore')),
     peer         TEXT NOT NULL,
     npages       INTEGER NOT NULL,
     status       TEXT NOT NULL,
@@ -216,10 +218,28 @@ class Journal:
                         self._db.execute("ALTER TABLE migrations ADD COLUMN resolve_address TEXT")
                     if "handoff_key" not in columns:  # version 1 or 2
                         self._db.execute("ALTER TABLE migrations ADD COLUMN handoff_key BLOB")
+                    self._allow_file_roles()
                     self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except BaseException:
             self._db.close()
             raise
+
+    def _allow_file_roles(self) -> None:
+        """Version 1-3 journals: rebuild ``migrations`` so its role check admits save and restore.
+
+        SQLite cannot change a CHECK constraint in place; the rows are copied into a table with
+        the new one, inside the opening transaction (all or nothing).
+        """
+        (sql,) = self._db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'migrations'").fetchone()
+        if "'save'" in sql:
+            return
+        columns = ", ".join(row[1] for row in self._db.execute("PRAGMA table_info(migrations)"))
+        self._db.execute("ALTER TABLE migrations RENAME TO migrations_v3")
+        self._db.execute(_SCHEMA[1])
+        self._db.execute("ALTER TABLE migrations ADD COLUMN handoff_key BLOB")
+        self._db.execute(f"INSERT INTO migrations ({columns}) SELECT {columns} FROM migrations_v3")
+        self._db.execute("DROP TABLE migrations_v3")
+        self._db.execute(_SCHEMA[2])
 
     @classmethod
     def open(cls, state_dir: str | os.PathLike[str]) -> Journal:
@@ -295,27 +315,34 @@ class Journal:
         """Insert or update a migration from its progress (status, error, counters, times)."""
         self._write_migration(progress, "save")
 
-    def record_commit(self, progress: MigrationProgress) -> None:
+    def record_commit(self, progress: MigrationProgress, *, consume_session: bytes | None = None) -> None:
         """The hand-off's commit record, durable (fsync'ed WAL) before this returns.
 
         On the source it is ``OutgoingMigration``'s ``on_commit`` hook: if it raises, the
         migration has not committed and rolls back (the guest resumes here).
+        ``consume_session``: a restore's session nonce, accepted in the same transaction as the
+        commit (SessionReplayed, and no commit, if it was accepted before): a saved file is
+        restored at most once, and a restore that never committed has not used it up.
         """
         with self._errors("set synchronous=FULL"):
             self._db.execute("PRAGMA synchronous=FULL")
         try:
-            self._write_migration(progress, "record the commit of", committed_at=time.time())
+            self._write_migration(progress, "record the commit of", committed_at=time.time(),
+                                  consume_session=consume_session)
         finally:
             with self._errors("set synchronous=NORMAL"):
                 self._db.execute("PRAGMA synchronous=NORMAL")
         log.info("journal commit record migration=%s guest=%s role=%s", progress.id, progress.guest, progress.role)
 
-    def _write_migration(self, progress: MigrationProgress, what: str, *, committed_at: float | None = None) -> None:
+    def _write_migration(self, progress: MigrationProgress, what: str, *, committed_at: float | None = None,
+                         consume_session: bytes | None = None) -> None:
         mono_now, wall_now = time.monotonic(), time.time()
         phase = progress.phase
         finished = None if phase.finished_at is None else _wall_time(phase.finished_at, mono_now, wall_now)
         committed = committed_at is not None or phase.committed
         with self._errors(f"{what} migration {progress.id}"), self._transaction():
+            if consume_session is not None:
+                self._insert_session(consume_session, progress.id)
             self._db.execute(
                 """INSERT INTO migrations (id, guest, role, peer, npages, status, committed, committed_at, error,
                                            started_at, updated_at, finished_at, stats)
@@ -375,14 +402,18 @@ class Journal:
             self._db.execute("PRAGMA synchronous=FULL")
         try:
             with self._errors(f"accept the session of migration {migration_id}"), self._transaction():
-                if self._db.execute("SELECT 1 FROM accepted_sessions WHERE nonce = ? OR migration_id = ?",
-                                    (nonce, migration_id)).fetchone() is not None:
-                    raise SessionReplayed(f"session or migration id {migration_id} was accepted here before")
-                self._db.execute("INSERT INTO accepted_sessions (nonce, migration_id, accepted_at) VALUES (?, ?, ?)",
-                                 (nonce, migration_id, time.time()))
+                self._insert_session(nonce, migration_id)
         finally:
             with self._errors("set synchronous=NORMAL"):
                 self._db.execute("PRAGMA synchronous=NORMAL")
+
+    def _insert_session(self, nonce: bytes, migration_id: str) -> None:
+        """Inside a transaction: record an accepted session; SessionReplayed if it was accepted before."""
+        if self._db.execute("SELECT 1 FROM accepted_sessions WHERE nonce = ? OR migration_id = ?",
+                            (nonce, migration_id)).fetchone() is not None:
+            raise SessionReplayed(f"session or migration id {migration_id} was accepted here before")
+        self._db.execute("INSERT INTO accepted_sessions (nonce, migration_id, accepted_at) VALUES (?, ?, ?)",
+                         (nonce, migration_id, time.time()))
 
     def session_known(self, nonce: bytes, migration_id: str) -> bool:
         """True if the session nonce or the migration id was accepted here, or the id is in the journal."""

@@ -415,12 +415,19 @@ class TransportReceiver:
 
     In bound mode packets must be opened in the order they were sealed; ``open`` calls are
     serialized so the sequence check and its advance are one step.
+
+    ``ordered=False`` (migd extension, for a saved file): each ``open`` names the packet's
+    sequence number instead. A file keeps only the newest packet of each page slot, read in
+    address order, so the stream's order is gone; the binding still ties each packet to its
+    GPA and sequence, and the file's authenticated trailer binds which sequence each slot holds.
     """
 
     def __init__(
-        self, keys: SessionKeys, mode: TransportMode = TransportMode.BOUND, *, session_id: bytes
+        self, keys: SessionKeys, mode: TransportMode = TransportMode.BOUND, *, session_id: bytes,
+        ordered: bool = True,
     ) -> None:
         self._end = _TransportEnd(keys, mode, session_id)
+        self.ordered = ordered
 
     @property
     def mode(self) -> TransportMode:
@@ -441,15 +448,23 @@ class TransportReceiver:
         gpa: int,
         npages: int,
         out: bytearray | memoryview | None = None,
+        sequence: int | None = None,
     ) -> memoryview:
         """Verify then decrypt one packet; returns a view of the plaintext.
 
         The MAC is verified (constant time) before anything is decrypted: on any error
         nothing is written to ``out`` and the expected sequence number does not move.
-        IntegrityError: the MAC does not verify. TransportError: malformed lengths, or an
-        authentic packet in a format migd does not accept (compressed, other mode).
+        ``sequence``: the packet's sequence number, required by (and only by) an unordered
+        receiver. IntegrityError: the MAC does not verify. TransportError: malformed lengths,
+        or an authentic packet in a format migd does not accept (compressed, other mode).
         """
         end = self._end
+        if (sequence is None) is not self.ordered:
+            raise TransportError("an unordered receiver needs each packet's sequence number, an ordered one "
+                                 "takes none" if sequence is None else "this receiver opens packets in "
+                                 "stream order: a sequence number cannot be given")
+        if sequence is not None:
+            _check_range(sequence, 0, U64_MAX, "packet sequence")
         src = _byte_view(ciphertext, "ciphertext")
         n = len(src)
         _check_packet(ctx, n, gpa, npages)
@@ -458,7 +473,7 @@ class TransportReceiver:
             raise TransportError(f"out buffer must hold {n} bytes, got {len(dst)}")
         dst = dst[:n]
         with end._lock:
-            seq = end._next_seq
+            seq = end._next_seq if sequence is None else sequence
             expected = end._mac(ctx, header.flags, header.iv, src, gpa, npages, seq)
             if not hmac.compare_digest(expected, header.mac):
                 raise IntegrityError(self._mismatch_message(ctx, header.flags, gpa, npages, seq))
@@ -470,7 +485,7 @@ class TransportReceiver:
                 raise TransportError(
                     f"packet flags {header.flags:#x} do not match {end.mode.value} mode (expected {end._flags:#x})"
                 )
-            end._next_seq = seq + 1
+            end._next_seq = seq + 1 if sequence is None else max(end._next_seq, seq + 1)
         Cipher(end._aes, modes.CTR(header.iv)).decryptor().update_into(src, dst)
         return dst
 

@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                         "migd.dest_session", "migd.source", "migd.dest", "migd.resolve", "migd.listener",
                         "migd.convergence", "migd.migration_state", "migd.progress", "migd.page_runs",
                         "migd.send_buffers", "migd.host", "migd.journal", "migd.page_pipeline", "migd.messages",
-                        "migd.frame_fields"}),
+                        "migd.frame_fields", "migd.save_format", "migd.save_session", "migd.save", "migd.restore"}),
     ("daemon", {"migd.daemon", "migd.daemon.core", "migd.daemon.api", "migd.daemon.openapi", "migd.daemon.metrics",
                 "migd.daemon.serve", "migd.daemon.sdnotify", "migd.daemon.config", "migd.daemon.recovery",
                 "migd.daemon.tls_check"}),

@@ -330,7 +330,7 @@ def _punch_supported(tmp_path: Path) -> bool:
     probe.write_bytes(b"\x01" * 2 * PAGE_SIZE)
     fd = os.open(probe, os.O_RDWR)
     try:
-        return memory._punch_hole(fd, 0, PAGE_SIZE)
+        return memory.punch_hole(fd, 0, PAGE_SIZE)
     finally:
         os.close(fd)
 
@@ -443,7 +443,7 @@ def test_zero_falls_back_to_writing_zeros(ram: GuestRam, monkeypatch: pytest.Mon
         calls.append((offset, length))
         return False
 
-    monkeypatch.setattr(memory, "_punch_hole", unsupported)
+    monkeypatch.setattr(memory, "punch_hole", unsupported)
     ram.write(0, b"\x07" * 4 * PAGE_SIZE)
     ram.zero(PAGE_SIZE, 2)
     assert calls == [(PAGE_SIZE, 2 * PAGE_SIZE)]
@@ -456,7 +456,7 @@ def test_punch_hole_reports_real_errors(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT, 0o600)
     try:
         with pytest.raises(GuestMemoryError, match="punching a hole"):
-            memory._punch_hole(fd, 0, PAGE_SIZE)  # EBADF: not open for writing
+            memory.punch_hole(fd, 0, PAGE_SIZE)  # EBADF: not open for writing
     finally:
         os.close(fd)
 

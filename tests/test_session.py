@@ -254,7 +254,7 @@ def test_only_the_session_changes_phases() -> None:
     root = Path(__file__).resolve().parents[1] / "migd"
     offenders = []
     for path in sorted(root.glob("*.py")):
-        if path.name in ("session.py", "source_session.py", "dest_session.py", "migration_state.py"):
+        if path.name in ("session.py", "source_session.py", "dest_session.py", "save_session.py", "migration_state.py"):
             continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):

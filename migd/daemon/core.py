@@ -34,6 +34,9 @@ from migd.daemon.recovery import RecoveryReport, recover
 from migd.daemon.tls_check import check_tls_identity
 from migd.source import MigrationParams, MigrationRefused, OutgoingMigration
 from migd.guest.workload import WorkloadConfig
+from migd.platform.pki_verify import MAX_PDH_CERT_PEM, verify_pdh_certificate
+from migd.restore import GuestRestore, inspect
+from migd.save import GuestSave, SaveParams, SaveRefused
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,8 @@ class Daemon:
                          guests_dir=guests_dir_for(config))
         self.recovery: RecoveryReport | None = None
         self.outgoing: dict[str, OutgoingMigration] = {}
+        #: Save and restore jobs by id (listed under /v1/migrations with the migrations).
+        self.file_jobs: dict[str, GuestSave | GuestRestore] = {}
         self._server_tls = self._client_tls = None
         if config.tls is not None:
             t = config.tls
@@ -123,7 +128,7 @@ class Daemon:
                 await self._pruning
         await self.listener.close()
         tasks = []
-        for migration in self.outgoing.values():
+        for migration in [*self.outgoing.values(), *self.file_jobs.values()]:
             task = migration.task
             if task is not None and not task.done():
                 migration.cancel()  # refused once committed: then the task finishes the hand-off
@@ -174,6 +179,9 @@ class Daemon:
         for migration in self.outgoing.values():
             if migration.guest is guest and not migration.progress.status.finished:
                 raise GuestStateError(f"guest {guest.name} is migrating (migration {migration.progress.id})")
+        for job in self.file_jobs.values():
+            if isinstance(job, GuestSave) and job.guest is guest and not job.progress.status.finished:
+                raise GuestStateError(f"guest {guest.name} is being saved (job {job.progress.id})")
 
     @contextlib.asynccontextmanager
     async def _operating(self, name: str) -> AsyncIterator[HostGuest]:
@@ -256,6 +264,67 @@ class Daemon:
         task.add_done_callback(settled)
         return migration.progress
 
+    def save_guest(self, name: str, path: str, *, for_host_pdh: str | None = None,
+                   live: bool = False) -> MigrationProgress:
+        """Start saving a running guest to ``path``; returns the job's progress at once (REST 202).
+
+        ``for_host_pdh``: the PDH certificate file of the host that may restore it (it must chain
+        to ``sev.trusted_roots``); default this host's own.
+        """
+        self._require_accepting()
+        guest = self.guest(name)
+        if guest.busy.locked():
+            raise GuestStateError(f"guest {name} is busy with another operation; try again")
+        self._not_migrating(guest)
+        target = self.firmware.pdh_cert_pem if for_host_pdh is None else self._target_pdh(for_host_pdh)
+        job = GuestSave(guest, Path(path), target, SaveParams(live=live),
+                        on_commit=self.journal.record_commit,
+                        on_key=lambda p, key: self.host.remember_handoff_key(p.id, key))
+        task = job.start()  # SaveRefused (409) with the reason
+        self.file_jobs[job.progress.id] = job
+        self.host.add_migration(job.progress)
+        task.add_done_callback(lambda _: self.host.journal_guest(guest))
+        return job.progress
+
+    def _target_pdh(self, path: str) -> bytes:
+        """The PDH certificate a save is for, checked like a destination's (chain to the trusted roots)."""
+        pem_path = Path(path)
+        if not pem_path.is_absolute():
+            raise ConfigError(f"for_host_pdh must be an absolute path, got {path!r}")
+        try:
+            with open(pem_path, "rb") as f:
+                pem = f.read(MAX_PDH_CERT_PEM + 1)
+        except OSError as exc:
+            raise SaveRefused(f"cannot read the PDH certificate {path}: {exc.strerror or exc}") from None
+        if len(pem) > MAX_PDH_CERT_PEM:
+            raise SaveRefused(f"{path} is larger than a PDH certificate can be ({MAX_PDH_CERT_PEM} bytes)")
+        try:
+            verify_pdh_certificate(pem, identity.load_trust_anchors(self.config.trusted_roots))
+        except MigdError as exc:
+            raise SaveRefused(f"the PDH certificate {path} is not one the save may be for: {exc}") from None
+        return pem
+
+    def restore_guest(self, path: str, *, name: str | None = None) -> MigrationProgress:
+        """Start restoring a saved file; returns the job's progress at once (REST 202).
+
+        The file is checked first (SaveFileError, GuestExists: 409): for this host, not restored
+        here before, its guest's name free.
+        """
+        self._require_accepting()
+        saved, definition = inspect(self.host, Path(path), name)
+        job = GuestRestore(self.host, saved, definition,
+                           on_commit=lambda p, nonce: self.journal.record_commit(p, consume_session=nonce))
+        self.file_jobs[job.progress.id] = job
+        self.host.add_migration(job.progress)
+        task = job.start()
+
+        def settled(_: object) -> None:
+            if job.guest is not None:
+                self.host.journal_guest(job.guest)
+
+        task.add_done_callback(settled)
+        return job.progress
+
     def migrations(self) -> list[MigrationProgress]:
         """Every migration this host knows, oldest first."""
         return list(self.host.migrations.values())
@@ -269,7 +338,7 @@ class Daemon:
     def cancel_migration(self, migration_id: str) -> MigrationProgress:
         """Cancel an outgoing migration before its commit."""
         progress = self.migration(migration_id)
-        migration = self.outgoing.get(migration_id)
+        migration = self.outgoing.get(migration_id) or self.file_jobs.get(migration_id)
         if migration is None:
             raise CannotCancel(f"migration {migration_id} is incoming here; cancel it on its source host")
         if not migration.cancel():

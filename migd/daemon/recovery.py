@@ -40,6 +40,7 @@ import signal
 import ssl
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -49,6 +50,7 @@ from migd.guest.host_guest import INCOMING_MARKER, GuestState
 from migd.journal import GuestRecord, Journal, MigrationRecord, restore_progress
 from migd.migration_state import MigrationStatus
 from migd.resolve import ask_source
+from migd.save import finish_interrupted
 from migd.dest_session import DestinationSession
 
 if TYPE_CHECKING:
@@ -69,13 +71,15 @@ class Fate(enum.Enum):
     STOPPED = "stopped"  # its agent is gone: reloaded as stopped, memory intact
     REMOVE = "remove"  # an uncommitted incoming guest: every trace goes
     MIGRATED = "migrated"  # the source side of a committed hand-off: only the record stays
+    SAVED = "saved"  # a committed save: the file holds the guest, only the record stays
     IN_DOUBT = "in-doubt"  # PREPARED, no commit record: kept unregistered until the source answers
 
 
 def final_status(record: MigrationRecord) -> tuple[MigrationStatus, str]:
     """How a migration found unfinished at start ends, and why."""
     if record.committed:
-        owner = "the destination owns the guest" if record.role == "source" else "the guest was kept here"
+        owner = {"source": "the destination owns the guest", "save": "the file holds the guest"}.get(
+            record.role, "the guest was kept here")
         return MigrationStatus.COMPLETED, f"{RESTART_ERROR}, after the commit: {owner}"
     return MigrationStatus.FAILED, RESTART_ERROR
 
@@ -92,9 +96,13 @@ def guest_fate(state: str, latest: MigrationRecord | None, *, dir_exists: bool, 
     if latest is not None and latest.committed:
         if latest.role == "source":
             return Fate.MIGRATED
+        if latest.role == "save":
+            return Fate.SAVED
         return Fate.KEEP if state in (GuestState.DEFINED.value, GuestState.STOPPED.value) else Fate.STOPPED
     if state == GuestState.MIGRATED.value:
         return Fate.MIGRATED
+    if state == GuestState.SAVED.value:
+        return Fate.SAVED
     if state == GuestState.INCOMING.value:
         if dir_exists and marker and latest is not None and latest.prepared_in_doubt:
             return Fate.IN_DOUBT
@@ -123,6 +131,17 @@ async def kill_stale_agent(pid: int, start_ticks: int | None, timeout: float = S
 
 
 # ---------------------------------------------------------------------- the procedure
+
+
+def _finish_save(journal: Journal, record: MigrationRecord) -> None:
+    """A save the daemon died in: its temporary file goes, or (committed) the file is finished."""
+    try:
+        done = finish_interrupted(Path(record.peer), record.id, committed=record.committed,
+                                  key=journal.handoff_key(record.id) if record.committed else None)
+    except (MigdError, OSError) as exc:
+        log.error("save %s of guest %s to %s: %s", record.id, record.guest, record.peer, exc)
+        return
+    log.warning("save %s of guest %s, interrupted by the restart: %s", record.id, record.guest, done)
 
 
 @dataclass(frozen=True)
@@ -157,7 +176,7 @@ def _about(migration: MigrationRecord | None, guest: GuestRecord) -> MigrationRe
     name (one that left, whose record was then deleted or expired): taken for this one, it would
     release a guest that runs only here. An incoming migration creates its row, so it is kept.
     """
-    if migration is not None and migration.role == "source" and migration.started_at < guest.created_at:
+    if migration is not None and migration.role in ("source", "save") and migration.started_at < guest.created_at:
         return None
     return migration
 
@@ -180,6 +199,8 @@ async def recover(host: Host, journal: Journal, *, client_ssl: ssl.SSLContext | 
             doubtful[record.guest] = record  # not over: only its source knows how it ended
             records.append(record)
             continue
+        if record.role == "save" and not record.finished:
+            _finish_save(journal, record)
         if not record.finished:
             status, error = final_status(record)
             journal.finish_migration(record.id, status, error)
@@ -226,7 +247,7 @@ async def recover(host: Host, journal: Journal, *, client_ssl: ssl.SSLContext | 
                 removed.append(row.name)
                 continue
             state = {
-                Fate.MIGRATED: GuestState.MIGRATED, Fate.STOPPED: GuestState.STOPPED,
+                Fate.MIGRATED: GuestState.MIGRATED, Fate.SAVED: GuestState.SAVED, Fate.STOPPED: GuestState.STOPPED,
             }.get(fate, GuestState(row.state))
             guest = host.restore_guest(row, state)
         except (MigdError, OSError, ValueError) as exc:

@@ -60,7 +60,13 @@ class GuestState(str, enum.Enum):
     PAUSED = "paused"
     INCOMING = "incoming"
     MIGRATED = "migrated"
+    SAVED = "saved"
     STOPPED = "stopped"
+
+    @property
+    def departed(self) -> bool:
+        """The guest left this host (migrated, or saved to a file): only its record is here."""
+        return self in (GuestState.MIGRATED, GuestState.SAVED)
 
 
 @dataclass(frozen=True)
@@ -229,7 +235,7 @@ class HostGuest:
         if state in (GuestState.RUNNING, GuestState.PAUSED, GuestState.INCOMING):
             raise GuestStateError(f"guest {definition.name}: a restored guest cannot be {state.value}")
         ram = None
-        if state is not GuestState.MIGRATED:
+        if not state.departed:
             ram_path = guest_dir / "ram"
             guest_dir.mkdir(parents=True, exist_ok=True)
             # A guest that is not running has no memory contents to keep (its next boot zeroes
@@ -460,6 +466,12 @@ class HostGuest:
         self.state = GuestState.MIGRATED
         self._release_memory()
 
+    async def mark_saved(self) -> None:
+        """After a committed save: the file holds the guest; stop the agent for good, drop RAM and key."""
+        await self._teardown_agent()
+        self.state = GuestState.SAVED
+        self._release_memory()
+
     def release(self) -> None:
         """Remove RAM file, key and directory of a guest that never had an agent (nothing to stop)."""
         if self.agent is not None:
@@ -510,7 +522,7 @@ class HostGuest:
     def to_json(self) -> dict[str, Any]:
         """The REST guest object (docs/design.md §9 "External contract")."""
         check = self.last_check
-        gone = self.state is GuestState.MIGRATED
+        gone = self.state.departed
         # A migrated guest has no memory, bitmap or MSR here: the last values would read as a
         # guest still ready to migrate, with page counts of a RAM that is gone.
         shared = 0 if gone else self.vm.shared_bitmap.count()
@@ -535,7 +547,8 @@ class HostGuest:
                 "pid": agent.pid if (agent := self.agent) is not None and agent.poll() is None else None,
                 "exit": self.agent_exit,
             },
-            "migrated": self.departure.to_json() if gone and self.departure is not None else None,
+            "migrated": self.departure.to_json() if self.state is GuestState.MIGRATED and self.departure is not None
+            else None,
         }
 
 

@@ -157,7 +157,7 @@ def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
     return fn
 
 
-def _punch_hole(fd: int, offset: int, length: int) -> bool:
+def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Deallocate ``[offset, offset+length)`` keeping the file size; False if unsupported here."""
     fallocate = _libc_fallocate()
     if fallocate is None:
@@ -294,7 +294,7 @@ class GuestRam:
         with self._io_lock:
             mapping = self._mapping()
             # Punching a hole also drops the pages from every MAP_SHARED mapping (fallocate(2)).
-            if not _punch_hole(self._fd, offset, length):
+            if not punch_hole(self._fd, offset, length):
                 np.frombuffer(memoryview(mapping)[offset : offset + length], dtype=np.uint8)[:] = 0
 
     def next_populated(self, gpa: int, npages: int) -> int:

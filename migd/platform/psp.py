@@ -385,11 +385,13 @@ class PspFirmware:
     # ------------------------------------------------------------------ receive
 
     def receive_start(self, policy: int, peer_pdh_cert_pem: bytes, session_blob: bytes,
-                      own_nonce: bytes | None = None) -> int:
+                      own_nonce: bytes | None = None, *, ordered: bool = True) -> int:
         """RECEIVE_START: check the sender's PDH chain, unwrap the session, new context in RUPDATE.
 
         ``own_nonce``: the nonce this receiver sent (migd extension, see ``send_start``); the
-        hand-off key is then available from :meth:`handoff_key`.
+        hand-off key is then available from :meth:`handoff_key`. ``ordered=False`` (migd
+        extension): packets come from a saved file, each with its sequence number
+        (:class:`~migd.sev_transport.TransportReceiver`).
         """
         shared_secret = self._peer_shared_secret(peer_pdh_cert_pem)
         try:
@@ -402,7 +404,7 @@ class PspFirmware:
         session_id, handoff_key = self._session_binding(keys, blob, own_nonce)
         ctx = self._new_context(policy, ContextState.RUPDATE)
         ctx.handoff_key = handoff_key
-        ctx.receiver = TransportReceiver(keys, self.transport_mode, session_id=session_id)
+        ctx.receiver = TransportReceiver(keys, self.transport_mode, session_id=session_id, ordered=ordered)
         log.debug("RECEIVE_START handle=%d mode=%s", ctx.handle, self.transport_mode.value)
         return ctx.handle
 
@@ -414,10 +416,12 @@ class PspFirmware:
         npages: int,
         header: bytes | memoryview,
         ciphertext: bytes | memoryview,
+        sequence: int | None = None,
     ) -> None:
         """RECEIVE_UPDATE_DATA over a run: verify, TEK → plaintext → this guest's VEK at ``gpa``.
 
         The MAC is checked before anything is decrypted, so a rejected packet writes nothing.
+        ``sequence``: the packet's sequence number (a session started with ``ordered=False``).
         """
         ctx = self._context(handle, ContextState.RUPDATE)
         self._checked_range(ram, gpa, npages)
@@ -433,7 +437,8 @@ class PspFirmware:
             # re-encrypted in a per-context scratch buffer, then stored with one write
             # (GuestRam.write: pwrite, no page fault per page of the new guest).
             scratch = ctx.scratch(len(ciphertext))
-            plaintext = ctx.receiver.open(CTX_DATA, packet, ciphertext, gpa=gpa, npages=npages, out=scratch)
+            plaintext = ctx.receiver.open(CTX_DATA, packet, ciphertext, gpa=gpa, npages=npages, out=scratch,
+                                          sequence=sequence)
         except IntegrityError as exc:
             raise FirmwareError(FirmwareStatus.BAD_MEASUREMENT, f"packet at gpa {gpa:#x}: {exc}") from exc
         except TransportError as exc:
@@ -441,7 +446,8 @@ class PspFirmware:
         ram.write(gpa, ctx.engine.encrypt(gpa, plaintext, out=plaintext))
 
     def receive_update_vmsa(
-        self, handle: int, vcpu_id: int, header: bytes | memoryview, ciphertext: bytes | memoryview
+        self, handle: int, vcpu_id: int, header: bytes | memoryview, ciphertext: bytes | memoryview,
+        sequence: int | None = None,
     ) -> None:
         """RECEIVE_UPDATE_VMSA: verify and install one vCPU's save area (SEV-ES guests only)."""
         ctx = self._context(handle, ContextState.RUPDATE)
@@ -451,7 +457,8 @@ class PspFirmware:
         assert ctx.receiver is not None
         try:
             packet = PacketHeader.unpack(header)
-            plaintext = ctx.receiver.open(CTX_VMSA, packet, ciphertext, gpa=vcpu_id * VMSA_SIZE, npages=1)
+            plaintext = ctx.receiver.open(CTX_VMSA, packet, ciphertext, gpa=vcpu_id * VMSA_SIZE, npages=1,
+                                          sequence=sequence)
         except IntegrityError as exc:
             raise FirmwareError(FirmwareStatus.BAD_MEASUREMENT, f"VMSA of vCPU {vcpu_id}: {exc}") from exc
         except TransportError as exc:
