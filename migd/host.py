@@ -118,8 +118,9 @@ class Host:
     def _paths(self, name: str) -> tuple[Path, Path]:
         return self.guests_dir / name, self.runtime_dir / f"{name}.sock"
 
-    def _check_free(self, name: str, *, replace_migrated: bool = False) -> HostGuest | None:
-        """Refuse a name in use; with ``replace_migrated`` a ``migrated`` record is no obstacle (returned)."""
+    def check_free(self, name: str, *, replace_migrated: bool = False) -> HostGuest | None:
+        """Refuse a name in use; with ``replace_migrated`` a ``migrated`` or ``saved`` record (a guest that
+        left) is no obstacle (returned: the arriving guest replaces it)."""
         existing = self.guests.get(name)
         if existing is not None and not (replace_migrated and existing.state.departed):
             hint = f" (it left this host; `migd guest delete {name}` removes the record)" \
@@ -131,7 +132,7 @@ class Host:
 
     def create_guest(self, definition: GuestDefinition) -> HostGuest:
         """Define a new guest (RAM file + firmware launch)."""
-        self._check_free(definition.name)
+        self.check_free(definition.name)
         guest_dir, socket_path = self._paths(definition.name)
         guest = HostGuest.create(
             definition, guest_dir=guest_dir, socket_path=socket_path, firmware=self.firmware,
@@ -153,7 +154,7 @@ class Host:
         A guest coming back to a host it left replaces its own ``migrated`` record: one
         registry entry and one journal row (an upsert), so no moment shows both or neither.
         """
-        replaced = self._check_free(definition.name, replace_migrated=True)
+        replaced = self.check_free(definition.name, replace_migrated=True)
         guest_dir, socket_path = self._paths(definition.name)
         guest = HostGuest.create_incoming(
             definition, guest_dir=guest_dir, socket_path=socket_path, firmware=self.firmware, handle=handle,

@@ -123,7 +123,7 @@ def inspect(host: Host, path: Path, name: str | None) -> tuple[SavedFile, GuestD
         raise SaveFileError(f"{path} uses the {header.transport_mode!r} transport, this host {mode!r}")
     definition = GuestDefinition(name or header.name, header.memory_mib, header.policy, header.efi,
                                  header.uefi_live_migration)
-    host._check_free(definition.name, replace_migrated=True)
+    host.check_free(definition.name, replace_migrated=True)
     if host.session_known(header.session_blob[:16], f"restore-check-{header.save_id}"):
         raise SaveFileError(f"{path} was restored on this host before: a saved guest runs at most once "
                             f"(save {header.save_id})")

@@ -209,7 +209,7 @@ class GuestSave:
                 raise
         except Exception as exc:  # every failure before the commit ends the same safe way
             if self.session.committed:
-                self._after_commit_failure(exc)
+                await self._after_commit_failure(exc)
             else:
                 await self._roll_back(_reason(exc, self.path))
         finally:
@@ -492,12 +492,14 @@ class GuestSave:
         else:
             self.session.fail(reason, time.monotonic())
 
-    def _after_commit_failure(self, exc: BaseException) -> None:
-        # The file is the guest now (the journal says so): never resume it here. Its memory stays
-        # until a restart's recovery has finished the file from the journaled key.
-        reason = (f"committed, but the file could not be finished: {_reason(exc, self.path)}; the guest stays "
-                  f"paused here and a restart of the daemon finishes {self.path}")
+    async def _after_commit_failure(self, exc: BaseException) -> None:
+        # The file is the guest now (the journal says so): never resume it here. Its agent stops,
+        # but its RAM file and key stay until a restart's recovery has finished the file from
+        # the journaled key (if that fails too, recovery keeps the guest here, stopped).
+        reason = (f"committed, but the file could not be finished: {_reason(exc, self.path)}; the guest's "
+                  f"memory is kept here and a restart of the daemon finishes {self.path}")
         log.error("save guest=%s: %s", self.guest.name, reason)
+        await self.guest.halt()
         self.guest.state = GuestState.SAVED
         self.session.fail(reason, time.monotonic())
 
@@ -523,21 +525,19 @@ def _reason(exc: BaseException, path: Path) -> str:
     return failure_text.describe_file_job(exc, path=str(path), step="the save")
 
 
-def finish_interrupted(path: Path, job_id: str, *, committed: bool, key: bytes | None) -> str:
-    """Restart recovery of a save the daemon died in; returns what was done (for the log).
+def finish_interrupted(path: Path, job_id: str, *, committed: bool, key: bytes | None) -> str | None:
+    """Restart recovery of a save the daemon died in; returns what was done (for the log), None if nothing.
 
     Without a commit record the save never happened: its temporary file goes (the guest is
     intact here). With one, the guest is the file's: the temporary file gets its trailer MAC
     (computed again from the journaled hand-off key) if it lacks it, and its final name.
     """
     part = part_path(path, job_id)
-    if not committed:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(part)
-            return f"removed {part}"
-        return "nothing to remove"
     if not os.path.lexists(part):
-        return f"{path} was finished before the restart" if os.path.lexists(path) else f"{part} is missing"
+        return None
+    if not committed:
+        os.unlink(part)
+        return f"removed {part}"
     if key is None:
         raise SaveFailed(f"cannot finish {part}: the save's hand-off key was never journaled")
     fd = os.open(part, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)

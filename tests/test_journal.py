@@ -21,7 +21,8 @@ from migd import wire
 from migd.abi import PAGE_SIZE
 from migd.guest.host_guest import INCOMING_MARKER, GuestDefinition, GuestState
 from migd.host import Host
-from migd.journal import JOURNAL_FILE, SCHEMA_VERSION, GuestRecord, Journal, JournalError, MigrationRecord, restore_progress
+from migd.journal import (JOURNAL_FILE, SCHEMA_VERSION, GuestRecord, Journal, JournalError, MigrationRecord,
+                          SessionReplayed, restore_progress)
 from migd.platform.memory import MemoryEncryption
 from migd.migration_state import MigrationStatus
 from migd.page_runs import PageKind
@@ -384,6 +385,8 @@ def test_resolve_address_round_trip_and_a_version_1_journal_gains_the_column(tmp
         (S.FAILED, False, "destination", True, Fate.REMOVE),
         (S.STOP_COPY, True, "destination", True, Fate.STOPPED),  # committed: kept
         (S.STOP_COPY, False, "destination", False, Fate.STOPPED),  # COMMIT came (marker gone)
+        (S.STOP_COPY, False, "restore", True, Fate.REMOVE),  # a restore is never in doubt: no commit, gone
+        (S.STOP_COPY, True, "restore", True, Fate.STOPPED),  # committed restore: kept
     ],
 )
 def test_guest_fate_of_a_prepared_incoming_guest(
@@ -393,6 +396,59 @@ def test_guest_fate_of_a_prepared_incoming_guest(
     assert guest_fate("incoming", latest, dir_exists=True, marker=marker) is fate
     if not committed:  # nothing on disk: nothing to keep
         assert guest_fate("incoming", latest, dir_exists=False, marker=False) is Fate.REMOVE
+
+
+@pytest.mark.parametrize(("committed", "fate"), [(True, Fate.SAVED), (False, Fate.STOPPED)],
+                         ids=["committed-save", "negative-control-uncommitted"])
+def test_a_committed_save_leaves_only_the_record_and_an_uncommitted_one_the_guest(committed: bool,
+                                                                                  fate: Fate) -> None:
+    assert guest_fate("running", _record("save", committed, S.STOP_COPY), dir_exists=True, marker=False) is fate
+
+
+def test_a_version_3_journal_admits_save_and_restore_roles_and_keeps_its_rows(tmp_path: Path) -> None:
+    """Schema 4 widens the role CHECK; SQLite cannot alter it, so the table is rebuilt (rows, keys kept)."""
+    old = tmp_path / "v3"
+    old.mkdir()
+    with sqlite3.connect(old / JOURNAL_FILE) as db:
+        db.execute("""CREATE TABLE migrations (id TEXT PRIMARY KEY, guest TEXT NOT NULL,
+                      role TEXT NOT NULL CHECK (role IN ('source', 'destination')),
+                      peer TEXT NOT NULL, npages INTEGER NOT NULL, status TEXT NOT NULL,
+                      committed INTEGER NOT NULL DEFAULT 0, committed_at REAL, error TEXT,
+                      started_at REAL NOT NULL, updated_at REAL NOT NULL, finished_at REAL, stats TEXT NOT NULL,
+                      resolve_address TEXT, handoff_key BLOB)""")
+        db.execute("INSERT INTO migrations VALUES ('m0', 'g1', 'source', 'p', 16, 'completed', 1, 1.0, NULL, "
+                   "0.0, 0.0, 1.0, '{}', NULL, X'0102')")
+        # Negative control: the old table refuses a save's row, which is why it must be rebuilt.
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            db.execute("INSERT INTO migrations VALUES ('m1', 'g1', 'save', 'p', 16, 'active', 0, NULL, NULL, "
+                       "0.0, 0.0, NULL, '{}', NULL, NULL)")
+        db.execute("PRAGMA user_version=3")
+    upgraded = Journal.open(old)
+    (row,) = upgraded.migrations()
+    assert row.id == "m0" and row.committed and upgraded.handoff_key("m0") == b"\x01\x02"
+    for role in ("save", "restore"):
+        upgraded.save_migration(_progress(guest=f"g-{role}", role=role))
+    assert sorted(r.role for r in upgraded.migrations()) == ["restore", "save", "source"]
+    assert upgraded._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    upgraded.close()
+
+
+def test_a_restore_consumes_its_session_in_the_same_transaction_as_its_commit(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path)
+    first, second = _progress(role="restore", status=S.STOP_COPY), _progress(role="restore", status=S.STOP_COPY)
+    for progress in (first, second):
+        journal.save_migration(progress)
+    nonce = bytes(16)
+    journal.record_commit(first, consume_session=nonce)
+    assert journal.session_known(nonce, "another-id")
+    # The same session again: refused, and the second restore's commit is not recorded either.
+    with pytest.raises(SessionReplayed):
+        journal.record_commit(second, consume_session=nonce)
+    committed = {r.id: r.committed for r in journal.migrations()}
+    assert committed == {first.id: True, second.id: False}
+    journal.record_commit(second, consume_session=bytes([1]) * 16)  # negative control: a fresh session commits
+    assert all(r.committed for r in journal.migrations())
+    journal.close()
 
 
 HANDOFF_KEY = bytes(range(32))  # what the migration's session gave both ends

@@ -364,7 +364,7 @@ def test_exposition_reports_the_daemon_state(host: Host) -> None:
     outcomes = {labels: v for (_, labels), v in parsed["migd_migrations_total"].samples.items()}
     assert outcomes == {
         (("role", role), ("result", result)): float((role, result) in {("source", "completed"), ("source", "failed")})
-        for role in ("source", "destination") for result in ("completed", "failed", "cancelled")
+        for role in ("source", "destination", "save", "restore") for result in ("completed", "failed", "cancelled")
     }
     pages_total = "migd_migration_pages_total"
     assert value_of(parsed, pages_total, role="source", kind="private") == 100

@@ -3,6 +3,7 @@
     async with MigdClient("127.0.0.1:8470", token) as api:
         guest = await api.create_guest("g1", 512)
         migration = await api.migrate("g1", "10.0.0.2:4444")
+        job = await api.save_guest("g1", "/var/lib/migd/saves/g1.save")
 
 Every call returns the decoded JSON answer or raises :class:`ApiError` carrying the daemon's
 status code and reason; a daemon that cannot be reached raises :class:`ApiUnreachable`.
@@ -350,6 +351,27 @@ class MigdClient:
         if max_bandwidth_mib_s is not None:
             body["max_bandwidth_mib_s"] = max_bandwidth_mib_s
         return await self.request("POST", f"/v1/guests/{_path_segment(name)}/migrate", body)
+
+    async def save_guest(
+        self, name: str, path: str, *, for_host_pdh: str | None = None, live: bool | None = None,
+    ) -> dict[str, Any]:
+        """Start saving a running guest to ``path`` on the daemon's host (202); returns the job (role
+        ``save``) at once. ``for_host_pdh``: the PDH certificate of the host that may restore it (default:
+        the daemon's own). Paths are sent as given: the daemon takes absolute ones only."""
+        body: dict[str, Any] = {"path": path}
+        if for_host_pdh is not None:
+            body["for_host_pdh"] = for_host_pdh
+        if live is not None:
+            body["live"] = live
+        return await self.request("POST", f"/v1/guests/{_path_segment(name)}/save", body)
+
+    async def restore_guest(self, path: str, *, name: str | None = None) -> dict[str, Any]:
+        """Start restoring the save file ``path`` on the daemon's host (202); returns the job (role
+        ``restore``) at once. ``name``: the guest's new name (default: the saved one)."""
+        body: dict[str, Any] = {"path": path}
+        if name is not None:
+            body["name"] = name
+        return await self.request("POST", "/v1/guests/restore", body)
 
     async def migrations(self) -> list[dict[str, Any]]:
         return (await self.request("GET", "/v1/migrations"))["migrations"]

@@ -3,9 +3,9 @@
 Client commands (``guest``, ``migrate``, ``migrations``, ``cancel``) talk to a daemon over
 its REST API (docs/design.md §9 "External contract"). Exit codes (docs/operations.md "Errors"):
 
-- 0: done (``migrate``: the migration completed);
+- 0: done (``migrate``, ``guest save``, ``guest restore``: the migration or job completed);
 - 1 (:data:`EXIT_API_ERROR`): the daemon refused (its reason is printed), cannot be reached, or
-  the migration failed or was cancelled;
+  the migration (save, restore) failed or was cancelled;
 - 2 (:data:`EXIT_USAGE`): bad options, no API address or token, an unreadable or unsafe token file;
 - 130 (:data:`EXIT_INTERRUPTED`): Ctrl-C.
 
@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,8 @@ def _guest_check(guest: dict[str, Any]) -> str:
     if guest.get("migrated"):
         # Nothing of the guest is here: say where it went instead of a check of a RAM that is gone.
         return f"left for {guest['migrated']['to']}"
+    if guest["state"] == "saved":
+        return "in its save file"
     if check["errors"]:
         return f"{check['errors']} errors"
     if check["pages_verified"]:
@@ -95,6 +98,9 @@ def guest_lines(guest: dict[str, Any]) -> list[str]:
     if guest.get("migrated"):
         lines.append(f"migrated to: {guest['migrated']['to']} (migration {guest['migrated']['migration']}); "
                      f"only this record is left here")
+    elif guest["state"] == "saved":
+        lines.append("saved:       its memory and vCPU state are in a save file; only this record is left "
+                     "here (`migd guest restore FILE` runs it again)")
     agent = guest.get("agent") or {}
     if agent.get("exit"):
         lines.append(f"agent:       {agent['exit']}")
@@ -192,21 +198,52 @@ async def _guest_delete(api: MigdClient, args: argparse.Namespace) -> int:
     return 0
 
 
+#: What a cancel before the commit leaves, by the kind of job (migd/cli/progress_bar.py job_kind).
+_CANCELLED = {
+    "migration": "cancelled before the commit; the guest runs on at the source",
+    "save": "cancelled before the commit; the guest runs on here and no file was written",
+    "restore": "cancelled before the commit; no guest was created and the file can be restored again",
+}
+
+
 def failure_line(migration: dict[str, Any]) -> str:
-    """``migration ID failed: REASON`` — what ended a failed or cancelled migration, in one sentence."""
-    reason = migration.get("error") or ("cancelled before the commit; the guest runs on at the source"
-                                        if migration["status"] == "cancelled"
+    """``migration ID of G to D failed: REASON`` — what ended a failed or cancelled migration (or save,
+    or restore), in one sentence."""
+    from migd.cli.progress_bar import job_kind, job_title
+
+    reason = migration.get("error") or (_CANCELLED[job_kind(migration)] if migration["status"] == "cancelled"
                                         else "no reason recorded; see the daemon's log")
-    return f"migration {migration['id']} of {migration['guest']} to {migration['destination']} " \
-           f"{migration['status']}: {reason}"
+    return f"{job_title(migration)} {migration['status']}: {reason}"
 
 
 async def _migrate(api: MigdClient, args: argparse.Namespace) -> int:
-    from migd.cli.progress_bar import ProgressDisplay, moved_pages, summary_lines
-
     migration = await api.migrate(
         args.name, args.to, downtime_limit_ms=args.downtime_limit_ms, max_bandwidth_mib_s=args.max_bandwidth_mib_s
     )
+    return await _follow(api, migration, args)
+
+
+async def _guest_save(api: MigdClient, args: argparse.Namespace) -> int:
+    # The daemon takes absolute paths only; a relative one means the caller's directory, so it is
+    # resolved here (the file is on the daemon's host: the same one for a local daemon).
+    job = await api.save_guest(
+        args.name, os.path.abspath(args.to),
+        for_host_pdh=None if args.for_host is None else os.path.abspath(args.for_host),
+        live=True if args.live else None,
+    )
+    return await _follow(api, job, args)
+
+
+async def _guest_restore(api: MigdClient, args: argparse.Namespace) -> int:
+    job = await api.restore_guest(os.path.abspath(args.file), name=args.name)
+    return await _follow(api, job, args)
+
+
+async def _follow(api: MigdClient, migration: dict[str, Any], args: argparse.Namespace) -> int:
+    """After a migrate, save or restore was accepted: with --no-wait print its id (or object), else draw
+    its progress until it ends, print the summary and the error (once, on stderr); the exit code."""
+    from migd.cli.progress_bar import ProgressDisplay, moved_pages, summary_lines
+
     if args.no_wait:
         if getattr(args, "json", False):
             _print_json(migration)
@@ -363,7 +400,7 @@ def _policy(text: str) -> int:
 
 def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                          opts: argparse.ArgumentParser) -> None:
-    guest = sub.add_parser("guest", parents=[opts], help="define, list, start, stop and delete guests")
+    guest = sub.add_parser("guest", parents=[opts], help="define, list, start, stop, save, restore and delete guests")
     guest_sub = guest.add_subparsers(dest="guest_command", required=True, metavar="COMMAND")
     create = guest_sub.add_parser("create", parents=[opts], help="define a guest (state: defined)")
     create.add_argument("name", type=_name, metavar="NAME")
@@ -405,7 +442,28 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     migrate.add_argument("--no-wait", action="store_true", help="print the migration id and return at once")
     migrate.set_defaults(client_func=_migrate)
 
-    migrations = sub.add_parser("migrations", parents=[opts], help="migrations of the host, or one of them")
+    save = guest_sub.add_parser(
+        "save", parents=[opts], help="save a running guest to a file only the target host can restore (state: saved)")
+    save.add_argument("name", type=_name, metavar="NAME")
+    save.add_argument("--to", required=True, type=_name, metavar="FILE",
+                      help="the file to write on the daemon's host (relative: to this directory); never replaced")
+    save.add_argument("--for-host", default=None, type=_name, metavar="PDH_CERT",
+                      help="the PDH certificate (pdh.pem in its state directory) of the host that may restore the "
+                           "file (default: the daemon's own)")
+    save.add_argument("--live", action="store_true",
+                      help="copy memory while the guest runs, then pause it for the rest (a shorter pause)")
+    save.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    save.set_defaults(client_func=_guest_save)
+    restore = guest_sub.add_parser("restore", parents=[opts], help="run a saved guest again from its file")
+    restore.add_argument("file", type=_name, metavar="FILE",
+                         help="the save file on the daemon's host (relative: to this directory)")
+    restore.add_argument("--name", type=_name, default=None, metavar="NAME",
+                         help="the restored guest's name (default: the name it was saved under)")
+    restore.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    restore.set_defaults(client_func=_guest_restore)
+
+    migrations = sub.add_parser("migrations", parents=[opts],
+                                help="migrations, saves and restores of the host, or one of them")
     migrations.add_argument("id", nargs="?", default=None, metavar="ID")
     migrations.set_defaults(client_func=_migrations)
 

@@ -1,5 +1,8 @@
 """Rendering a migration object (docs/design.md §9) for people: the live progress line and the summary.
 
+Save and restore jobs are migration objects too (role ``save`` / ``restore``, the file's path as
+``destination``): the same bar and summary, worded for a file.
+
 The render functions are pure (migration JSON in, text out) so they are tested without a
 terminal. :class:`ProgressDisplay` decides *when* to draw: in place on a terminal (carriage
 return + erase-to-end-of-line, like ``virsh migrate --verbose``), as periodic plain lines
@@ -68,6 +71,31 @@ def format_ms(ms: float | None) -> str:
     return f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
 
 
+#: Roles of the jobs whose other end is a file (docs/design.md §7): they have no downtime to expect,
+#: and their ``destination`` is the file's path.
+FILE_ROLES = frozenset({"save", "restore"})
+
+
+def job_kind(migration: Mapping[str, Any]) -> str:
+    """What the object is to a reader: ``migration``, ``save`` or ``restore``."""
+    role = migration.get("role")
+    return role if role in FILE_ROLES else "migration"
+
+
+def job_title(migration: Mapping[str, Any]) -> str:
+    """``migration ID of g1 to HOST:PORT``, ``save ID of g1 to FILE`` or ``restore ID of g1 from FILE``."""
+    kind = job_kind(migration)
+    where = "from" if kind == "restore" else "to"
+    return f"{kind} {migration['id']} of {migration['guest']} {where} {migration['destination']}"
+
+
+def job_route(migration: Mapping[str, Any]) -> str:
+    """``g1 -> HOST:PORT``, ``g1 -> FILE`` or, for a restore, ``FILE -> g1``: which way the guest goes."""
+    if job_kind(migration) == "restore":
+        return f"{migration['destination']} -> {migration['guest']}"
+    return f"{migration['guest']} -> {migration['destination']}"
+
+
 def percent_done(migration: Mapping[str, Any]) -> float:
     """How much of guest memory no longer needs sending, 0–100 (100 once completed).
 
@@ -84,19 +112,22 @@ def percent_done(migration: Mapping[str, Any]) -> float:
 
 
 def progress_line(migration: Mapping[str, Any], *, width: int | None = None) -> str:
-    """One line: guest, status, round, bar, percent, throughput, expected downtime.
+    """One line: guest, status, round, bar, percent, throughput, expected downtime (not for a save or
+    restore: the guest's pause there is not a downtime to predict).
 
     With ``width`` (terminal columns) the bar shrinks (down to 8 cells) so the line fits.
     """
     percent = percent_done(migration)
-    expected = migration.get("expected_downtime_ms")
     head = f"{migration['guest']} {migration['status']:<9} round {migration['rounds']:>2} "
-    downtime = format_ms(expected)
-    tail = f" {percent:5.1f}% {migration['throughput_mib_s']:6.1f} MiB/s  exp. downtime {downtime}"
+    tail = f" {percent:5.1f}% {migration['throughput_mib_s']:6.1f} MiB/s"
+    downtime = ""
+    if job_kind(migration) == "migration":
+        downtime = format_ms(migration.get("expected_downtime_ms"))
+        tail += f"  exp. downtime {downtime}"
     bar_width = _BAR_WIDTH
     if width is not None:
         # Room for "999.9 ms" whatever the downtime says now, so the bar does not jitter.
-        reserved = len(tail) - len(downtime) + max(len(downtime), 8)
+        reserved = len(tail) - len(downtime) + (max(len(downtime), 8) if downtime else 0)
         bar_width = max(_MIN_BAR_WIDTH, min(_BAR_WIDTH, width - len(head) - reserved - 2))
     filled = int(bar_width * percent / 100.0 + 1e-9)
     return f"{head}[{'#' * filled}{'.' * (bar_width - filled)}]{tail}"
@@ -121,17 +152,27 @@ def summary_lines(migration: Mapping[str, Any], *, with_error: bool = True) -> l
     ``with_error=False`` leaves out the error line (``migd migrate`` prints the error once, on stderr).
     """
     nbytes = migration["bytes"]
+    kind = job_kind(migration)
+    memory = f"(guest memory {format_bytes(nbytes['total'])})"
+    if kind == "migration":
+        head = (f"migration {migration['id']} of {migration['guest']} ({migration['role']}) "
+                f"to {migration['destination']}: {migration['status']}")
+        moved = [f"  transferred: {format_bytes(nbytes['transferred'])} on the wire {memory}",
+                 f"  pages sent:  {page_breakdown(migration['pages'])}"]
+    else:
+        head = f"{job_title(migration)}: {migration['status']}"
+        way = "written to" if kind == "save" else "read from"
+        moved = [f"  transferred: {format_bytes(nbytes['transferred'])} {way} the file {memory}",
+                 f"  pages:       {page_breakdown(migration['pages'])}"]
     lines = [
-        f"migration {migration['id']} of {migration['guest']} ({migration['role']}) "
-        f"to {migration['destination']}: {migration['status']}",
+        head,
         f"  rounds:      {migration['rounds']}",
-        f"  transferred: {format_bytes(nbytes['transferred'])} on the wire "
-        f"(guest memory {format_bytes(nbytes['total'])})",
-        f"  pages sent:  {page_breakdown(migration['pages'])}",
+        *moved,
         f"  throughput:  {migration['throughput_mib_s']:.1f} MiB/s",
-        f"  downtime:    {format_ms(migration.get('downtime_ms'))}",
-        f"  total time:  {format_ms(migration.get('total_time_ms'))}",
     ]
+    if kind == "migration":  # a saved guest stops for good, a restored one starts: no downtime between
+        lines.append(f"  downtime:    {format_ms(migration.get('downtime_ms'))}")
+    lines.append(f"  total time:  {format_ms(migration.get('total_time_ms'))}")
     if with_error and migration.get("error"):
         lines.append(f"  error:       {migration['error']}")
     return lines

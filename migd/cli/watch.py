@@ -1,4 +1,5 @@
-"""Following one migration from the CLI: poll it and draw its progress until it ends (`migrate`, `demo`)."""
+"""Following one migration from the CLI: poll it and draw its progress until it ends (`migrate`, `demo`,
+and the save / restore jobs of `guest save` and `guest restore`, polled under /v1/migrations alike)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,11 @@ async def watch_migration(
     does) and keeps watching; a second one stops watching (the daemon carries on).
     """
     from migd.cli.client import FINISHED_STATUSES
+    from migd.cli.progress_bar import job_kind, job_route
 
     migration_id = started["id"]
-    display.message(f"migration {migration_id}: {started['guest']} -> {started['destination']}")
+    kind = job_kind(started)  # "migration", or "save" / "restore" (a job of the same shape)
+    display.message(f"{kind} {migration_id}: {job_route(started)}")
     interrupts = 0
     cancel_sent = False
     wakeup = asyncio.Event()
@@ -49,11 +52,11 @@ async def watch_migration(
                 return migration, interrupts > 0
             display.update(migration, time.monotonic())
             if interrupts > 1:
-                display.message(f"stopped watching; migration {migration_id} goes on in the daemon")
+                display.message(f"stopped watching; {kind} {migration_id} goes on in the daemon")
                 return migration, True
             if interrupts == 1 and not cancel_sent:
                 cancel_sent = True
-                display.message(f"interrupted: cancelling migration {migration_id} (Ctrl-C again to stop watching)")
+                display.message(f"interrupted: cancelling {kind} {migration_id} (Ctrl-C again to stop watching)")
                 try:
                     await api.cancel(migration_id)
                 except MigdError as exc:  # e.g. 409: committed, too late to cancel

@@ -15,6 +15,7 @@ import decimal
 import hmac
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,6 +31,8 @@ from migd.guest.ram_capacity import InsufficientRam
 from migd.host import GuestExists, UnknownGuest
 from migd.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from migd.daemon.metrics import MetricsCollector
+from migd.save import SaveRefused
+from migd.save_format import SaveFileError
 from migd.source import MigrationRefused
 from migd.guest.workload import WorkloadConfig
 
@@ -59,6 +62,8 @@ ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
     (GuestChannelError, 409),  # the guest's agent is gone or not answering: the guest is not running
     (FirmwareError, 409),  # the (emulated) PSP refused the command in this state
     (InsufficientRam, 409),  # no room for the guest's RAM in guests.ram_dir (detail: the numbers)
+    (SaveRefused, 409),  # the guest cannot be saved now, or not to that path / for that PDH
+    (SaveFileError, 409),  # not a save file this host can restore (format, MAC, target host, restored before)
 )
 
 routes = web.RouteTableDef()
@@ -266,6 +271,31 @@ async def create_guest(request: web.Request) -> web.Response:
     return _json(guest.to_json(), 201, location=f"/v1/guests/{guest.name}")
 
 
+def _file_path(body: dict[str, Any], key: str) -> str | None:
+    """``body[key]``, a path the schema has checked (absolute, no NUL), as the OS will take it.
+
+    JSON may carry a lone surrogate (``"\\ud800"``) that no file name encodes: the os calls would
+    raise UnicodeEncodeError (a 500), so it is bad input here.
+    """
+    path = body.get(key)
+    if path is None:
+        return None
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise ConfigError(f"{key}: not a file name this host can encode (a lone UTF-16 surrogate?)") from None
+    return str(path)
+
+
+@routes.post("/v1/guests/restore")  # a literal path beside /v1/guests/{name} (which has no POST)
+async def restore_guest(request: web.Request) -> web.Response:
+    body = await read_body(request, "RestoreRequest", required=True)
+    path = _file_path(body, "path")
+    assert path is not None  # required by the schema
+    progress = _daemon(request).restore_guest(path, name=body.get("name"))
+    return _json(progress.to_json(), 202, location=f"/v1/migrations/{progress.id}")
+
+
 @routes.get("/v1/guests/{name}", allow_head=False)
 async def show_guest(request: web.Request) -> web.Response:
     return _json(_daemon(request).guest(request.match_info["name"]).to_json())
@@ -312,6 +342,18 @@ async def migrate_guest(request: web.Request) -> web.Response:
     progress = _daemon(request).migrate(
         request.match_info["name"], body["destination"],
         downtime_limit_ms=body.get("downtime_limit_ms"), max_bandwidth_mib_s=body.get("max_bandwidth_mib_s"),
+    )
+    return _json(progress.to_json(), 202, location=f"/v1/migrations/{progress.id}")
+
+
+@routes.post("/v1/guests/{name}/save")
+async def save_guest(request: web.Request) -> web.Response:
+    body = await read_body(request, "SaveRequest", required=True)
+    path = _file_path(body, "path")
+    assert path is not None  # required by the schema
+    progress = _daemon(request).save_guest(
+        request.match_info["name"], path, for_host_pdh=_file_path(body, "for_host_pdh"),
+        live=body.get("live", False),
     )
     return _json(progress.to_json(), 202, location=f"/v1/migrations/{progress.id}")
 

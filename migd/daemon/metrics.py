@@ -13,7 +13,9 @@ Families (docs/operations.md "Metrics" has each one's meaning and example alerts
 - histograms: ``migd_migration_duration_seconds{role}`` (finished migrations) and
   ``migd_migration_downtime_seconds`` (completed outgoing ones).
 
-Every label value that can occur is always present, 0 included, so series never vanish.
+Every label value that can occur is always present, 0 included, so series never vanish. ``role``
+is one of :data:`ROLES`: ``source``, ``destination``, and the file jobs ``save`` and ``restore``
+(listed with the migrations under /v1/migrations).
 
 The migration counters and histograms count the migrations this process registered
 (:meth:`MetricsCollector.track` listens to ``Host.add_migration``), never the history a restart
@@ -36,7 +38,7 @@ from migd import __version__
 from migd.guest.host_guest import GuestState
 from migd.listener import Refusal
 from migd.migration_state import MigrationStatus
-from migd.daemon.openapi import METRICS_CONTENT_TYPE
+from migd.daemon.openapi import METRICS_CONTENT_TYPE, MIGRATION_ROLES
 from migd.page_runs import PageKind
 from migd.progress import MigrationProgress
 
@@ -47,7 +49,11 @@ DOWNTIME_BUCKETS_S: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3
 #: Duration histogram buckets, seconds: a small guest on loopback takes about a second, a large
 #: one behind a rate limit or a busy link minutes; past an hour only the count matters.
 DURATION_BUCKETS_S: tuple[float, ...] = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
-ROLES = ("source", "destination")
+#: The ``role`` label: both ends of a live migration, and the save / restore jobs, which the
+#: daemon lists with the migrations (docs/design.md §7; ``Migration.role`` in the OpenAPI document).
+ROLES = MIGRATION_ROLES
+#: Roles that send a running guest's pages under the migration-control MSR gate (blackouts, downtime).
+_SENDING_ROLES = ("source", "save")
 #: The ``result`` label of ``migd_migrations_total``: the final statuses.
 RESULTS: tuple[MigrationStatus, ...] = tuple(s for s in MigrationStatus if s.finished)
 #: Hypercall results, the keys of VmPlatform.hypercall_counts (migd/guest/vm.py).
@@ -189,8 +195,9 @@ def _migration_counters(progress: MigrationProgress) -> dict[MigrationKey, float
         out[("result", role, status.value)] = 1
         duration_s = progress.phase.total_time_ms(progress.phase.finished_at) / 1000.0
         _observe(out, ("duration", role), duration_s, DURATION_BUCKETS_S)
-    if role == "source":
+    if role in _SENDING_ROLES:  # a save stops writing pages in a blackout as a source stops sending
         out[("blackouts",)] = progress.phase.blackouts
+    if role == "source":
         # Read at each observation, not at the transition: the source sets downtime_ms just
         # after "completed" (on the verified STARTED, migd/source.py), with no await between.
         if progress.downtime_ms is not None and status is MigrationStatus.COMPLETED:
@@ -270,11 +277,13 @@ class MetricsCollector:
                 results.add(counters.get(("result", role, status.value), 0), role=role, result=status.value)
 
         pages = Family("migd_migration_pages_total", "counter",
-                       "Guest pages by kind (private, shared, zero) the source sent or the destination placed; "
-                       "pages re-sent in later rounds count again.")
+                       "Guest pages by kind (private, shared, zero) the source sent or the destination placed "
+                       "(save: wrote to its file; restore: placed from it); pages re-sent in later rounds count "
+                       "again.")
         nbytes = Family("migd_migration_bytes_total", "counter",
                         "Bytes of page frames (whole frames: prefix, metadata, payload, CRC) by page kind; "
-                        "source: written, destination: placed.")
+                        "source: written, destination: placed; save and restore: page slots and table entries "
+                        "of the file.")
         for role in ROLES:
             for kind in PageKind:
                 pages.add(counters.get(("pages", role, kind.value), 0), role=role, kind=kind.value)
@@ -285,7 +294,8 @@ class MetricsCollector:
             rounds.add(counters.get(("rounds", role), 0), role=role)
 
         blackouts = Family("migd_migration_blackouts_total", "counter",
-                           "Times an outgoing migration stopped sending because the guest's MSR dropped.")
+                           "Times an outgoing migration or a save stopped sending or writing pages because the "
+                           "guest's MSR dropped.")
         blackouts.add(counters.get(("blackouts",), 0))
 
         duration = Family("migd_migration_duration_seconds", "histogram",
@@ -321,5 +331,6 @@ class MetricsCollector:
 
 __all__ = [
     "CONTENT_TYPE", "DOWNTIME_BUCKETS_S", "DURATION_BUCKETS_S", "RESULTS", "Family", "MetricsCollector",
-    "MigrationRegistry", "RunningTotals", "escape_help", "escape_label_value", "format_value", "render_families",
+    "MigrationRegistry", "ROLES", "RunningTotals", "escape_help", "escape_label_value", "format_value",
+    "render_families",
 ]

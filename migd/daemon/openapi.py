@@ -60,6 +60,12 @@ _DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 DESTINATION_PATTERN = rf"^(?:{_DNS_LABEL}(?:\.{_DNS_LABEL})*|\[{_IPV6}\]):{_PORT}$"
 
+#: A file on the daemon's host (save and restore bodies): absolute (the daemon has no working
+#: directory a client could mean), at most PATH_MAX (4096, Linux limits.h) characters, and no NUL,
+#: which no file name can hold (the os calls would raise, not refuse).
+FILE_PATH_PATTERN = r"^/[^\u0000]*$"
+MAX_FILE_PATH = 4096
+
 #: The ``error`` codes of the error object, by HTTP status.
 ERROR_CODES: dict[int, str] = {
     400: "bad_request",
@@ -114,6 +120,15 @@ _WORKLOAD_PROPERTIES: dict[str, Schema] = {
     "boot_time_s": {"type": "number", "minimum": 0, "maximum": MAX_GUEST_TIMER_S,
                     "description": "how long a kexec or reboot keeps the guest down before it is READY (default 0)"},
 }
+
+#: The ``role`` of a migration object: the two ends of a live migration, and the file jobs.
+MIGRATION_ROLES = ("source", "destination", "save", "restore")
+
+
+def _file_path(description: str, *, nullable: bool = False) -> Schema:
+    return {"type": ["string", "null"] if nullable else "string", "minLength": 1, "maxLength": MAX_FILE_PATH,
+            "pattern": FILE_PATH_PATTERN, "description": description}
+
 
 SCHEMAS: dict[str, Schema] = {
     "Error": _object({
@@ -198,14 +213,37 @@ SCHEMAS: dict[str, Schema] = {
         },
         required=["destination"],
     ),
+    "SaveRequest": _object(
+        {
+            "path": _file_path("the file to write on the daemon's host: absolute, in an existing directory; "
+                               "a save never replaces a file"),
+            "for_host_pdh": _file_path(
+                "the PDH certificate (pdh.pem in its state directory) of the host that may restore the file; it "
+                "must chain to sev.trusted_roots. Omitted or null: this host's own", nullable=True),
+            "live": {"type": "boolean", "description": "pre-copy while the guest runs, then pause it for the last "
+                                                       "pages (shorter pause); default false: pause, then write"},
+        },
+        required=["path"],
+    ),
+    "RestoreRequest": _object(
+        {
+            "path": _file_path("the save file on the daemon's host: absolute; it must have been saved for this "
+                               "host and not restored here before"),
+            "name": {"type": ["string", "null"], "pattern": GUEST_NAME.pattern,
+                     "description": "the restored guest's name; omitted or null: the name it was saved under"},
+        },
+        required=["path"],
+    ),
     "Migration": _object({
         "id": {"type": "string"},
         "guest": {"type": "string"},
-        "role": {"type": "string", "enum": ["source", "destination"]},
+        "role": {"type": "string", "enum": list(MIGRATION_ROLES),
+                 "description": "source and destination of a live migration; save and restore of a guest to "
+                                "and from a file"},
         "status": {"type": "string", "enum": [s.value for s in MigrationStatus]},
         "destination": {"type": "string",
                         "description": "where the guest goes (HOST:PORT); on the destination, its own address "
-                                       "as the source reached it"},
+                                       "as the source reached it; save and restore: the file's path"},
         "source": {"type": ["string", "null"],
                    "description": "destination role: the source's migration listener (HOST:PORT), or its "
                                   "address if it did not say; null on the source"},
@@ -280,6 +318,14 @@ PATHS: dict[str, Schema] = {
             {"201": _GUEST, "409": _error("a guest of that name exists")}, body="CreateGuest", body_required=True,
         ),
     },
+    # Before /v1/guests/{name}: a client matching paths in document order must meet the literal first.
+    "/v1/guests/restore": {"post": _operation(
+        "restoreGuest", "start restoring a saved guest from a file; poll /v1/migrations/{id}",
+        {"202": _MIGRATION, "409": _error(
+            "the file cannot be restored here: not a readable save file, altered or incomplete, saved for "
+            "another host, already restored on this host, or a guest of its name exists (detail: why)")},
+        body="RestoreRequest", body_required=True,
+    )},
     "/v1/guests/{name}": {
         "get": _operation("showGuest", "one guest", {"200": _GUEST}, name="name"),
         "delete": _operation(
@@ -295,6 +341,15 @@ PATHS: dict[str, Schema] = {
         "migrateGuest", "start a live migration; poll /v1/migrations/{id}",
         {"202": _MIGRATION, "409": _error("the guest cannot migrate now, e.g. its MSR is not READY (detail: why)")},
         body="MigrateRequest", body_required=True, name="name",
+    )},
+    "/v1/guests/{name}/save": {"post": _operation(
+        "saveGuest", "start saving a running guest to a file that only the target host can restore; poll "
+                     "/v1/migrations/{id}; once completed the guest is saved (it no longer runs here)",
+        {"202": _MIGRATION, "409": _error(
+            "the guest cannot be saved now (not running, NOSEND policy, MSR not READY, busy) or the file is "
+            "refused (its directory is missing, it exists, the PDH certificate is unreadable or untrusted) "
+            "(detail: why)")},
+        body="SaveRequest", body_required=True, name="name",
     )},
     "/v1/migrations": {"get": _operation(
         "listMigrations", "every migration this host knows, oldest first",
@@ -487,6 +542,7 @@ def _check_object(value: dict[str, Any], schema: Mapping[str, Any], where: str,
 
 
 __all__ = [
-    "DOCUMENT", "ERROR_CODES", "METRICS_CONTENT_TYPE", "PATHS", "SCHEMAS", "SUPPORTED_KEYWORDS", "Schema", "check",
+    "DOCUMENT", "ERROR_CODES", "FILE_PATH_PATTERN", "MAX_FILE_PATH", "METRICS_CONTENT_TYPE", "MIGRATION_ROLES",
+    "PATHS", "SCHEMAS", "SUPPORTED_KEYWORDS", "Schema", "check",
     "json_type", "ref", "schema",
 ]

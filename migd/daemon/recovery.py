@@ -7,6 +7,11 @@ The rules (docs/design.md §8 "Invariants", 4 and 5; the hand-off's commit recor
   point of no return — and the error says the daemon restarted after the commit;
 * source side: no commit record → the guest stays here, intact; commit record → it is
   ``migrated`` here (RAM and key released: the destination owns it);
+* a save (role ``save``) is a source whose destination is a file: no commit record → the guest
+  stays here, intact, and the temporary ``.part`` file is removed; commit record → the guest is
+  ``saved`` (RAM and key released) and the file is finished (its trailer MAC computed again from
+  the journaled hand-off key, then its final name). A restore (role ``restore``) is a
+  destination: no commit record → the partial guest is removed and the file stays restorable;
 * destination side: an incoming guest without a commit record is removed with every trace
   (guest directory, firmware context, journal row); with one it stays. One that reached
   PREPARED without it (its migration was journaled ``stop-copy``: verified, RECEIVE_FINISH
@@ -133,15 +138,22 @@ async def kill_stale_agent(pid: int, start_ticks: int | None, timeout: float = S
 # ---------------------------------------------------------------------- the procedure
 
 
-def _finish_save(journal: Journal, record: MigrationRecord) -> None:
-    """A save the daemon died in: its temporary file goes, or (committed) the file is finished."""
+def _finish_save(journal: Journal, record: MigrationRecord) -> bool:
+    """A save the daemon died in: its temporary file goes, or (committed) the file is finished.
+
+    False if a committed save's file could not be finished: no restore accepts it then, so the
+    guest's memory here is its only copy and must be kept.
+    """
     try:
         done = finish_interrupted(Path(record.peer), record.id, committed=record.committed,
                                   key=journal.handoff_key(record.id) if record.committed else None)
     except (MigdError, OSError) as exc:
-        log.error("save %s of guest %s to %s: %s", record.id, record.guest, record.peer, exc)
-        return
-    log.warning("save %s of guest %s, interrupted by the restart: %s", record.id, record.guest, done)
+        log.error("save %s of guest %s to %s could not be finished: %s; the guest's memory is kept here",
+                  record.id, record.guest, record.peer, exc)
+        return False
+    if done is not None:
+        log.warning("save %s of guest %s, interrupted: %s", record.id, record.guest, done)
+    return True
 
 
 @dataclass(frozen=True)
@@ -193,14 +205,16 @@ async def recover(host: Host, journal: Journal, *, client_ssl: ssl.SSLContext | 
     journaled = journal.migrations()
     before = _latest_by_guest(journaled)  # as journaled: a prepared one is still stop-copy
     doubtful: dict[str, MigrationRecord] = {}
+    unfinished_saves: set[str] = set()  # committed saves whose file could not be finished
     for record in journaled:
         if (record.prepared_in_doubt and before[record.guest] is record
                 and (host.guest_dir(record.guest) / INCOMING_MARKER).exists()):
             doubtful[record.guest] = record  # not over: only its source knows how it ended
             records.append(record)
             continue
-        if record.role == "save" and not record.finished:
-            _finish_save(journal, record)
+        if record.role == "save" and (not record.finished or record.committed) and \
+                not _finish_save(journal, record) and record.committed:
+            unfinished_saves.add(record.guest)
         if not record.finished:
             status, error = final_status(record)
             journal.finish_migration(record.id, status, error)
@@ -233,6 +247,8 @@ async def recover(host: Host, journal: Journal, *, client_ssl: ssl.SSLContext | 
         guest_dir = host.guest_dir(row.name)
         fate = guest_fate(row.state, _about(latest.get(row.name), row), dir_exists=guest_dir.is_dir(),
                           marker=(guest_dir / INCOMING_MARKER).exists())
+        if fate is Fate.SAVED and row.name in unfinished_saves:
+            fate = Fate.STOPPED  # no restore accepts its file: the memory here is the guest's only copy
         if fate is Fate.IN_DOUBT:
             migration = doubtful[row.name]
             host.migrations[migration.id].phase.error = "in doubt after a daemon restart: asking the source"

@@ -466,6 +466,14 @@ class HostGuest:
         self.state = GuestState.MIGRATED
         self._release_memory()
 
+    async def halt(self) -> None:
+        """Stop the agent where it is (no shutdown path runs in the guest); RAM file and key stay.
+
+        For a guest that must never run here again but whose memory is still its only copy
+        (a save committed whose file is not finished yet).
+        """
+        await self._teardown_agent()
+
     async def mark_saved(self) -> None:
         """After a committed save: the file holds the guest; stop the agent for good, drop RAM and key."""
         await self._teardown_agent()
