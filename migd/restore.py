@@ -41,7 +41,7 @@ import numpy as np
 from migd import failure_text, wire
 from migd.abi import PAGE_SHIFT, PAGE_SIZE, GuestPolicy
 from migd.bitmap import PageBitmap
-from migd.errors import MigdError
+from migd.errors import ConfigError, MigdError
 from migd.guest.host_guest import GuestDefinition, HostGuest
 from migd.host import Host
 from migd.migration_state import MigrationPhase
@@ -121,8 +121,13 @@ def inspect(host: Host, path: Path, name: str | None) -> tuple[SavedFile, GuestD
     mode = host.firmware.transport_mode.value
     if header.transport_mode != mode:
         raise SaveFileError(f"{path} uses the {header.transport_mode!r} transport, this host {mode!r}")
-    definition = GuestDefinition(name or header.name, header.memory_mib, header.policy, header.efi,
-                                 header.uefi_live_migration)
+    try:
+        definition = GuestDefinition(name or header.name, header.memory_mib, header.policy, header.efi,
+                                     header.uefi_live_migration)
+    except ConfigError as exc:
+        if name is not None:
+            raise  # the client's name: a bad request (400)
+        raise SaveFileError(f"{path}: the saved guest definition is not valid here: {exc}") from None
     host.check_free(definition.name, replace_migrated=True)
     if host.session_known(header.session_blob[:16], f"restore-check-{header.save_id}"):
         raise SaveFileError(f"{path} was restored on this host before: a saved guest runs at most once "
@@ -151,6 +156,7 @@ class GuestRestore:
         self._handle: int | None = None
         self._agent_ready: asyncio.Future[None] | None = None
         self._task: asyncio.Task[MigrationProgress] | None = None
+        self._running = False
         self._fd: int | None = None
         self._started_at = time.monotonic()
 
@@ -166,11 +172,14 @@ class GuestRestore:
         """Cancel before the commit; False if it is too late."""
         if not self.progress.phase.can_cancel or self._task is None:
             return False
+        if not self._running:
+            self.session.cancel(time.monotonic())  # the task never took a step: nothing to undo
         self._task.cancel()
         return True
 
     async def run(self) -> MigrationProgress:
         """Restore; returns the final progress."""
+        self._running = True
         try:
             self._fd = os.open(self.saved.path, os.O_RDONLY | os.O_CLOEXEC)
             await self._restore()

@@ -146,6 +146,7 @@ class GuestSave:
         self._sequence = 0  # write sequence of shared runs
         self._buffer = bytearray(FILE_RUN_PAGES * PAGE_SIZE)
         self._task: asyncio.Task[MigrationProgress] | None = None
+        self._running = False
         self._cancel_requested = False
         self._started_at = time.monotonic()
 
@@ -184,6 +185,8 @@ class GuestSave:
         """Cancel before the commit; False if it is too late."""
         if not self.progress.phase.can_cancel or self._task is None:
             return False
+        if not self._running:
+            self.session.cancel(time.monotonic())  # the task never took a step: nothing to undo
         self._cancel_requested = True
         self._task.cancel()
         return True
@@ -192,6 +195,7 @@ class GuestSave:
 
     async def run(self) -> MigrationProgress:
         """Save; returns the final progress (completed, failed or cancelled)."""
+        self._running = True
         guest = self.guest
         try:
             self.check_preconditions()
