@@ -42,6 +42,7 @@ from migd import failure_text, wire
 from migd.abi import PAGE_SHIFT, PAGE_SIZE, GuestPolicy
 from migd.bitmap import PageBitmap
 from migd.errors import ConfigError, MigdError
+from migd.fileio import open_regular
 from migd.guest.host_guest import GuestDefinition, HostGuest
 from migd.host import Host
 from migd.migration_state import MigrationPhase
@@ -69,6 +70,8 @@ class SavedFile:
     tail: SaveTail
     tail_body: bytes
     tail_mac: bytes
+    #: (st_dev, st_ino) of the file inspected: the job reads that file, not one renamed over it.
+    identity: tuple[int, int] = (0, 0)
 
 
 def _read_exact(fd: int, size: int, offset: int, what: str) -> bytes:
@@ -86,6 +89,7 @@ def read_saved(fd: int, path: Path) -> SavedFile:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise SaveFileError(f"{path} is not a regular file")
+    identity = (info.st_dev, info.st_ino)
     if info.st_size < HEADER_REGION:
         raise SaveFileError(f"{path} is truncated or not a migd save file ({info.st_size} bytes)")
     header = SaveHeader.unpack(_read_exact(fd, HEADER_REGION, 0, "the header"))
@@ -96,17 +100,14 @@ def read_saved(fd: int, path: Path) -> SavedFile:
     if tail_size > layout.max_tail:
         raise SaveFileError(f"{path} has {tail_size} bytes of tail, more than a guest of this size can have")
     tail, body, mac = SaveTail.unpack(_read_exact(fd, tail_size, layout.tail_off, "the tail"), layout)
-    return SavedFile(path, header, layout, tail, body, mac)
+    return SavedFile(path, header, layout, tail, body, mac, identity)
 
 
 def inspect(host: Host, path: Path, name: str | None) -> tuple[SavedFile, GuestDefinition]:
     """The checks a restore makes before anything exists; SaveFileError / GuestExists say why not."""
     if not path.is_absolute():
         raise SaveFileError(f"restore path {path} must be absolute")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SaveFileError(f"cannot open {path}: {failure_text.os_reason(exc)}") from None
+    fd = _open(path)
     try:
         saved = read_saved(fd, path)
     finally:
@@ -135,6 +136,16 @@ def inspect(host: Host, path: Path, name: str | None) -> tuple[SavedFile, GuestD
     return saved, definition
 
 
+def _open(path: Path) -> int:
+    """Open a save file for reading: a regular file, or SaveFileError (never blocks on a FIFO)."""
+    try:
+        return open_regular(path)
+    except OSError as exc:
+        raise SaveFileError(f"cannot open {path}: {failure_text.os_reason(exc)}") from None
+    except ValueError as exc:
+        raise SaveFileError(str(exc)) from None
+
+
 #: Called once the guest is complete and verified: consumes the session and records the commit, durably.
 CommitHook = Callable[[MigrationProgress, bytes], None]
 
@@ -158,6 +169,7 @@ class GuestRestore:
         self._task: asyncio.Task[MigrationProgress] | None = None
         self._running = False
         self._fd: int | None = None
+        self._ordered = True
         self._started_at = time.monotonic()
 
     def start(self) -> asyncio.Task[MigrationProgress]:
@@ -181,7 +193,10 @@ class GuestRestore:
         """Restore; returns the final progress."""
         self._running = True
         try:
-            self._fd = os.open(self.saved.path, os.O_RDONLY | os.O_CLOEXEC)
+            self._fd = _open(self.saved.path)
+            info = os.fstat(self._fd)
+            if (info.st_dev, info.st_ino) != self.saved.identity:
+                raise SaveFileError(f"{self.saved.path} was replaced after it was checked")
             await self._restore()
         except asyncio.CancelledError:
             if self.session.committed:
@@ -207,8 +222,12 @@ class GuestRestore:
         host, saved, definition, progress = self.host, self.saved, self.definition, self.progress
         header, tail = saved.header, saved.tail
         fw = host.firmware
+        # A one-pass file's packets are opened in order, as a stream's are: the firmware itself then
+        # refuses a dropped, replayed or reordered private run. A live file's slots were overwritten
+        # in place, so each packet is opened by its sequence and the trailer binds which one a slot holds.
+        self._ordered = header.one_pass
         self._handle = fw.receive_start(header.policy, header.source_pdh, header.session_blob, header.file_nonce,
-                                        ordered=False)
+                                        ordered=self._ordered)
         key = fw.handoff_key(self._handle)
         if not hmac.compare_digest(tail_mac(key, saved.tail_body), saved.tail_mac):
             raise SaveFileError(f"{saved.path}: the trailer does not verify under the file's session: the file "
@@ -291,7 +310,7 @@ class GuestRestore:
                            f"the pages at {gpa:#x}")
         if run.kind is EntryKind.PRIVATE:
             guest.firmware.receive_update_data(guest.handle, guest.ram, gpa, run.npages, run.auth, data,
-                                               sequence=run.seq)
+                                               sequence=None if self._ordered else run.seq)
             return
         expected = shared_mac(key, gpa, run.npages, run.seq, data)
         if not hmac.compare_digest(expected, run.auth[:32]) or any(run.auth[32:]):
@@ -305,7 +324,7 @@ class GuestRestore:
             if tail.vcpu_header is None or tail.vcpu_seq is None:
                 raise SaveFileError("an SEV-ES guest's vCPU state must be a VMSA transport packet")
             guest.firmware.receive_update_vmsa(guest.handle, 0, tail.vcpu_header, tail.vcpu_payload,
-                                               sequence=tail.vcpu_seq)
+                                               sequence=None if self._ordered else tail.vcpu_seq)
             vmsa = guest.firmware.guest_vmsa(guest.handle, 0)
             assert vmsa is not None
             return wire.unpack_vmsa(vmsa)

@@ -40,7 +40,7 @@ from migd import failure_text, wire
 from migd.abi import PAGE_SHIFT, PAGE_SIZE, GuestPolicy
 from migd.bitmap import PageBitmap
 from migd.errors import MigdError
-from migd.fileio import fsync_dir
+from migd.fileio import fsync_dir, open_regular
 from migd.guest.channel import GuestChannel
 from migd.guest.host_guest import GuestState, HostGuest
 from migd.migration_state import MigrationPhase
@@ -48,8 +48,9 @@ from migd.page_runs import CHUNK_PAGES, HOLE_STEP_PAGES, PageKind, classify
 from migd.platform.memory import punch_hole
 from migd.progress import MigrationProgress
 from migd.save_format import (
-    ENTRY, ENTRY_SIZE, FILE_NONCE_SIZE, FILE_RUN_PAGES, HEADER_REGION, TAIL_PREFIX_SIZE, EntryKind, Layout,
-    SaveHeader, SaveTail, pdh_fingerprint, run_entries, shared_mac, tail_body_length, tail_mac,
+    ENTRY, ENTRY_SIZE, FILE_NONCE_SIZE, FILE_RUN_PAGES, HEADER_REGION, NONCE_LIVE, NONCE_ONE_PASS, TAIL_PREFIX_SIZE,
+    EntryKind, Layout, SaveFileError, SaveHeader, SaveTail, pdh_fingerprint, run_entries, shared_mac,
+    tail_body_length, tail_mac,
 )
 from migd.sev_transport import MAC_SIZE
 from migd.save_session import FileJobSession
@@ -100,7 +101,10 @@ def publish(part: Path, path: Path) -> None:
     try:
         os.link(part, path)  # fails if the name exists: a save never overwrites a file
     except FileExistsError:
-        raise SaveFailed(f"{path} appeared while the guest was being saved; the save is in {part}") from None
+        # Linked already (a crash between link and unlink, finished by recovery): only the
+        # temporary name is left to remove. Any other file of that name is not ours to replace.
+        if not os.path.samefile(part, path):
+            raise SaveFailed(f"{path} appeared while the guest was being saved; the save is in {part}") from None
     os.unlink(part)
     fsync_dir(path.parent)
 
@@ -228,7 +232,11 @@ class GuestSave:
         guest, layout = self.guest, self.layout
         self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         os.ftruncate(self._fd, layout.tail_off)  # sparse: holes stay holes
-        nonce = os.urandom(FILE_NONCE_SIZE)
+        fsync_dir(self.part.parent)  # the name must survive a crash after the commit (recovery finishes it)
+        # The last nonce byte says whether the file is one pass (its packets in sequence order, opened
+        # in order like a stream) or live (overwritten in place). It enters the session id, so a
+        # file whose header claims the other kind opens no packet and verifies no trailer.
+        nonce = os.urandom(FILE_NONCE_SIZE - 1) + bytes([NONCE_LIVE if self.params.live else NONCE_ONE_PASS])
         start = guest.firmware.send_start(guest.handle, self.target_pdh, nonce)
         self._session_open = True
         assert start.handoff_key is not None
@@ -340,6 +348,12 @@ class GuestSave:
             table_sha256=table_digest(fd, layout),
         )
         unsealed = tail.pack_unsealed()
+        try:
+            # What a restore will parse, checked before the commit: a tail it would refuse (a vCPU
+            # state too large, say) must fail the save here, while the guest can still resume.
+            SaveTail.unpack(unsealed + bytes(MAC_SIZE), layout)
+        except SaveFileError as exc:
+            raise SaveFailed(f"the save's tail would not be accepted by a restore: {exc}") from None
         pwrite_all(fd, unsealed, layout.tail_off)
         os.ftruncate(fd, layout.tail_off + len(unsealed))  # no MAC yet: every restore refuses this file
         os.fsync(fd)
@@ -529,15 +543,22 @@ def _reason(exc: BaseException, path: Path) -> str:
     return failure_text.describe_file_job(exc, path=str(path), step="the save")
 
 
-def finish_interrupted(path: Path, job_id: str, *, committed: bool, key: bytes | None) -> str | None:
+def finish_interrupted(path: Path, job_id: str, *, committed: bool, finished: bool,
+                       key: bytes | None) -> str | None:
     """Restart recovery of a save the daemon died in; returns what was done (for the log), None if nothing.
 
     Without a commit record the save never happened: its temporary file goes (the guest is
-    intact here). With one, the guest is the file's: the temporary file gets its trailer MAC
-    (computed again from the journaled hand-off key) if it lacks it, and its final name.
+    intact here). With one, the guest is the file's: the temporary file is checked (it is this
+    save's, its table is the one its tail binds), gets its trailer MAC (computed again from the
+    journaled hand-off key; always rewritten: a crash may have left a torn one) and its final
+    name. SaveFailed if that cannot be done, or if an unfinished committed save has neither its
+    temporary file nor its final one: then no restore accepts the guest, and its memory here
+    must be kept.
     """
     part = part_path(path, job_id)
     if not os.path.lexists(part):
+        if committed and not finished and not _is_save(path, job_id):
+            raise SaveFailed(f"neither {part} nor {path} (of this save) exists")
         return None
     if not committed:
         os.unlink(part)
@@ -547,18 +568,38 @@ def finish_interrupted(path: Path, job_id: str, *, committed: bool, key: bytes |
     fd = os.open(part, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         header = SaveHeader.unpack(os.pread(fd, HEADER_REGION, 0))
+        if header.save_id != job_id:
+            raise SaveFailed(f"cannot finish {part}: it holds save {header.save_id}, not {job_id}")
         layout = Layout(header.npages)
         size = os.fstat(fd).st_size
-        prefix = os.pread(fd, TAIL_PREFIX_SIZE, layout.tail_off)
-        body_len = tail_body_length(prefix)
+        body_len = tail_body_length(os.pread(fd, TAIL_PREFIX_SIZE, layout.tail_off))
         body = os.pread(fd, body_len, layout.tail_off + TAIL_PREFIX_SIZE)
         sealed_at = layout.tail_off + TAIL_PREFIX_SIZE + body_len
-        if size == sealed_at:
-            pwrite_all(fd, tail_mac(key, body), sealed_at)
-        elif size != sealed_at + MAC_SIZE:
+        if size not in (sealed_at, sealed_at + MAC_SIZE):
             raise SaveFailed(f"cannot finish {part}: {size} bytes, its tail says {sealed_at} (+ MAC)")
+        tail, _, _ = SaveTail.unpack(os.pread(fd, sealed_at - layout.tail_off, layout.tail_off) + bytes(MAC_SIZE),
+                                     layout)
+        if tail.header_sha256 != header.digest() or tail.table_sha256 != table_digest(fd, layout):
+            raise SaveFailed(f"cannot finish {part}: its header or page table is not the one its tail binds")
+        pwrite_all(fd, tail_mac(key, body), sealed_at)
         os.fsync(fd)
+    except SaveFileError as exc:
+        raise SaveFailed(f"cannot finish {part}: {exc}") from None
     finally:
         os.close(fd)
     publish(part, path)
     return f"finished {path}"
+
+
+def _is_save(path: Path, job_id: str) -> bool:
+    """Whether ``path`` is a file of save ``job_id`` (its header says so)."""
+    try:
+        fd = open_regular(path)
+    except (OSError, ValueError):
+        return False
+    try:
+        return SaveHeader.unpack(os.pread(fd, HEADER_REGION, 0)).save_id == job_id
+    except SaveFileError:
+        return False
+    finally:
+        os.close(fd)

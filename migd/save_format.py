@@ -53,6 +53,10 @@ FILE_RUN_PAGES = 32
 #: The largest guest a file may describe (as the migration protocol's limit: 1 TiB).
 MAX_NPAGES = 1 << 28
 FILE_NONCE_SIZE = 32
+#: The file nonce's last byte: a one-pass save (every packet sealed in table order, opened in
+#: order) or a live one (pages overwritten in place, opened by their sequence numbers).
+NONCE_ONE_PASS = 0
+NONCE_LIVE = 1
 _PREFIX = struct.Struct("<8sII")  # magic, version (header) or body length (tail), length
 _TAIL_PREFIX = struct.Struct("<8sI")
 TAIL_PREFIX_SIZE = _TAIL_PREFIX.size
@@ -214,6 +218,8 @@ class SaveHeader:
             target_pdh_sha256=_bytes_field(data, "target_pdh_sha256", 32, what),
             npages=_field(data, "npages", int, what),
         )
+        if header.file_nonce[-1] not in (NONCE_ONE_PASS, NONCE_LIVE):
+            raise SaveFileError(f"{what}: the file nonce names no known kind of save")
         if not 1 <= len(header.save_id) <= 64:
             raise SaveFileError(f"{what}: save id must be 1..64 characters")
         if not 0 <= header.policy <= 0xFFFFFFFF:
@@ -222,6 +228,11 @@ class SaveHeader:
         if header.memory_mib * 256 != header.npages:
             raise SaveFileError(f"{what}: {header.memory_mib} MiB is not {header.npages} pages")
         return header
+
+    @property
+    def one_pass(self) -> bool:
+        """Every packet sealed in table order (not live): a restore opens them in order, as a stream."""
+        return self.file_nonce[-1] == NONCE_ONE_PASS
 
     def digest(self) -> bytes:
         """What the trailer binds of the header: SHA-256 of its packed bytes."""

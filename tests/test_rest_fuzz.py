@@ -12,7 +12,9 @@ Against a real in-process server (tests/test_api.py ``serving``) every answer mu
 * a 2xx: valid by the documented response schema (``check_against_document``).
 
 Generated values that are schema-valid stay cheap and local: guests of at most 16 MiB, small
-workload rates, and migrations only to a loopback port nobody listens on.
+workload rates, migrations only to a loopback port nobody listens on, and save / restore files
+only in the run's own directory (a save of the running g1 to a generated "/x" would write that
+file, and the tests may run as root).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ MAX_EXAMPLES = 300
 #: Where valid migrate bodies point: a loopback port nobody listens on (no stray traffic).
 CLOSED_PORT = free_port()
 _NONE = object()  # "send no body"
+#: The only directory valid save and restore bodies name; the server fixture sets it before any request.
+FILES = Path("/nonexistent/migd-rest-fuzz")
 
 
 # ---------------------------------------------------------------------- the server
@@ -74,7 +78,10 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``serving`` on its own event loop thread for the whole module (one daemon, guest g1 running)."""
+    global FILES
     root = tmp_path_factory.mktemp("fuzz")
+    FILES = Path(root) / "files"
+    FILES.mkdir()
     with serving_in_thread(Path(root)) as (api, loop):
         port = api.client.server.port
         assert port is not None
@@ -110,6 +117,9 @@ def valid(schema: dict[str, Any], key: str = "") -> st.SearchStrategy[Any]:
     schema = resolve(schema)
     if key == "destination":
         return st.sampled_from([f"127.0.0.1:{CLOSED_PORT}", f"[::1]:{CLOSED_PORT}", f"localhost:{CLOSED_PORT}"])
+    if key in ("path", "for_host_pdh"):
+        # A new file, one an earlier save may have written (a restore opens it), one that cannot exist.
+        return st.sampled_from([str(FILES / "a.save"), str(FILES / "b.save"), str(FILES / "absent" / "x.save")])
     if key == "policy":
         # Bits 16..31 of a policy are the minimum firmware API; the schema's anyOf allows at most
         # this firmware's 0.24 (test_a_policy_the_firmware_refuses_is_outside_the_document below).
@@ -301,7 +311,8 @@ def test_the_generators_mean_what_they_say(server: Server) -> None:
     """Negative control: "valid" bodies pass the schema checker, "invalid" ones fail it, and the
     answer checks reject a 5xx and an error without a detail."""
     ops = [op for op in operations(server.document) if op.body_schema]
-    assert {op.body_schema for op in ops} == {"CreateGuest", "StartGuest", "Empty", "MigrateRequest"}
+    assert {op.body_schema for op in ops} == {"CreateGuest", "StartGuest", "Empty", "MigrateRequest", "SaveRequest",
+                                              "RestoreRequest"}
 
     @settings(max_examples=60, deadline=None, database=None)
     @given(data=st.data())
@@ -321,7 +332,7 @@ def test_the_generators_mean_what_they_say(server: Server) -> None:
 
 def test_every_documented_operation_survives_generated_requests(server: Server) -> None:
     ops = operations(server.document)
-    assert len(ops) == 15, ops  # every route of §7 plus the document (test_api checks they match the router)
+    assert len(ops) == 17, ops  # every route of §7 plus the document (test_api checks they match the router)
     seen: dict[tuple[str, str], set[int]] = {}
 
     @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,

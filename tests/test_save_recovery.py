@@ -8,6 +8,7 @@ same state directory, as after a crash.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -37,10 +38,13 @@ async def _running_guest(daemon, name: str) -> None:  # type: ignore[no-untyped-
             await asyncio.sleep(0.02)
 
 
-@pytest.mark.parametrize("key_kept", [True, False], ids=["recovery-finishes-the-file", "negative-control-no-key"])
+@pytest.mark.parametrize("crash", ["before-the-mac", "torn-mac", "after-the-link", "no-key"],
+                         ids=["recovery-finishes-the-file", "a-torn-mac-is-rewritten", "a-linked-file-is-kept",
+                              "negative-control-no-key"])
 def test_a_save_committed_before_its_mac_is_finished_by_recovery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                 key_kept: bool) -> None:
+                                                                 crash: str) -> None:
     path = tmp_path / "g1.save"
+    key_kept = crash != "no-key"
 
     def failing_mac(key: bytes, body: bytes) -> bytes:
         raise OSError(5, "Input/output error")
@@ -59,8 +63,16 @@ def test_a_save_committed_before_its_mac_is_finished_by_recovery(tmp_path: Path,
             assert "could not be finished" in (progress.phase.error or "")
             assert guest.state is GuestState.SAVED and guest.has_memory and guest.agent is None
             assert not path.exists() and part_path(path, progress.id).exists()
+            part = part_path(path, progress.id)
             if not key_kept:
                 daemon.journal._db.execute("UPDATE migrations SET handoff_key = NULL WHERE id = ?", (progress.id,))
+            elif crash == "torn-mac":  # the MAC's extent reached the disk, its bytes did not
+                with open(part, "ab") as f:
+                    f.write(bytes(32))
+            elif crash == "after-the-link":  # linked to its final name, the temporary name not yet removed
+                with open(part, "ab") as f:
+                    f.write(bytes(32))
+                os.link(part, path)
             return progress.id
         finally:
             await daemon.shutdown()
@@ -71,8 +83,9 @@ def test_a_save_committed_before_its_mac_is_finished_by_recovery(tmp_path: Path,
         try:
             guest = daemon.guest("g1")
             if not key_kept:
-                # The file cannot be finished: the memory here is the guest's only copy, kept.
-                assert not path.exists() and part_path(path, job_id).exists()
+                # The file cannot be finished: the memory here is the guest's only copy, kept, and the
+                # unfinished file goes, so that no later restart finishes it once the guest ran again.
+                assert not path.exists() and not part_path(path, job_id).exists()
                 assert guest.state is GuestState.STOPPED and guest.has_memory
                 return
             assert path.exists() and not part_path(path, job_id).exists()

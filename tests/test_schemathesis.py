@@ -12,7 +12,10 @@ Generation is derandomized (hypothesis ``derandomize=True``), so CI sees the sam
 run. Positive requests are made cheap and local after generation, inside what the schema allows
 (guests of at most 16 MiB, small workload rates, migrations only to a loopback port nobody
 listens on), and half of them name a guest or migration that exists, so they reach the engine
-instead of a 404. The daemon's shutdown stops every guest agent the run started.
+instead of a 404. Every schema-valid file path of a save or restore body, in either mode, is moved
+into the run's temporary directory before it is sent: a save of the running guest to a generated
+"/x" would otherwise write that file (the tests may run as root), a restore would open it. The
+daemon's shutdown stops every guest agent the run started.
 
 The negative control (``test_schemathesis_catches_a_document_the_server_does_not_match``) points
 the same harness at deliberately wrong documents — the issue's mismatches put back — and asserts
@@ -52,7 +55,7 @@ from test_api import TOKEN, Api, serving_in_thread
 
 pytestmark = pytest.mark.fault_class("bad input: REST API fuzz")
 
-#: Examples per operation and mode: 15 operations × 2 modes × this stays well under a minute.
+#: Examples per operation and mode: 17 operations × 2 modes × this stays well under a minute.
 MAX_EXAMPLES = 25
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection, positive_data_acceptance]
@@ -69,6 +72,7 @@ def _closed_port() -> int:
 #: Where every schema-valid destination is pointed: loopback, nobody listening (no stray traffic).
 CLOSED_PORT = _closed_port()
 _DESTINATION = re.compile(openapi._ecma_pattern(openapi.DESTINATION_PATTERN))
+_FILE_PATH = re.compile(openapi._ecma_pattern(openapi.FILE_PATH_PATTERN))
 _CHEAP_WORKLOAD = {"dirty_rate_mib_s": 4.0, "convert_rate_hz": 20.0, "populate_fraction": 0.05,
                    "kexec_after_s": 2.0, "reboot_after_s": 2.0, "boot_time_s": 0.2}
 
@@ -83,6 +87,11 @@ class Server:
     loop: asyncio.AbstractEventLoop
     migration_id: str = ""
     document: dict[str, Any] = field(default_factory=dict)
+    #: The only directory a generated save or restore body may name (under the run's tmp root).
+    files: Path = Path()
+    #: This host's own PDH certificate, a for_host_pdh a save accepts.
+    own_pdh: Path = Path()
+    saved: int = 0
 
     def request(self, method: str, path: str, json_body: Any = None) -> requests.Response:
         return requests.request(method, self.base_url + path, json=json_body, headers=AUTH, timeout=30)
@@ -113,7 +122,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One daemon for the module on its own event-loop thread; shut down (agents and all) after."""
     root = tmp_path_factory.mktemp("schemathesis")
     with serving_in_thread(Path(root)) as (api, loop):
-        srv = Server(f"http://127.0.0.1:{api.client.server.port}", api, loop)
+        srv = Server(f"http://127.0.0.1:{api.client.server.port}", api, loop, files=Path(root) / "files",
+                     own_pdh=api.daemon.config.state_dir / "pdh.pem")
+        srv.files.mkdir()
         srv.restore_pool()
         # One migration that exists (failed at once: nobody listens), for the {id} operations.
         started = srv.request("POST", f"/v1/guests/{RUNNING}/migrate", {"destination": f"127.0.0.1:{CLOSED_PORT}"})
@@ -153,6 +164,20 @@ def _cheap(case: Any, srv: Server, pick: Callable[[list[str]], str]) -> None:
         if isinstance(destination, str) and _DESTINATION.match(destination):
             # Whatever the generated host, the daemon must connect to nothing but loopback.
             body["destination"] = pick([f"127.0.0.1:{CLOSED_PORT}", f"[::1]:{CLOSED_PORT}", f"localhost:{CLOSED_PORT}"])
+        # Whatever the generated path, the daemon must write and open nothing outside the run's
+        # directory: a new name there (a save writes it), a file saved there before (a restore
+        # opens it), or a name that does not exist; for_host_pdh, this host's certificate or none.
+        path = body.get("path")
+        if isinstance(path, str) and _FILE_PATH.match(path) and len(path) <= openapi.MAX_FILE_PATH:
+            srv.saved += 1
+            fresh = srv.files / f"{srv.saved}.save"
+            # Always three choices (hypothesis replays draws): the earliest file saved so far stands in
+            # for "a save file" once there is one.
+            earlier = min((p for p in srv.files.glob("*.save")), default=fresh, key=lambda p: p.stat().st_mtime)
+            body["path"] = pick([str(fresh), str(srv.files / "absent" / "x.save"), str(earlier)])
+        pdh = body.get("for_host_pdh")
+        if isinstance(pdh, str) and _FILE_PATH.match(pdh) and len(pdh) <= openapi.MAX_FILE_PATH:
+            body["for_host_pdh"] = pick([str(srv.own_pdh), str(srv.files / "absent.pem")])
     if not case.meta.generation.mode.is_positive:
         return
     if isinstance(body, dict):
@@ -214,7 +239,7 @@ def test_schemathesis_finds_no_mismatch_between_the_document_and_the_server(serv
     assert document == json.loads(json.dumps(openapi.DOCUMENT))
     operations = [result.ok() for result in schema.get_all_operations()]
     documented = {f"{method.upper()} {path}" for path, item in document["paths"].items() for method in item}
-    assert {op.label for op in operations} == documented and len(documented) == 15
+    assert {op.label for op in operations} == documented and len(documented) == 17
     run = Run()
     for operation in operations:
         server.restore_pool()
@@ -228,12 +253,14 @@ def test_schemathesis_finds_no_mismatch_between_the_document_and_the_server(serv
     for operation in operations:
         assert (operation.label, "positive") in run.statuses
         assert ((operation.label, "negative") in run.statuses) == negatable(document, operation.label)
-    assert sum(negatable(document, label) for label in documented) == 10
+    assert sum(negatable(document, label) for label in documented) == 12
     positive = set().union(*(s for (_, mode), s in run.statuses.items() if mode == "positive"))
     negative = set().union(*(s for (_, mode), s in run.statuses.items() if mode == "negative"))
     assert {200, 201, 202, 204} <= positive, positive
     assert 400 in negative, negative
     assert server.request("GET", "/v1/health").status_code == 200  # the daemon lives on
+    # The save route really ran (into the run's directory): the rewriting above is what kept it there.
+    assert list(server.files.glob("*.save")), "no positive save completed: the save route was never exercised"
 
 
 def _without_if_then(document: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from migd.abi import FirmwareStatus
 from migd.guest.agent_launcher import DEFAULT_COMMAND
 from migd.daemon.config import Config, parse_address
 from migd.errors import ConfigError, FirmwareError, MigdError
+from migd.fileio import open_regular
 from migd.guest.host_guest import GuestDefinition, GuestState, GuestStateError, HostGuest
 from migd.host import Host
 from migd.journal import Journal
@@ -132,6 +133,8 @@ class Daemon:
             task = migration.task
             if task is not None and not task.done():
                 migration.cancel()  # refused once committed: then the task finishes the hand-off
+                if migration in self.file_jobs.values() and migration.progress.status.finished:
+                    task.cancel()  # a restore done but for its guest's arrival self-check: not worth waiting for
                 tasks.append(task)
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -279,7 +282,7 @@ class Daemon:
         target = self.firmware.pdh_cert_pem if for_host_pdh is None else self._target_pdh(for_host_pdh)
         job = GuestSave(guest, Path(path), target, SaveParams(live=live),
                         on_commit=self.journal.record_commit,
-                        on_key=lambda p, key: self.host.remember_handoff_key(p.id, key))
+                        on_key=lambda p, key: self.journal.record_handoff_key(p.id, key))
         task = job.start()  # SaveRefused (409) with the reason
         self.file_jobs[job.progress.id] = job
         self.host.add_migration(job.progress)
@@ -292,10 +295,12 @@ class Daemon:
         if not pem_path.is_absolute():
             raise ConfigError(f"for_host_pdh must be an absolute path, got {path!r}")
         try:
-            with open(pem_path, "rb") as f:
+            with os.fdopen(open_regular(pem_path), "rb") as f:
                 pem = f.read(MAX_PDH_CERT_PEM + 1)
         except OSError as exc:
             raise SaveRefused(f"cannot read the PDH certificate {path}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise SaveRefused(f"the PDH certificate {exc}") from None
         if len(pem) > MAX_PDH_CERT_PEM:
             raise SaveRefused(f"{path} is larger than a PDH certificate can be ({MAX_PDH_CERT_PEM} bytes)")
         try:

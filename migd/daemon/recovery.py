@@ -38,6 +38,7 @@ applies them to a :class:`~migd.host.Host` and its :class:`~migd.journal.Journal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
@@ -55,7 +56,7 @@ from migd.guest.host_guest import INCOMING_MARKER, GuestState
 from migd.journal import GuestRecord, Journal, MigrationRecord, restore_progress
 from migd.migration_state import MigrationStatus
 from migd.resolve import ask_source
-from migd.save import finish_interrupted
+from migd.save import finish_interrupted, part_path
 from migd.dest_session import DestinationSession
 
 if TYPE_CHECKING:
@@ -144,12 +145,16 @@ def _finish_save(journal: Journal, record: MigrationRecord) -> bool:
     False if a committed save's file could not be finished: no restore accepts it then, so the
     guest's memory here is its only copy and must be kept.
     """
+    path = Path(record.peer)
     try:
-        done = finish_interrupted(Path(record.peer), record.id, committed=record.committed,
+        done = finish_interrupted(path, record.id, committed=record.committed, finished=record.finished,
                                   key=journal.handoff_key(record.id) if record.committed else None)
     except (MigdError, OSError) as exc:
-        log.error("save %s of guest %s to %s could not be finished: %s; the guest's memory is kept here",
+        log.error("save %s of guest %s to %s could not be finished: %s; the guest's memory is kept here (and "
+                  "the unfinished file removed: once this guest runs again, no later restart may finish it)",
                   record.id, record.guest, record.peer, exc)
+        with contextlib.suppress(OSError):
+            os.unlink(part_path(path, record.id))
         return False
     if done is not None:
         log.warning("save %s of guest %s, interrupted: %s", record.id, record.guest, done)
@@ -205,7 +210,7 @@ async def recover(host: Host, journal: Journal, *, client_ssl: ssl.SSLContext | 
     journaled = journal.migrations()
     before = _latest_by_guest(journaled)  # as journaled: a prepared one is still stop-copy
     doubtful: dict[str, MigrationRecord] = {}
-    unfinished_saves: set[str] = set()  # committed saves whose file could not be finished
+    unfinished_saves: set[str] = set()  # ids of committed saves whose file could not be finished
     for record in journaled:
         if (record.prepared_in_doubt and before[record.guest] is record
                 and (host.guest_dir(record.guest) / INCOMING_MARKER).exists()):
@@ -214,7 +219,7 @@ async def recover(host: Host, journal: Journal, *, client_ssl: ssl.SSLContext | 
             continue
         if record.role == "save" and (not record.finished or record.committed) and \
                 not _finish_save(journal, record) and record.committed:
-            unfinished_saves.add(record.guest)
+            unfinished_saves.add(record.id)
         if not record.finished:
             status, error = final_status(record)
             journal.finish_migration(record.id, status, error)
@@ -247,7 +252,8 @@ async def recover(host: Host, journal: Journal, *, client_ssl: ssl.SSLContext | 
         guest_dir = host.guest_dir(row.name)
         fate = guest_fate(row.state, _about(latest.get(row.name), row), dir_exists=guest_dir.is_dir(),
                           marker=(guest_dir / INCOMING_MARKER).exists())
-        if fate is Fate.SAVED and row.name in unfinished_saves:
+        about = _about(latest.get(row.name), row)
+        if fate is Fate.SAVED and about is not None and about.id in unfinished_saves:
             fate = Fate.STOPPED  # no restore accepts its file: the memory here is the guest's only copy
         if fate is Fate.IN_DOUBT:
             migration = doubtful[row.name]

@@ -233,12 +233,21 @@ class GuestChannel:
             # is never reachable with the umask's wider mode.
             os.chmod(self.path, 0o600)
             sock.setblocking(False)
-            self._server = await asyncio.get_running_loop().create_unix_server(
-                lambda: _AgentProtocol(self), sock=sock, backlog=4)
+            # Not serving until the server is ours: a cancel inside create_unix_server (its
+            # sleep(0)) would otherwise leave the loop polling a socket nobody can close, whose
+            # fd number the next socket reuses, never to be polled (seen: the next guest hung).
+            server = await asyncio.get_running_loop().create_unix_server(
+                lambda: _AgentProtocol(self), sock=sock, backlog=4, start_serving=False)
         except BaseException:
             sock.close()
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+            raise
+        self._server = server
+        try:
+            await server.start_serving()
+        except BaseException:
+            await self.close()
             raise
         log.info("channel listening guest=%s path=%s", self.vm.config.name, self.path)
 
