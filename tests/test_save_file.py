@@ -162,7 +162,7 @@ def past_first_step(runs: list[TableRun]) -> list[TableRun]:
     """The runs a restore places after its first table step, once the incoming agent is starting.
 
     A refusal inside the first step (the first TABLE_STEP pages) has its own test below: it
-    cancels the agent's start at an instant that, today, breaks the host's next guest channel.
+    cancels the agent's start mid-way (which once left the host's next guest channel hanging).
     """
     return [r for r in runs if r.first >= TABLE_STEP]
 
