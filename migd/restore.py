@@ -42,6 +42,7 @@ from migd import failure_text, wire
 from migd.abi import PAGE_SHIFT, PAGE_SIZE, GuestPolicy
 from migd.bitmap import PageBitmap
 from migd.errors import ConfigError, MigdError
+from migd.file_job import FileJob
 from migd.fileio import open_regular
 from migd.guest.host_guest import GuestDefinition, HostGuest
 from migd.host import Host
@@ -150,11 +151,12 @@ def _open(path: Path) -> int:
 CommitHook = Callable[[MigrationProgress, bytes], None]
 
 
-class GuestRestore:
+class GuestRestore(FileJob):
     """One restore of the file ``saved`` as guest ``definition`` on ``host``."""
 
     def __init__(self, host: Host, saved: SavedFile, definition: GuestDefinition, *,
                  on_commit: CommitHook | None = None, check_timeout_s: float = 120.0) -> None:
+        super().__init__()
         self.host = host
         self.saved = saved
         self.definition = definition
@@ -166,28 +168,13 @@ class GuestRestore:
         self.guest: HostGuest | None = None
         self._handle: int | None = None
         self._agent_ready: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[MigrationProgress] | None = None
-        self._running = False
         self._fd: int | None = None
         self._ordered = True
         self._started_at = time.monotonic()
 
     def start(self) -> asyncio.Task[MigrationProgress]:
-        self._task = asyncio.get_running_loop().create_task(self.run(), name=f"restore-{self.definition.name}")
-        return self._task
-
-    @property
-    def task(self) -> asyncio.Task[MigrationProgress] | None:
-        return self._task
-
-    def cancel(self) -> bool:
-        """Cancel before the commit; False if it is too late."""
-        if not self.progress.phase.can_cancel or self._task is None:
-            return False
-        if not self._running:
-            self.session.cancel(time.monotonic())  # the task never took a step: nothing to undo
-        self._task.cancel()
-        return True
+        """Run the restore in a task (returned)."""
+        return self._launch(f"restore-{self.definition.name}")
 
     async def run(self) -> MigrationProgress:
         """Restore; returns the final progress."""

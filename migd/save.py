@@ -41,6 +41,7 @@ from migd.abi import PAGE_SHIFT, PAGE_SIZE, GuestPolicy
 from migd.bitmap import PageBitmap
 from migd.errors import MigdError
 from migd.fileio import fsync_dir, open_regular
+from migd.file_job import FileJob
 from migd.guest.channel import GuestChannel
 from migd.guest.host_guest import GuestState, HostGuest
 from migd.migration_state import MigrationPhase
@@ -124,7 +125,7 @@ CommitHook = Callable[[MigrationProgress], None]
 KeyHook = Callable[[MigrationProgress, bytes], None]
 
 
-class GuestSave:
+class GuestSave(FileJob):
     """One save of ``guest`` to ``path``, for the host whose PDH certificate is ``target_pdh``."""
 
     def __init__(self, guest: HostGuest, path: Path, target_pdh: bytes, params: SaveParams | None = None, *,
@@ -133,6 +134,7 @@ class GuestSave:
         self.path = path
         self.target_pdh = target_pdh
         self.params = params or SaveParams()
+        super().__init__()
         self._on_commit = on_commit
         self._on_key = on_key
         self.layout = Layout(guest.definition.npages)
@@ -149,9 +151,6 @@ class GuestSave:
         self._written = PageBitmap(guest.definition.npages)  # pages whose slot holds data
         self._sequence = 0  # write sequence of shared runs
         self._buffer = bytearray(FILE_RUN_PAGES * PAGE_SIZE)
-        self._task: asyncio.Task[MigrationProgress] | None = None
-        self._running = False
-        self._cancel_requested = False
         self._started_at = time.monotonic()
 
     # ------------------------------------------------------------------ control
@@ -178,22 +177,7 @@ class GuestSave:
     def start(self) -> asyncio.Task[MigrationProgress]:
         """Check preconditions, then run in a task (returned)."""
         self.check_preconditions()
-        self._task = asyncio.get_running_loop().create_task(self.run(), name=f"save-{self.guest.name}")
-        return self._task
-
-    @property
-    def task(self) -> asyncio.Task[MigrationProgress] | None:
-        return self._task
-
-    def cancel(self) -> bool:
-        """Cancel before the commit; False if it is too late."""
-        if not self.progress.phase.can_cancel or self._task is None:
-            return False
-        if not self._running:
-            self.session.cancel(time.monotonic())  # the task never took a step: nothing to undo
-        self._cancel_requested = True
-        self._task.cancel()
-        return True
+        return self._launch(f"save-{self.guest.name}")
 
     # ------------------------------------------------------------------ the run
 
