@@ -325,6 +325,7 @@ class GuestSave(FileJob):
             vcpu_seq, vcpu_header, vcpu_payload = None, None, bytes(state)
         fd, layout = self._file(), self.layout
         pages, runs = self._table_counts()
+        progress.pages.update(pages)  # what the file holds; rounds wrote some pages more than once
         tail = SaveTail(
             bitmap=bitmap.encode(), vcpu_header=vcpu_header, vcpu_payload=vcpu_payload, vcpu_seq=vcpu_seq,
             pages={k.value: v for k, v in pages.items()}, runs=runs,

@@ -43,8 +43,9 @@ def test_a_cancelled_save_resumes_the_guest_and_leaves_no_file(tmp_path: Path, w
             assert not path.exists() and not part_path(path, progress.id).exists()
             assert (await guest.check()).errors == 0
             # Negative control: the same guest saves to the same path once nothing cancels it.
-            again = await _finished(daemon.save_guest("g1", str(path)))
+            again = await _finished(daemon.save_guest("g1", str(path), live=True))
             assert again.status is MigrationStatus.COMPLETED and path.exists()
+            assert sum(again.pages.values()) == 16 * 256  # the job counts what the file holds, each page once
             assert daemon.guest("g1").state is GuestState.SAVED
         finally:
             await daemon.shutdown()

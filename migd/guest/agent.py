@@ -271,12 +271,21 @@ def _ignore_exit_signals(loop: asyncio.AbstractEventLoop) -> None:
     """
     signums = {signal.SIGTERM, signal.SIGINT}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
-    try:
-        for signum in signums:
-            loop.remove_signal_handler(signum)
-            signal.signal(signum, signal.SIG_IGN)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    # A signal caught just before the block, whose Python-level handling had not run yet, surfaces
+    # once SIG_IGN is in place as "OSError: Signal 15 ignored due to race condition", at whatever
+    # call comes next (CPython checks pending signals against the handler now installed). Ignoring
+    # it is what this function is for: every step is idempotent, so it is done again; each such
+    # signal surfaces once (one per signal number), so two retries always suffice.
+    for attempt in range(len(signums) + 1):
+        try:
+            for signum in signums:
+                loop.remove_signal_handler(signum)
+                signal.signal(signum, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            return
+        except OSError:
+            if attempt == len(signums):
+                raise
 
 
 # ---------------------------------------------------------------------- command line
