@@ -77,15 +77,6 @@ FAULTS = ["source-daemon", "destination-daemon", "source-agent"]
 PHASES = ["setup", "active", "blackout", "stop-copy"]
 
 
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[dict[str, ServeProcess]]:
-    procs = {"A": ServeProcess.start(tmp_path, "hostA"), "B": ServeProcess.start(tmp_path, "hostB")}
-    try:
-        yield procs
-    finally:
-        for proc in procs.values():
-            proc.stop()
-
 
 def start_loaded_guest(daemon: ServeProcess, workload: dict[str, Any] = WORKLOAD) -> None:
     status, body = daemon.request("POST", "/v1/guests", {"name": "g1", "memory_mib": MEMORY_MIB})

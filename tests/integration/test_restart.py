@@ -10,7 +10,6 @@ lost. Each guest is finally proven clean by migrating it and reading its arrival
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,6 @@ MEMORY_MIB = 64
 WORKLOAD = {"dirty_rate_mib_s": 4, "convert_rate_hz": 5, "seed": 21, "populate_fraction": 0.5}
 SLOW_LINK_MIB_S = 12
 
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[dict[str, ServeProcess]]:
-    """Source hostA and destination hostB; every process (restarts too) is stopped at the end."""
-    procs = {"A": ServeProcess.start(tmp_path, "hostA"), "B": ServeProcess.start(tmp_path, "hostB")}
-    try:
-        yield procs
-    finally:
-        for proc in procs.values():
-            proc.stop()
 
 
 def restart(tmp_path: Path, old: ServeProcess) -> ServeProcess:

@@ -25,7 +25,7 @@ import asyncio
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +58,6 @@ BIG_NPAGES = BIG_MIB * 256
 BIG_LOAD = {"dirty_rate_mib_s": 16, "convert_rate_hz": 20, "seed": 3, "populate_fraction": 1.0}
 SMALL_MIB = 16
 
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[dict[str, ServeProcess]]:
-    """hostA and hostB under one owner CA; every process (restarts too) is stopped at the end."""
-    procs = {"A": ServeProcess.start(tmp_path, "hostA"), "B": ServeProcess.start(tmp_path, "hostB")}
-    try:
-        yield procs
-    finally:
-        for proc in procs.values():
-            proc.stop()
 
 
 def same_bitmap(saver: ServeProcess, save_id: str, restorer: ServeProcess, restore_id: str, path: Path) -> str:
