@@ -19,7 +19,14 @@ machine was during each migration (other work on a shared machine lowers the rat
 are printed as one JSON line. Not a test: nothing here asserts a time (these machines are
 noisy: read the ratio).
 
+CPU: ``core_s_per_gib`` is the core-seconds both daemons (every thread: event loops, page
+workers; not the guest agents) spent per GiB of pages moved; with ``--budget`` the same run
+also measures bench/cpu_budget.py's unavoidable stages for this mix and reports the ratio
+(``core_s_vs_unavoidable``: 1.0 = no overhead beyond them). ``--connections N`` stripes the
+pages over N connections (docs/protocol.md "Several connections"); ``--tls`` runs mutual TLS.
+
     python bench/migrate.py --quick
+    python bench/migrate.py --memory-mib 2048 --private-fraction 0.5 --connections 2 --tls --budget
     python bench/migrate.py --memory-mib 2048 --private-fraction 0.5 --repeats 3
     python bench/migrate.py --memory-mib 16384 --populated-fraction 0.015625 --repeats 1
     python bench/migrate.py --memory-mib 8192 --populated-fraction 0.3 --no-limit --repeats 1
@@ -50,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 from migd import wire  # noqa: E402
 from migd.platform import identity
-from migd.abi import PAGE_SIZE, MiB  # noqa: E402
+from migd.abi import PAGE_SIZE, GiB, MiB  # noqa: E402
 from migd.cli.client import MigdClient  # noqa: E402
 from migd.cli.demo import DemoWorkspace  # noqa: E402
 from migd.guest.guest_layout import GuestLayout  # noqa: E402
@@ -210,13 +217,21 @@ def _limit_fits(args: argparse.Namespace) -> bool:
     return True
 
 
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its reaped children (/proc/PID/stat)."""
+def _cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """utime + stime of a process, every thread (exited ones included), or of its thread ``tid``."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _loop_and_workers(pid: int) -> tuple[float, float]:
+    """(main thread, every other thread) CPU seconds of a daemon: its event loop is the main
+    thread; its page workers (sealing, placing) are the others."""
+    total, main = _cpu_seconds(pid), _cpu_seconds(pid, pid)
+    return main, total - main
 
 
 def _machine_ticks() -> tuple[int, int]:
@@ -280,8 +295,10 @@ async def one_migration(args: argparse.Namespace) -> dict[str, Any]:
             pids = [h.proc.pid for h in (a, b) if h.proc is not None]
             peak = {pid: 0 for pid in pids}
             cpu_before = {pid: _cpu_seconds(pid) for pid in pids}
+            split_before = {pid: _loop_and_workers(pid) for pid in pids}
             ticks_before = _machine_ticks()
-            migration = await api_a.migrate("bench", b.destination, downtime_limit_ms=args.downtime_limit_ms)
+            migration = await api_a.migrate("bench", b.destination, downtime_limit_ms=args.downtime_limit_ms,
+                                            connections=args.connections)
             while True:
                 for pid in pids:
                     peak[pid] = max(peak[pid], _rss_anon_kib(pid))
@@ -290,6 +307,8 @@ async def one_migration(args: argparse.Namespace) -> dict[str, Any]:
                     break
                 await asyncio.sleep(0.05)
             cpu = {pid: _cpu_seconds(pid) - cpu_before[pid] for pid in pids}
+            split = {pid: tuple(a - b for a, b in zip(_loop_and_workers(pid), split_before[pid], strict=True))
+                     for pid in pids}
             ticks_after = _machine_ticks()
             # How busy the whole machine was meanwhile, and how much of it the two daemons were:
             # other work on a shared machine shows as busy time that is not the daemons'.
@@ -333,12 +352,37 @@ async def one_migration(args: argparse.Namespace) -> dict[str, Any]:
             "bytes_transferred": moved,
             "rss_anon_mib": {"source": peak[pids[0]] / 1024, "destination": peak[pids[1]] / 1024},
             "cpu_s": {"source": round(cpu[pids[0]], 2), "destination": round(cpu[pids[1]], 2)},
+            "core_s_per_gib": {
+                "source": round(cpu[pids[0]] / (moved / GiB), 3), "destination": round(cpu[pids[1]] / (moved / GiB), 3),
+                "total": round((cpu[pids[0]] + cpu[pids[1]]) / (moved / GiB), 3),
+                # Where it went: each daemon's event loop (main thread) and its page workers.
+                "source_loop": round(split[pids[0]][0] / (moved / GiB), 3),
+                "source_workers": round(split[pids[0]][1] / (moved / GiB), 3),
+                "destination_loop": round(split[pids[1]][0] / (moved / GiB), 3),
+                "destination_workers": round(split[pids[1]][1] / (moved / GiB), 3),
+            } if moved else None,
             "machine_busy": round(machine_busy, 2),
             "self_check_errors": None if check is None else check["errors"],
             "dest_ram_allocated_mib": None if allocated_mib is None else round(allocated_mib, 1),
         }
     finally:
         workspace.close(keep=False)
+
+
+def unavoidable_core_s_per_gib(private_fraction: float) -> float:
+    """bench/cpu_budget.py's sum of the unavoidable stages (core-s per GiB) for this mix, measured now."""
+    import cpu_budget  # bench/ is on sys.path when this file runs as a script
+
+    with tempfile.TemporaryDirectory(prefix="migd-budget-") as d:
+        tmp = Path(d)
+        for host in ("hostA", "hostB"):
+            identity.init_host(tmp / host, tmp / "ca", common_name=host)
+        anchors = [tmp / "ca" / identity.CA_CERT]
+        hosts = (PspFirmware.from_state_dir(tmp / "hostA", anchors), PspFirmware.from_state_dir(tmp / "hostB", anchors))
+        costs = {**cpu_budget.page_stages(tmp, hosts, 256, private_fraction).costs(), **cpu_budget.tcp_costs(256)}
+    total = cpu_budget.model(costs)["stage_sum_cpu_s_per_gib"]
+    assert isinstance(total, float)
+    return total
 
 
 PAGE_REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
@@ -388,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--downtime-limit-ms", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tls", action="store_true", help="mutual TLS between the daemons")
+    parser.add_argument("--connections", type=int, default=1, help="connections the migration stripes its pages over")
+    parser.add_argument("--budget", action="store_true",
+                        help="also measure bench/cpu_budget.py's unavoidable stages for this mix (adds ~20 s)")
     parser.add_argument("--settle-s", type=float, default=4.0,
                         help="idle seconds between populating the guest and migrating it")
     parser.add_argument("--no-limit", action="store_true",
@@ -400,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         args.memory_mib, args.repeats = min(args.memory_mib, 256), 2
     with warm_host_memory(args.warm_host_memory_gib) as host_memory:
         runs = [asyncio.run(one_migration(args)) for _ in range(args.repeats)]
+        unavoidable = unavoidable_core_s_per_gib(args.private_fraction) if args.budget else None
     done = [r for r in runs if r["status"] == "completed"]
     median = (lambda key: statistics.median(r[key] for r in done)) if done else (lambda key: None)
     throughput = median("throughput_mib_s")
@@ -410,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "dirty_rate_mib_s": args.dirty_rate_mib_s,
         "downtime_limit_ms": args.downtime_limit_ms,
         "tls": args.tls,
+        "connections": args.connections,
         "repeats": args.repeats,
         "completed": len(done),
         "throughput_mib_s": throughput and round(throughput, 1),
@@ -425,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
         "self_check_errors": [r["self_check_errors"] for r in runs],
         "dest_ram_allocated_mib_each": [r["dest_ram_allocated_mib"] for r in runs],
         "daemon_cpu_s": [r["cpu_s"] for r in runs],
+        "core_s_per_gib_each": [r["core_s_per_gib"] for r in runs],
+        "core_s_per_gib": (round(statistics.median(r["core_s_per_gib"]["total"] for r in done), 3)
+                           if done and all(r["core_s_per_gib"] for r in done) else None),
+        "unavoidable_core_s_per_gib": unavoidable,
         "machine_busy_each": [r["machine_busy"] for r in runs],  # 1.0 = every core busy (any process)
         "throughput_mib_s_each": [round(r["throughput_mib_s"], 1) for r in runs],
         "total_time_ms_each": [r["total_time_ms"] for r in runs],
@@ -435,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         "host_memory": host_memory,
         "crc32": wire.CRC32_IMPLEMENTATION,
     }
+    if unavoidable and result["core_s_per_gib"]:
+        result["core_s_vs_unavoidable"] = round(result["core_s_per_gib"] / unavoidable, 3)
     print(json.dumps(result))
     return 0 if len(done) == len(runs) else 1
 

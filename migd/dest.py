@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import ssl
+import threading
 import time
 
 from typing import Any
@@ -46,6 +48,10 @@ from migd.stream import FrameProtocol, StreamClosed
 
 log = logging.getLogger(__name__)
 
+#: How often a control frame that waits for the further connections' pages looks again.
+_LANE_POLL_S = 0.002
+#: How long the end of a further connection waits for the source's ABORT before it is the reason.
+LANE_END_GRACE_S = 0.2
 #: How long a returning guest waits for its own departure from here to finish (agent stop and
 #: RAM release, normally well under a second); inside the source's handshake deadline (15 s).
 DEPARTURE_WAIT_S = 10.0
@@ -100,6 +106,12 @@ class IncomingMigration:
         self._staging: asyncio.Future[None] | None = None  # the agent loading its vCPU state before COMMIT
         self._stage_marks: list[tuple[str, float]] = []  # for the hand-off timeline log line
         self._source_says: str | None = None  # RESOLVED's verified answer after PREPARED, if not committed
+        # Several connections: each further one (lane) places its pages from its own worker thread.
+        self._lanes: dict[int, FrameProtocol] = {0: proto}
+        self._lane_ends: dict[int, asyncio.Future[None]] = {}
+        self._placed = [0]  # page frames placed per connection
+        self._lanes_needed = True  # until PREPARE verified: a lane that ends fails the migration
+        self._count_lock = threading.Lock()  # progress counters, from several page workers
 
     async def run(self) -> MigrationProgress | None:
         """Receive one guest; returns its progress record (None if refused before authentication)."""
@@ -111,6 +123,7 @@ class IncomingMigration:
         except Exception as exc:  # any failure before COMMIT discards the partial guest
             await self._fail(_reason(exc, self.peer, self.session.phase))
         finally:
+            self._end_lanes()
             self.proto.close()
         return self.progress
 
@@ -125,7 +138,7 @@ class IncomingMigration:
             try:
                 msg = await proto.receive(session.time_left(time.monotonic()))
             except TimeoutError:
-                session.activity(proto.last_activity)
+                session.activity(self._last_activity())
                 session.handle_timer(time.monotonic())
                 continue
             result = session.receive(msg, time.monotonic())
@@ -141,6 +154,10 @@ class IncomingMigration:
             session.answered(time.monotonic())
             proto.write(reply if reply is not None else wire.Abort("RESOLVE not authenticated"))
             await proto.drain()
+            return
+        if isinstance(first, wire.Join):
+            # Not a migration: a further connection of one that is running here.
+            await self._join(first)
             return
         hello: wire.Hello = first
         definition = self._accept(hello)
@@ -168,7 +185,10 @@ class IncomingMigration:
         # The agent starts (QEMU's -incoming) while pages stream in; it must be up by COMMIT.
         self._agent_ready = asyncio.ensure_future(self.guest.prepare_incoming())
         self._received = PageBitmap(definition.npages)
+        self._placed = [0] * session.connections
         proto.set_page_handler(self._place)
+        if session.connections > 1:
+            host.lane_servers[progress.id] = self._serve_lane
         proto.write(ack)
         log.info("incoming migration guest=%s from=%s id=%s", definition.name, self.peer, progress.id)
 
@@ -177,9 +197,14 @@ class IncomingMigration:
             if isinstance(msg, wire.RoundEnd):
                 progress.rounds = msg.round + 1
                 progress.remaining_pages = msg.dirty_pages
+                # What follows (the next round, or the bitmap, vCPU state and PREPARE) comes after
+                # every page sent before this, on every connection.
+                await self._lanes_placed(msg.lanes)
             elif isinstance(msg, wire.Ping):
                 # Page frames are placed as they arrive, before any later control frame is
-                # queued: by now every page sent before the PING is in guest RAM.
+                # queued: by now every page sent before the PING on this connection is in guest
+                # RAM; the further connections' are waited for.
+                await self._lanes_placed(msg.lanes)
                 proto.write(result)
             elif isinstance(msg, wire.SharedBitmap):
                 self._bitmap = PageBitmap.decode(msg.payload, max_npages=definition.npages)
@@ -191,6 +216,7 @@ class IncomingMigration:
                 break
         marks: list[tuple[str, float]] = [("prepare_received", time.monotonic())]
         self._prepare(msg)
+        self._end_lanes()  # every page is placed and verified: the further connections go
         marks.append(("verified", time.monotonic()))
         await self._agent_ready  # a destination that cannot start the guest must not say PREPARED
         if proto.close_reason is not None:
@@ -322,18 +348,21 @@ class IncomingMigration:
         return GuestDefinition(spec.name, spec.npages * PAGE_SIZE // MiB, spec.policy, spec.efi,
                                spec.uefi_live_migration)
 
-    def _place(self, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages) -> None:
-        """Put one run into guest RAM.
+    def _place(self, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages, lane: int = 0) -> None:
+        """Put one run that came on connection ``lane`` into guest RAM.
 
-        Runs in the stream's page worker thread (one frame at a time, in stream order, beside
-        the event loop; see migd/stream.py), or on the loop for a zero or shared run with
-        nothing queued ahead. Touches only this migration's guest RAM, firmware context,
-        counters and the session's frame chain (which only this path writes, in stream order).
+        Runs in that stream's page worker thread (one frame at a time, in stream order, beside
+        the event loop and the other connections' workers; see migd/stream.py), or on the loop
+        for a zero or shared run with nothing queued ahead. Touches only this migration's guest
+        RAM (the connection's own stripes), firmware context (the connection's own transport
+        lane), counters (under a lock) and the session's chain of that connection.
         """
-        with self.session.page_frame(msg) as kind:
-            self._place_run(msg, kind)
+        with self.session.page_frame(msg, lane) as kind:
+            self._place_run(msg, kind, lane)
+        self._placed[lane] += 1
 
-    def _place_run(self, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages, kind: PageKind) -> None:
+    def _place_run(self, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages, kind: PageKind,
+                   lane: int = 0) -> None:
         guest, received, progress = self.guest, self._received, self.progress
         assert guest is not None and received is not None and progress is not None
         first = msg.gpa >> PAGE_SHIFT
@@ -342,7 +371,8 @@ class IncomingMigration:
                 f"run {msg.gpa:#x}+{msg.npages} pages is outside the guest's {guest.definition.npages} pages"
             )
         if isinstance(msg, wire.PrivatePages):
-            guest.firmware.receive_update_data(guest.handle, guest.ram, msg.gpa, msg.npages, msg.header, msg.payload)
+            guest.firmware.receive_update_data(guest.handle, guest.ram, msg.gpa, msg.npages, msg.header, msg.payload,
+                                               lane=lane)
         elif isinstance(msg, wire.SharedPages):
             guest.ram.write(msg.gpa, msg.payload)
         else:
@@ -352,7 +382,96 @@ class IncomingMigration:
                 guest.ram.zero(msg.gpa, msg.npages)
         received.set_range(first, msg.npages)
         # Whole frames, as the source counts what it writes (migd/progress.py): both ends agree.
-        progress.count_run(kind, msg.npages, page_frame_bytes(msg))
+        with self._count_lock:
+            progress.count_run(kind, msg.npages, page_frame_bytes(msg))
+
+    # ------------------------------------------------------------------ further connections
+
+    async def _join(self, msg: wire.Join) -> None:
+        """This connection's first frame was JOIN: hand it to its migration, which serves it."""
+        serve = self.host.lane_servers.get(msg.migration_id)
+        if serve is None:
+            raise IncomingRefused(f"JOIN for migration {printable(msg.migration_id)}, which takes no further "
+                                  f"connections here (unknown, finished, or of one connection)")
+        await serve(self.proto, msg)
+        self.session.answered(time.monotonic())
+
+    async def _serve_lane(self, lane_proto: FrameProtocol, msg: wire.Join) -> None:
+        """Take connection ``msg.lane`` (its JOIN verified by this migration's session) and keep it
+        until the migration no longer needs it; AuthenticationError/PeerProtocolError refuse it."""
+        joined = self.session.accept_join(msg, time.monotonic())
+        lane = msg.lane
+        lane_proto.mark_authenticated()
+        lane_proto.set_page_handler(functools.partial(self._place, lane=lane))
+        self._lanes[lane] = lane_proto
+        ended = self._lane_ends[lane] = asyncio.get_running_loop().create_future()
+        lane_proto.on_close = functools.partial(self._lane_closed, lane)
+        lane_proto.write(joined)
+        log.debug("migration %s: connection %d of %d joined from %s", msg.migration_id, lane + 1,
+                  self.session.connections, lane_proto.peer)
+        await ended
+
+    def _lane_closed(self, lane: int, exc: BaseException) -> None:
+        """A further connection ended: while its pages matter, the migration fails with the reason.
+
+        A source that aborts writes ABORT on the first connection and then closes the others;
+        the ABORT (its reason) is given a moment to arrive before the closed connection is the
+        reason. A frame this side refused on it is the reason at once.
+        """
+        if self._lanes_needed and not self.session.finished:
+            if isinstance(exc, StreamClosed):
+                asyncio.get_running_loop().call_later(LANE_END_GRACE_S, self._lane_lost, lane, exc)
+            else:
+                self._lane_lost(lane, exc)
+        ended = self._lane_ends.get(lane)
+        if ended is not None and not ended.done():
+            ended.set_result(None)
+
+    def _lane_lost(self, lane: int, exc: BaseException) -> None:
+        if self._lanes_needed and not self.session.finished and self.proto.peer_abort is None:
+            self.proto.interrupt(StreamClosed(f"connection {lane + 1} of {self.session.connections} of the "
+                                              f"migration ended before every page was placed: {exc}"))
+
+    def _end_lanes(self) -> None:
+        """Every page is placed, or the migration is over: release its further connections (their
+        tasks end) and take no more (idempotent)."""
+        self._lanes_needed = False
+        if self.progress is not None and self.host.lane_servers.get(self.progress.id) == self._serve_lane:
+            del self.host.lane_servers[self.progress.id]
+        for lane, lane_proto in self._lanes.items():
+            if lane:
+                lane_proto.on_close = None
+                lane_proto.close()
+        for ended in self._lane_ends.values():
+            if not ended.done():
+                ended.set_result(None)
+
+    def _last_activity(self) -> float:
+        """When bytes last arrived on any connection of the migration."""
+        return max(lane.last_activity for lane in self._lanes.values())
+
+    async def _lanes_placed(self, counts: tuple[int, ...]) -> None:
+        """Wait until each further connection has placed the page frames the source counted before
+        this control frame (bounded by the session's stall deadline)."""
+        session = self.session
+        if len(counts) != session.connections - 1:
+            raise ProtocolError(f"frame counts for {len(counts)} further connections; this migration has "
+                                f"{session.connections - 1}")
+        while True:
+            behind = [lane for lane, count in enumerate(counts, 1) if self._placed[lane] < count]
+            if not behind or self.proto.peer_abort is not None:
+                return  # done, or the source's ABORT waits behind this frame: it is the reason
+            for lane in behind:
+                lane_proto = self._lanes.get(lane)
+                if lane_proto is not None and lane_proto.close_reason is not None:
+                    raise StreamClosed(f"connection {lane + 1} of {session.connections} ended with "
+                                       f"{counts[lane - 1] - self._placed[lane]} page frames still to come: "
+                                       f"{lane_proto.close_reason}")
+            if self.proto.close_reason is not None:
+                raise StreamClosed(f"the migration stream ended: {self.proto.close_reason}")
+            session.activity(self._last_activity())
+            session.handle_timer(time.monotonic())
+            await asyncio.sleep(_LANE_POLL_S)
 
     def _install_vcpu_state(self, msg: wire.VcpuState) -> bytes:
         guest = self.guest

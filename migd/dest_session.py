@@ -8,9 +8,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from migd import wire
+from migd.abi import PAGE_SHIFT
 from migd.errors import PeerProtocolError
 from migd.migration_state import MigrationPhase, MigrationStatus
-from migd.page_runs import PageKind
+from migd.page_runs import PageKind, in_lane, lane_of
 from migd.session import PAGE_PHASES, Local, LocalProtocolError, Phase, Role, Session, Timeouts, agree, vcpu_digest
 from migd.session_auth import AuthenticationError, new_nonce, verify_mac
 
@@ -52,11 +53,41 @@ class DestinationSession(Session):
         self._transition(wire.Hello, now)
         self.transcript.absorb(msg)
         self.hello_msg = msg
+        # conns is in the transcript: SESSION's MAC binds it (a peer that changed it fails there).
+        self.chain.resize(msg.connections if "connections" in self.capabilities else 1)
         return msg  # the driver decides whether this host can take the guest
 
     def _on_resolve(self, msg: wire.Resolve, now: float) -> wire.Resolve:
         self._transition(wire.Resolve, now)
         return msg  # the driver looks the migration up and answers (or not)
+
+    def _on_join(self, msg: wire.Join, now: float) -> wire.Join:
+        self._transition(wire.Join, now)
+        return msg  # the driver hands it to the session of that migration (accept_join), if any
+
+    def accept_join(self, msg: wire.Join, now: float) -> wire.Joined:
+        """A further connection asks to carry lane ``msg.lane`` of this migration: JOINED, or an error.
+
+        AuthenticationError: not made by the holder of this session's key (for this migration).
+        PeerProtocolError: no such lane, the lane is taken (a replayed JOIN), or not while pages flow.
+        """
+        if self.phase is not P.RECEIVING:
+            raise PeerProtocolError(f"JOIN in phase {self.phase.value}")
+        self._check_lane(msg.lane)
+        if self._key is None or self._join_context is None:
+            raise LocalProtocolError("JOIN before the session is established")
+        verify_mac(self._key, R.SOURCE.value, self._join_context, msg, msg.mac)
+        if msg.lane in self._joined:
+            raise PeerProtocolError(f"connection {msg.lane} has joined already (a replayed JOIN)")
+        self._joined.add(msg.lane)
+        self.activity(now)
+        reply = wire.Joined(msg.lane)
+        return wire.Joined(msg.lane, self._join_mac(reply, R.DESTINATION))
+
+    @property
+    def joined(self) -> frozenset[int]:
+        """The further connections that have joined."""
+        return frozenset(self._joined)
 
     def answered(self, now: float) -> None:
         """The RESOLVE question was answered (or refused)."""
@@ -97,25 +128,37 @@ class DestinationSession(Session):
         self.transcript.absorb(self.session_msg)
         self._abort_context = self.transcript.digest()
         ack = self._signed(wire.SessionAck())
+        self._join_context = self.transcript.digest()
         self._transition(Local.SESSION_ACCEPTED, now)
         return ack
 
     @contextlib.contextmanager
-    def page_frame(self, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages) -> Iterator[PageKind]:
-        """Admit one page frame and hold the page phase open while the driver places it.
+    def page_frame(self, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages,
+                   lane: int = 0) -> Iterator[PageKind]:
+        """Admit one page frame of connection ``lane`` and hold the page phase open while the driver places it.
 
-        The page worker runs beside the event loop: without this, a frame checked just before
-        the loop handled VCPU_STATE and PREPARE could reach guest RAM after PREPARE was verified.
+        The page workers run beside the event loop (one per connection, at once): without this,
+        a frame checked just before the loop handled VCPU_STATE and PREPARE could reach guest RAM
+        after PREPARE was verified.
         """
-        with self._pages_lock:
-            yield self.page_received(msg)
+        with self._placing.shared():
+            yield self.page_received(msg, lane)
 
-    def page_received(self, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages) -> PageKind:
-        """One page frame, in stream order: checked against the phase, added to the chain."""
+    def page_received(self, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages, lane: int = 0) -> PageKind:
+        """One page frame, in its connection's order: checked against the phase and the
+        connection's stripes, added to that connection's chain."""
         if self.phase not in PAGE_PHASES[R.DESTINATION]:
             raise PeerProtocolError(f"{msg.TYPE.name} frame in phase {self.phase.value}")
+        chain = self.chain.lane(lane)
+        if lane and lane not in self._joined:
+            raise PeerProtocolError(f"{msg.TYPE.name} frame on connection {lane} before it joined")
+        first, n = msg.gpa >> PAGE_SHIFT, self.connections
+        if not in_lane(first, msg.npages, lane, n):
+            raise PeerProtocolError(f"{msg.TYPE.name} run at page {first} (+{msg.npages}) came on connection {lane}; "
+                                    f"its stripe goes on connection {lane_of(first, n)} (a run moved between "
+                                    f"connections, or crossing a stripe)")
         kind = _KIND_OF[type(msg)]
-        self.chain.add(kind, msg.gpa, msg.npages, msg.header if isinstance(msg, wire.PrivatePages) else b"")
+        chain.add(kind, msg.gpa, msg.npages, msg.header if isinstance(msg, wire.PrivatePages) else b"")
         return kind
 
     def _on_round_end(self, msg: wire.RoundEnd, now: float) -> wire.RoundEnd:
@@ -154,6 +197,9 @@ class DestinationSession(Session):
         differs = [f"{k} sent {sent[k]}, received {got[k]}" for k in got if got[k] != sent[k]]
         if msg.pages_sent != sum(pages.values()):
             differs.append(f"pages sent {msg.pages_sent}, received {sum(pages.values())}")
+        received = self.chain.further_frames()
+        if msg.lanes != received:
+            differs.append(f"frames per further connection sent {list(msg.lanes)}, received {list(received)}")
         if msg.stream_digest != self.chain.digest():
             differs.append("the page frames' order or placement")
         if msg.bitmap_digest != self._bitmap_digest:
@@ -212,7 +258,7 @@ class DestinationSession(Session):
         return None
 
     _HANDLERS = {
-        wire.Hello: _on_hello, wire.Resolve: _on_resolve, wire.Session: _on_session, wire.RoundEnd: _on_round_end,
+        wire.Hello: _on_hello, wire.Resolve: _on_resolve, wire.Join: _on_join, wire.Session: _on_session, wire.RoundEnd: _on_round_end,
         wire.Ping: _on_ping, wire.SharedBitmap: _on_bitmap, wire.VcpuState: _on_vcpu, wire.Prepare: _on_prepare,
         wire.Commit: _on_commit,
     }

@@ -20,9 +20,11 @@ PROTOCOL_VERSION = 3
 #: gives those both ends speak, and the session (migd/session.py ``required_capabilities``)
 #: refuses a peer without what this migration needs: zero runs, its transport mode, and the
 #: VMSA packet for an SEV-ES guest. A later optional feature is announced here, used if agreed.
-CAPABILITIES = ("zero-runs", "bound-transport", "sev-compat-transport", "vmsa")
+CAPABILITIES = ("zero-runs", "bound-transport", "sev-compat-transport", "vmsa", "connections")
 
 MAX_META = 0xFFFF
+#: TCP connections one migration may use (HELLO ``conns``; pages striped over them).
+MAX_CONNECTIONS = 16
 MAX_RUN_PAGES = 512  # pages per page frame (2 MiB): bounds the receive buffer
 MAX_GUEST_PAGES = 1 << 26  # 256 GiB guests
 MAX_BITMAP_BYTES = (MAX_GUEST_PAGES // 8) + 4096
@@ -57,6 +59,8 @@ class FrameType(enum.IntEnum):
     RESOLVED = 17  # source → destination: committed | aborted | pending | unknown
     PING = 18  # source → destination: answer once every earlier frame is placed (QEMU's MIG_CMD_PING)
     PONG = 19  # destination → source: the token of the PING answered
+    JOIN = 20  # source → destination listener, on a further connection: which migration and lane, the proof
+    JOINED = 21  # destination → source: the lane is accepted (the destination's proof)
 
 
 def field_value(meta: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
@@ -123,6 +127,17 @@ def capabilities_field(meta: dict[str, Any], what: str) -> tuple[str, ...]:
     if len(caps) > 64 or not all(isinstance(c, str) and len(c) <= 64 for c in caps):
         raise ProtocolError(f"{what}: capabilities must be at most 64 short strings")
     return tuple(caps)
+
+
+def lane_counts(meta: dict[str, Any], name: str, what: str) -> tuple[int, ...]:
+    """Optional ``name``: one count per further connection (lanes 1..), at most MAX_CONNECTIONS - 1."""
+    if name not in meta:
+        return ()
+    counts = field_value(meta, name, list, what)
+    if len(counts) > MAX_CONNECTIONS - 1 or not all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= U64 for c in counts):
+        raise ProtocolError(f"{what}: field {name!r} must be at most {MAX_CONNECTIONS - 1} counts")
+    return tuple(counts)
 
 
 def negotiate(ours: Iterable[str], theirs: Iterable[str]) -> tuple[str, ...]:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from migd.guest.agent_launcher import DEFAULT_COMMAND, process_start_ticks
 from migd.errors import MigdError
@@ -67,6 +68,10 @@ class Host:
         #: from the journal: what listens (the metrics) counts the work of this process only.
         self.migration_listeners: list[Callable[[MigrationProgress], None]] = []
         self.journal = journal
+        #: Authenticated incoming migrations over several connections, by migration id: each
+        #: serves a further connection (after its JOIN) until the migration no longer needs it.
+        #: A JOIN finds its migration here; it never creates anything.
+        self.lane_servers: dict[str, Callable[[Any, Any], Awaitable[None]]] = {}
         # Without a journal (engine tests) what the journal would remember lives here.
         self._handoff_keys: dict[str, bytes] = {}
         self._accepted: set[bytes | str] = set()

@@ -23,6 +23,7 @@ from migd.frame_fields import (
     DIGEST_SIZE,
     MAC_SIZE,
     MAX_BITMAP_BYTES,
+    MAX_CONNECTIONS,
     MAX_GUEST_PAGES,
     MAX_RUN_PAGES,
     MAX_VCPU_STATE,
@@ -35,6 +36,7 @@ from migd.frame_fields import (
     capabilities_field,
     field_value,
     int_field,
+    lane_counts,
     _NO_MAC,
     run_fields,
     str_field,
@@ -52,6 +54,9 @@ class MessageBase(abc.ABC):
 
     TYPE: ClassVar[FrameType]
     META: ClassVar[tuple[str, ...]]
+    #: Keys of ``META`` sent only when they differ from their default (added by a later feature:
+    #: a frame that does not use it is byte for byte what it was before).
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset()
     #: Largest payload the frame may carry; the decoder checks it from the length prefix.
     PAYLOAD_LIMIT: ClassVar[int] = 0
     #: A control frame carries no payload, refused before its fields are read; the data frames
@@ -117,11 +122,14 @@ class Hello(MessageBase):
     capabilities: tuple[str, ...] = CAPABILITIES
     #: The source's migration listener port, where a destination in doubt sends RESOLVE (0: none).
     resolve_port: int = 0
+    #: Connections the pages are striped over (1: this one only; more only if "connections" is agreed).
+    connections: int = 1
     TYPE = FrameType.HELLO
-    META = ("version", "caps", "id", "guest", "transport", "resolve_port")
+    META = ("version", "caps", "id", "guest", "transport", "resolve_port", "conns")
+    OPTIONAL = frozenset({"conns"})
 
     def to_meta(self) -> dict[str, Any]:
-        return {
+        meta = {
             "version": self.version,
             "caps": list(self.capabilities),
             "id": self.migration_id,
@@ -129,6 +137,9 @@ class Hello(MessageBase):
             "transport": self.transport_mode,
             "resolve_port": self.resolve_port,
         }
+        if self.connections != 1:  # absent for one connection: the frame is what it was before lanes
+            meta["conns"] = self.connections
+        return meta
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
@@ -140,6 +151,7 @@ class Hello(MessageBase):
             capabilities=capabilities_field(meta, what),
             # Optional: a source that gives none cannot be asked (RESOLVE), so 0.
             resolve_port=int_field(meta, "resolve_port", what, 0, 65535) if "resolve_port" in meta else 0,
+            connections=int_field(meta, "conns", what, 2, MAX_CONNECTIONS) if "conns" in meta else 1,
         )
 
 
@@ -271,15 +283,23 @@ class ZeroPages(MessageBase):
 class RoundEnd(MessageBase):
     round: int
     dirty_pages: int
+    #: Page frames sent on each further connection before this frame (lanes 1..): a control
+    #: frame after it is handled once they are placed. Empty with one connection.
+    lanes: tuple[int, ...] = ()
     TYPE = FrameType.ROUND_END
-    META = ("round", "dirty")
+    META = ("round", "dirty", "lanes")
+    OPTIONAL = frozenset({"lanes"})
 
     def to_meta(self) -> dict[str, Any]:
-        return {"round": self.round, "dirty": self.dirty_pages}
+        meta: dict[str, Any] = {"round": self.round, "dirty": self.dirty_pages}
+        if self.lanes:
+            meta["lanes"] = list(self.lanes)
+        return meta
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
-        return cls(int_field(meta, "round", what, 0, 1 << 32), int_field(meta, "dirty", what, 0, MAX_GUEST_PAGES))
+        return cls(int_field(meta, "round", what, 0, 1 << 32), int_field(meta, "dirty", what, 0, MAX_GUEST_PAGES),
+                   lane_counts(meta, "lanes", what))
 
 
 @dataclass(frozen=True)
@@ -339,13 +359,21 @@ class Prepare(MessageBase):
     bitmap_digest: bytes = bytes(DIGEST_SIZE)  # SHA-256 of the SHARED_BITMAP payload
     vcpu_digest: bytes = bytes(DIGEST_SIZE)  # SHA-256 of the VCPU_STATE header and payload
     mac: bytes = _NO_MAC
+    #: Page frames sent on each further connection (lanes 1..); empty with one connection.
+    lanes: tuple[int, ...] = ()
     TYPE = FrameType.PREPARE
-    META = ("pages", "frames", "kinds", "seq", "stream", "bitmap", "vcpu", "mac")
+    META = ("pages", "frames", "kinds", "seq", "stream", "bitmap", "vcpu", "lanes", "mac")
+    OPTIONAL = frozenset({"lanes"})
 
     def to_meta(self) -> dict[str, Any]:
-        return {"pages": self.pages_sent, "frames": self.frames, "kinds": [self.private, self.shared, self.zero],
-                "seq": self.transport_seq, "stream": self.stream_digest, "bitmap": self.bitmap_digest,
-                "vcpu": self.vcpu_digest, "mac": self.mac}
+        meta: dict[str, Any] = {
+            "pages": self.pages_sent, "frames": self.frames, "kinds": [self.private, self.shared, self.zero],
+            "seq": self.transport_seq, "stream": self.stream_digest, "bitmap": self.bitmap_digest,
+            "vcpu": self.vcpu_digest}
+        if self.lanes:
+            meta["lanes"] = list(self.lanes)
+        meta["mac"] = self.mac
+        return meta
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
@@ -359,6 +387,7 @@ class Prepare(MessageBase):
             stream_digest=bytes_field(meta, "stream", what, DIGEST_SIZE),
             bitmap_digest=bytes_field(meta, "bitmap", what, DIGEST_SIZE),
             vcpu_digest=bytes_field(meta, "vcpu", what, DIGEST_SIZE), mac=bytes_field(meta, "mac", what, MAC_SIZE),
+            lanes=lane_counts(meta, "lanes", what),
         )
 
 
@@ -419,15 +448,22 @@ class Ping(MessageBase):
     """
 
     token: int
+    #: Page frames sent on each further connection before this PING (lanes 1..): the PONG waits
+    #: for them too. Empty with one connection.
+    lanes: tuple[int, ...] = ()
     TYPE = FrameType.PING
-    META = ("token",)
+    META = ("token", "lanes")
+    OPTIONAL = frozenset({"lanes"})
 
     def to_meta(self) -> dict[str, Any]:
-        return {"token": self.token}
+        meta: dict[str, Any] = {"token": self.token}
+        if self.lanes:
+            meta["lanes"] = list(self.lanes)
+        return meta
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
-        return cls(int_field(meta, "token", what, 0, 0xFFFFFFFF))
+        return cls(int_field(meta, "token", what, 0, 0xFFFFFFFF), lane_counts(meta, "lanes", what))
 
 
 @dataclass(frozen=True)
@@ -489,9 +525,50 @@ class Resolved(MessageBase):
         return cls(str_field(meta, "id", what, 64), outcome, bytes_field(meta, "mac", what, MAC_SIZE))
 
 
+@dataclass(frozen=True)
+class Join(MessageBase):
+    """A further connection of a migration: the first frame on it, from the source.
+
+    ``mac`` under the migration's hand-off key, over its transcript as of SESSION_ACK and this
+    message: only the source that holds the key can open lane ``lane`` of this migration, once.
+    """
+
+    migration_id: str
+    lane: int
+    mac: bytes = _NO_MAC
+    TYPE = FrameType.JOIN
+    META = ("id", "lane", "mac")
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"id": self.migration_id, "lane": self.lane, "mac": self.mac}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        return cls(str_field(meta, "id", what, 64), int_field(meta, "lane", what, 1, MAX_CONNECTIONS - 1),
+                   bytes_field(meta, "mac", what, MAC_SIZE))
+
+
+@dataclass(frozen=True)
+class Joined(MessageBase):
+    """The destination took the lane (``mac``: it holds the key too); pages may flow on it."""
+
+    lane: int
+    mac: bytes = _NO_MAC
+    TYPE = FrameType.JOINED
+    META = ("lane", "mac")
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"lane": self.lane, "mac": self.mac}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], payload: memoryview, what: str) -> Self:
+        return cls(int_field(meta, "lane", what, 1, MAX_CONNECTIONS - 1), bytes_field(meta, "mac", what, MAC_SIZE))
+
+
 Message = Union[
     Hello, Welcome, Session, SessionAck, PrivatePages, SharedPages, ZeroPages, RoundEnd,
     SharedBitmap, VcpuState, Prepare, Prepared, Commit, Started, Abort, Resolve, Resolved, Ping, Pong,
+    Join, Joined,
 ]
 
 #: The frame-type registry (aioquic's ``__frame_handlers`` is the model): which class encodes and

@@ -78,3 +78,28 @@ def chunks(starts: np.ndarray, counts: np.ndarray, chunk_pages: int = CHUNK_PAGE
             n = min(chunk_pages, end - start)
             yield start, n
             start += n
+
+
+#: A migration over several connections stripes guest memory over them by GPA: stripe ``k``
+#: (pages ``[k * STRIPE_PAGES, (k + 1) * STRIPE_PAGES)``) always goes on connection
+#: ``k % connections``. A page therefore always travels on the same connection, so its versions
+#: (one per round) arrive in the order they were sent, whatever the other connections do; one
+#: stripe is one chunk, so a step classifies and reads pages of one connection only.
+STRIPE_PAGES = CHUNK_PAGES
+
+
+def lane_of(page: int, connections: int) -> int:
+    """The connection (lane) that carries ``page``."""
+    return (page // STRIPE_PAGES) % connections if connections > 1 else 0
+
+
+def stripe_end(page: int, connections: int) -> int:
+    """The first page after ``page`` that may go on another connection (no limit with one)."""
+    return (page // STRIPE_PAGES + 1) * STRIPE_PAGES if connections > 1 else 1 << 62
+
+
+def in_lane(first: int, npages: int, lane: int, connections: int) -> bool:
+    """Whether the run ``[first, first + npages)`` lies in one stripe of connection ``lane``."""
+    if connections <= 1:
+        return lane == 0
+    return npages > 0 and lane_of(first, connections) == lane and first + npages <= stripe_end(first, connections)

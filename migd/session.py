@@ -33,7 +33,6 @@ import abc
 import enum
 import hashlib
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
@@ -41,6 +40,7 @@ from typing import Any, Union
 from migd import wire
 from migd.abi import GuestPolicy
 from migd.errors import MigdError, PeerAborted, PeerProtocolError
+from migd.inflight import InFlight
 from migd.migration_state import MigrationPhase, MigrationStatus
 from migd.page_runs import PageKind
 from migd.peer_text import printable
@@ -92,6 +92,7 @@ class Phase(enum.Enum):
     IN_DOUBT = "in-doubt"  # the stream is gone after PREPARED: only the source can say (RESOLVE)
     COMMITTED = "committed"
     RESOLVING = "resolving"  # not a migration: a RESOLVE question on this connection
+    JOINING = "joining"  # not a migration: a further connection of one (JOIN), handed to its session
     CLOSED = "closed"  # the RESOLVE question answered or refused
     # both
     ABORTING = "aborting"  # the peer's ABORT came: this side cleans up, then fail() makes it FAILED
@@ -159,6 +160,9 @@ TRANSITIONS: dict[tuple[Role, Phase, Event], Phase] = {
     (R.DESTINATION, P.AWAIT_HELLO, wire.Resolve): P.RESOLVING,
     (R.DESTINATION, P.RESOLVING, Local.ANSWERED): P.CLOSED,
     (R.DESTINATION, P.RESOLVING, Local.FAIL): P.CLOSED,
+    (R.DESTINATION, P.AWAIT_HELLO, wire.Join): P.JOINING,
+    (R.DESTINATION, P.JOINING, Local.ANSWERED): P.CLOSED,
+    (R.DESTINATION, P.JOINING, Local.FAIL): P.CLOSED,
     (R.DESTINATION, P.ACCEPTING, Local.WELCOME_SENT): P.AWAIT_SESSION,
     (R.DESTINATION, P.AWAIT_SESSION, wire.Session): P.OPENING_SESSION,
     (R.DESTINATION, P.OPENING_SESSION, Local.SESSION_ACCEPTED): P.RECEIVING,
@@ -193,7 +197,7 @@ PAGE_PHASES: dict[Role, frozenset[Phase]] = {
 #: "failed" while a half-received guest is still on disk.
 STATUS: dict[Phase, MigrationStatus] = {
     **{p: S.SETUP for p in (P.CONNECTING, P.AWAIT_WELCOME, P.SENDING_SESSION, P.AWAIT_SESSION_ACK, P.AWAIT_HELLO,
-                            P.ACCEPTING, P.AWAIT_SESSION, P.OPENING_SESSION, P.RESOLVING, P.CLOSED)},
+                            P.ACCEPTING, P.AWAIT_SESSION, P.OPENING_SESSION, P.RESOLVING, P.JOINING, P.CLOSED)},
     P.PRECOPY: S.ACTIVE, P.BLACKOUT: S.BLACKOUT, P.RECEIVING: S.ACTIVE, P.AWAIT_PREPARE: S.ACTIVE,
     P.VERIFYING: S.ACTIVE,
     **{p: S.STOP_COPY for p in (P.STOP_COPY, P.AWAIT_PREPARED, P.COMMITTING, P.AWAIT_STARTED, P.PREPARED,
@@ -260,6 +264,48 @@ class StreamChain:
         return self._hash.copy().digest()
 
 
+class LaneChains:
+    """One :class:`StreamChain` per connection of a migration (lane 0: the first connection).
+
+    Each connection's page frames keep their order (one thread per lane adds to its chain);
+    connections relative to each other have none. PREPARE binds each lane's chain: its digest
+    over one lane is that lane's chain, exactly as before lanes existed; over several it is
+    SHA-256 of the lanes' digests in lane order.
+    """
+
+    def __init__(self, lanes: int = 1) -> None:
+        self.lanes = [StreamChain() for _ in range(lanes)]
+
+    def resize(self, lanes: int) -> None:
+        """Set the number of lanes (before any page frame)."""
+        if any(chain.frames for chain in self.lanes):
+            raise LocalProtocolError("the connections of a migration are fixed once pages flow")
+        self.lanes = [StreamChain() for _ in range(lanes)]
+
+    def lane(self, index: int) -> StreamChain:
+        """Lane ``index``'s chain (PeerProtocolError: no such connection in this migration)."""
+        if not 0 <= index < len(self.lanes):
+            raise PeerProtocolError(f"connection {index} is not one of this migration's {len(self.lanes)}")
+        return self.lanes[index]
+
+    @property
+    def frames(self) -> int:
+        return sum(chain.frames for chain in self.lanes)
+
+    @property
+    def pages(self) -> dict[PageKind, int]:
+        return {kind: sum(chain.pages[kind] for chain in self.lanes) for kind in PageKind}
+
+    def further_frames(self) -> tuple[int, ...]:
+        """Frames of each further connection (lanes 1..): what PING, ROUND_END and PREPARE carry."""
+        return tuple(chain.frames for chain in self.lanes[1:])
+
+    def digest(self) -> bytes:
+        if len(self.lanes) == 1:
+            return self.lanes[0].digest()
+        return hashlib.sha256(b"migd-lanes-v1" + b"".join(chain.digest() for chain in self.lanes)).digest()
+
+
 def required_capabilities(transport_mode: str, policy: int) -> frozenset[str]:
     """What a migration of this guest needs both ends to speak (the rest is optional)."""
     needed = {"zero-runs", "bound-transport" if transport_mode == "bound" else "sev-compat-transport"}
@@ -300,13 +346,17 @@ class Session(abc.ABC):
         self.last_activity = now
         self.handshake_deadline = now + timeouts.handshake_s
         self.transcript = Transcript()
-        self.chain = StreamChain()
+        self.chain = LaneChains()
         self._key: bytes | None = None
         #: What ABORT MACs cover: the transcript as the session got its keys, not its latest
         #: state, so an ABORT verifies whether or not the peer had seen our last message.
         self._abort_context = b""
         self._peer_role = R.DESTINATION if self.ROLE is R.SOURCE else R.SOURCE
-        self._pages_lock = threading.Lock()
+        #: Page frames being placed (one per connection at most) against the phase leaving PAGE_PHASES.
+        self._placing = InFlight()
+        #: What JOIN and JOINED MACs cover: the transcript as of SESSION_ACK (set by each role then).
+        self._join_context: bytes | None = None
+        self._joined: set[int] = set()
 
     # -- the table
     def _transition(self, event: Event, now: float, error: str | None = None) -> Phase:
@@ -322,9 +372,9 @@ class Session(abc.ABC):
         # from before, say, a long blackout in which nothing was meant to move.
         self.last_activity = max(self.last_activity, now)
         if self.phase in PAGE_PHASES[self.ROLE] and new not in PAGE_PHASES[self.ROLE]:
-            # Leaving the page phase waits for a frame being placed (page_frame): once the phase
+            # Leaving the page phase waits for the frames being placed (page_frame): once the phase
             # says "no more pages", no page frame is between its check and guest RAM.
-            with self._pages_lock:
+            with self._placing.exclusive():
                 self.phase, self.entered_at = new, now
         else:
             self.phase, self.entered_at = new, now
@@ -376,6 +426,21 @@ class Session(abc.ABC):
         signed = type(msg)(**{**msg.__dict__, "mac": self._mac(msg)})
         self.transcript.absorb(signed)
         return signed
+
+    @property
+    def connections(self) -> int:
+        """How many connections this migration's pages are striped over."""
+        return len(self.chain.lanes)
+
+    def _join_mac(self, msg: wire.Join | wire.Joined, role: Role) -> bytes:
+        if self._key is None or self._join_context is None:
+            raise LocalProtocolError(f"{msg.TYPE.name} before the session is established")
+        return compute_mac(self._key, role.value, self._join_context, msg)
+
+    def _check_lane(self, lane: int) -> None:
+        if not 1 <= lane < self.connections:
+            raise PeerProtocolError(f"connection {lane} is not a further connection of this migration "
+                                    f"({self.connections} in all)")
 
     def abort(self, reason: str) -> wire.Abort:
         """An ABORT to send; MACed once the session has keys, so the peer knows it is ours."""

@@ -15,6 +15,13 @@ Two transport modes:
   count, per-session sequence number), and the header carries :data:`FLAG_BOUND` so a
   packet of the wrong format is diagnosed instead of merely failing.
 
+Lanes (migd extension, for a migration striped over several connections): each lane (a
+connection's index) has its own sequence space, and in ``bound`` mode the binding of a packet
+on lane ``i > 0`` also carries ``i``, so a packet moved to another connection, or replayed
+from one, fails its MAC. Lane 0 keeps the single-connection binding, so one connection and a
+saved file are sealed exactly as before. (The AAD fixes the payload's length, so the two
+binding lengths cannot be confused.) ``sev-compat`` binds neither, as the firmware's format.
+
 Difference from real firmware, on purpose: one packet may carry a run of contiguous pages
 (real firmware moves one page per command); the MAC then covers the whole run.
 """
@@ -71,6 +78,9 @@ _U32_LE = struct.Struct("<I")
 _BINDING_TAG = b"migd-bound-v1\x00"
 #: Binding tail after the length-prefixed session id: ctx u8, gpa u64, npages u32, sequence u64.
 _BINDING_TAIL = struct.Struct("<BQIQ")
+#: The same on lane ``i > 0``, followed by the lane (u16).
+_BINDING_TAIL_LANE = struct.Struct("<BQIQH")
+MAX_LANE = 0xFFFF
 _MAX_SESSION_ID = 255
 
 assert _BLOB.size == SESSION_BLOB_SIZE and _HEADER.size == PACKET_HEADER_SIZE and _AAD.size == AAD_SIZE
@@ -328,8 +338,18 @@ def _check_packet(ctx: int, length: int, gpa: int, npages: int) -> None:
         raise TransportError(f"packet ctx must be {CTX_DATA:#04x} (data) or {CTX_VMSA:#04x} (VMSA), got {ctx:#x}")
 
 
+class _Lane:
+    """One lane's sequence counter, and the lock that makes its check and advance one step."""
+
+    __slots__ = ("next_seq", "lock")
+
+    def __init__(self) -> None:
+        self.next_seq = 0
+        self.lock = threading.Lock()
+
+
 class _TransportEnd:
-    """State shared by both ends of one session: keys, mode, session id, sequence counter."""
+    """State shared by both ends of one session: keys, mode, session id, a sequence counter per lane."""
 
     def __init__(self, keys: SessionKeys, mode: TransportMode, session_id: bytes) -> None:
         self.mode = TransportMode(mode)
@@ -340,20 +360,35 @@ class _TransportEnd:
         self._mac_base = hmac.new(keys.tik, digestmod="sha256")
         self._flags = FLAG_BOUND if self.mode is TransportMode.BOUND else 0
         self._binding_head = _BINDING_TAG + bytes([len(session_id)]) + bytes(session_id)
-        self._next_seq = 0
-        self._lock = threading.Lock()
+        self._lanes: dict[int, _Lane] = {0: _Lane()}
+        self._lanes_lock = threading.Lock()
+
+    def lane(self, index: int) -> _Lane:
+        """Lane ``index``'s state (created at its first packet)."""
+        _check_range(index, 0, MAX_LANE, "transport lane")
+        lane = self._lanes.get(index)
+        if lane is None:
+            with self._lanes_lock:
+                lane = self._lanes.setdefault(index, _Lane())
+        return lane
 
     @property
     def next_sequence(self) -> int:
-        """The sequence number the next sealed (sender) or accepted (receiver) packet carries."""
-        return self._next_seq
+        """Packets sealed (sender) or accepted (receiver) so far, over every lane.
 
-    def _mac(self, ctx: int, flags: int, iv: bytes, payload: memoryview, gpa: int, npages: int, seq: int) -> bytes:
+        With one lane, the sequence number the next packet carries.
+        """
+        return sum(lane.next_seq for lane in list(self._lanes.values()))
+
+    def _mac(self, ctx: int, flags: int, iv: bytes, payload: memoryview, gpa: int, npages: int, seq: int,
+             lane: int = 0) -> bytes:
         """HMAC(TIK, aad [|| binding] || ciphertext) on one HMAC object: no copy of the payload."""
         mac = self._mac_base.copy()
         mac.update(build_aad(ctx, flags, iv, len(payload), len(payload)))
         if self.mode is TransportMode.BOUND:
-            mac.update(self._binding_head + _BINDING_TAIL.pack(ctx, gpa, npages, seq))
+            tail = (_BINDING_TAIL.pack(ctx, gpa, npages, seq) if lane == 0
+                    else _BINDING_TAIL_LANE.pack(ctx, gpa, npages, seq, lane))
+            mac.update(self._binding_head + tail)
         mac.update(payload)
         return mac.digest()
 
@@ -373,7 +408,7 @@ class TransportSender:
 
     @property
     def next_sequence(self) -> int:
-        """The sequence number the next sealed packet takes (bound mode; counted in both)."""
+        """Packets sealed so far, every lane (one lane: the next one's sequence number)."""
         return self._end.next_sequence
 
     def seal(
@@ -384,13 +419,16 @@ class TransportSender:
         gpa: int,
         npages: int,
         out: bytearray | memoryview | None = None,
+        lane: int = 0,
     ) -> tuple[PacketHeader, memoryview]:
         """Encrypt and MAC one packet; returns (header, view of the ciphertext).
 
         The ciphertext goes into ``out`` (at least ``len(plaintext)`` bytes) or a new buffer.
         Each packet gets a fresh random IV, so CTR keystream never repeats under one TEK.
+        ``lane``: the connection it goes on (its own sequence space; bound into the MAC if > 0).
         """
         end = self._end
+        state = end.lane(lane)
         src = _byte_view(plaintext, "plaintext")
         n = len(src)
         _check_packet(ctx, n, gpa, npages)
@@ -398,23 +436,24 @@ class TransportSender:
         if len(dst) < n:
             raise TransportError(f"out buffer must hold {n} bytes, got {len(dst)}")
         dst = dst[:n]
-        with end._lock:
-            seq = end._next_seq
+        with state.lock:
+            seq = state.next_seq
             if seq > U64_MAX:
                 raise TransportError("transport sequence space exhausted; start a new session")
-            end._next_seq = seq + 1
+            state.next_seq = seq + 1
         iv = os.urandom(IV_SIZE)
         Cipher(end._aes, modes.CTR(iv)).encryptor().update_into(src, dst)
         flags = end._flags
-        header = PacketHeader(flags=flags, iv=iv, mac=end._mac(ctx, flags, iv, dst, gpa, npages, seq))
+        header = PacketHeader(flags=flags, iv=iv, mac=end._mac(ctx, flags, iv, dst, gpa, npages, seq, lane))
         return header, dst
 
 
 class TransportReceiver:
     """The receiving end of one transport session (RECEIVE_UPDATE_DATA / RECEIVE_UPDATE_VMSA).
 
-    In bound mode packets must be opened in the order they were sealed; ``open`` calls are
-    serialized so the sequence check and its advance are one step.
+    In bound mode each lane's packets must be opened in the order they were sealed; ``open``
+    calls on one lane are serialized so the sequence check and its advance are one step (lanes
+    open in parallel).
 
     ``ordered=False`` (migd extension, for a saved file): each ``open`` names the packet's
     sequence number instead. A file keeps only the newest packet of each page slot, read in
@@ -436,7 +475,7 @@ class TransportReceiver:
 
     @property
     def next_sequence(self) -> int:
-        """The sequence number the next packet must carry (bound mode; counted in both)."""
+        """Packets accepted so far, every lane (one lane: the sequence number the next must carry)."""
         return self._end.next_sequence
 
     def open(
@@ -449,16 +488,21 @@ class TransportReceiver:
         npages: int,
         out: bytearray | memoryview | None = None,
         sequence: int | None = None,
+        lane: int = 0,
     ) -> memoryview:
         """Verify then decrypt one packet; returns a view of the plaintext.
 
         The MAC is verified (constant time) before anything is decrypted: on any error
         nothing is written to ``out`` and the expected sequence number does not move.
         ``sequence``: the packet's sequence number, required by (and only by) an unordered
-        receiver. IntegrityError: the MAC does not verify. TransportError: malformed lengths,
+        receiver. ``lane``: the connection it came on (ordered receivers only).
+        IntegrityError: the MAC does not verify. TransportError: malformed lengths,
         or an authentic packet in a format migd does not accept (compressed, other mode).
         """
         end = self._end
+        if lane and not self.ordered:
+            raise TransportError("an unordered receiver (a saved file) has one lane")
+        state = end.lane(lane)
         if (sequence is None) is not self.ordered:
             raise TransportError("an unordered receiver needs each packet's sequence number, an ordered one "
                                  "takes none" if sequence is None else "this receiver opens packets in "
@@ -472,11 +516,11 @@ class TransportReceiver:
         if len(dst) < n:
             raise TransportError(f"out buffer must hold {n} bytes, got {len(dst)}")
         dst = dst[:n]
-        with end._lock:
-            seq = end._next_seq if sequence is None else sequence
-            expected = end._mac(ctx, header.flags, header.iv, src, gpa, npages, seq)
+        with state.lock:
+            seq = state.next_seq if sequence is None else sequence
+            expected = end._mac(ctx, header.flags, header.iv, src, gpa, npages, seq, lane)
             if not hmac.compare_digest(expected, header.mac):
-                raise IntegrityError(self._mismatch_message(ctx, header.flags, gpa, npages, seq))
+                raise IntegrityError(self._mismatch_message(ctx, header.flags, gpa, npages, seq, lane))
             # Authentic, but is it a format we accept? Checked after the MAC so that a
             # flipped flag bit reads as tampering, and a genuine peer gets a precise reason.
             if header.flags & FLAG_COMPRESSED:
@@ -485,13 +529,13 @@ class TransportReceiver:
                 raise TransportError(
                     f"packet flags {header.flags:#x} do not match {end.mode.value} mode (expected {end._flags:#x})"
                 )
-            end._next_seq = seq + 1 if sequence is None else max(end._next_seq, seq + 1)
+            state.next_seq = seq + 1 if sequence is None else max(state.next_seq, seq + 1)
         Cipher(end._aes, modes.CTR(header.iv)).decryptor().update_into(src, dst)
         return dst
 
-    def _mismatch_message(self, ctx: int, flags: int, gpa: int, npages: int, seq: int) -> str:
+    def _mismatch_message(self, ctx: int, flags: int, gpa: int, npages: int, seq: int, lane: int) -> str:
         end = self._end
-        where = f"ctx {ctx:#04x} gpa {gpa:#x} npages {npages}"
+        where = f"ctx {ctx:#04x} gpa {gpa:#x} npages {npages}" + (f" lane {lane}" if lane else "")
         if flags & ~(FLAG_COMPRESSED | FLAG_BOUND):
             hint = f"header flags {flags:#x} carry unknown bits (tampered header)"
         elif (flags & FLAG_BOUND) != (end._flags & FLAG_BOUND):
@@ -503,7 +547,8 @@ class TransportReceiver:
         elif end.mode is TransportMode.BOUND:
             hint = (
                 f"tampered, or not the packet sealed for this session and place as sequence {seq} "
-                "(moved, replayed, reordered or dropped)"
+                f"{f'of lane {lane} ' if lane else ''}(moved, replayed, reordered or dropped, or sent on "
+                "another connection)"
             )
         else:
             hint = "tampered header or ciphertext"

@@ -23,12 +23,13 @@ after it the guest never runs here again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,17 +44,21 @@ from migd.errors import MigdError
 from migd.guest.host_guest import GuestState, HostGuest
 from migd.peer_text import printable
 from migd.platform.pki_verify import TlsProblem, tls_problem
-from migd.page_runs import CHUNK_PAGES, HOLE_STEP_PAGES, PageKind, classify
+from migd.page_runs import CHUNK_PAGES, HOLE_STEP_PAGES, PageKind, classify, lane_of, stripe_end
 from migd.progress import MigrationProgress
 from migd.send_buffers import SendRing
+from migd.send_lane import SendLane
 from migd.session import Phase, Timeouts
 from migd.source_session import SourceSession
-from migd.stream import WRITE_HIGH_WATER, FrameProtocol, StreamClosed, open_stream
+from migd.stream import WRITE_HIGH_WATER, FrameProtocol, StreamClosed, StreamTimeout, open_stream
 
 log = logging.getLogger(__name__)
 #: The payload ring: what the transport may still hold (it pauses us past WRITE_HIGH_WATER,
 #: and a step writes at most one chunk) plus the chunk being written.
 SEND_RING_BYTES = WRITE_HIGH_WATER + 2 * CHUNK_PAGES * PAGE_SIZE
+#: With several connections each one's transport pauses us past its share of WRITE_HIGH_WATER
+#: (at least this), so that the rings of all of them together stay about one ring's size.
+MIN_LANE_HIGH_WATER = 2 << 20
 
 
 class MigrationRefused(MigdError):
@@ -110,8 +115,12 @@ class MigrationParams:
     handoff_timeout_s: float = 120.0  # STARTED after COMMIT (the destination's agent takes over)
     stall_timeout_s: float = 30.0  # pre-copy: no byte taken by the destination for this long
     stop_copy_margin_s: float = 10.0  # stop-and-copy: no progress for the downtime limit plus this
+    connections: int = 1  # TCP connections the pages are striped over (the first also carries control)
 
     def __post_init__(self) -> None:
+        if isinstance(self.connections, bool) or not (isinstance(self.connections, int)
+                                                      and 1 <= self.connections <= wire.MAX_CONNECTIONS):
+            raise ValueError(f"connections must be an integer from 1 to {wire.MAX_CONNECTIONS}, got {self.connections!r}")
         if not (self.downtime_limit_ms > 0 and math.isfinite(self.downtime_limit_ms)):
             raise ValueError(f"downtime_limit_ms must be a finite number > 0, got {self.downtime_limit_ms}")
         if not (self.max_bandwidth_mib_s >= 0 and math.isfinite(self.max_bandwidth_mib_s)):
@@ -166,8 +175,14 @@ class OutgoingMigration:
                               blackout_s=p.blackout_timeout_s, handoff_s=p.handoff_timeout_s,
                               stop_copy_margin_s=p.stop_copy_margin_s, downtime_limit_s=p.downtime_limit_ms / 1000.0),
             resolve_port=resolve_port,  # our listener: a destination in doubt asks it (RESOLVE)
+            connections=p.connections,
         )
         self._proto: FrameProtocol | None = None
+        #: Every connection of the migration, the first (control) one first; pages are striped over them.
+        self._lanes: list[FrameProtocol] = []
+        self._rings: list[SendRing | None] = []  # one payload ring per connection, allocated at its first frame
+        #: With several connections: each one's ordered frame queue and sealing thread.
+        self._send_lanes: list[SendLane] = []
         self._meter = BandwidthMeter()
         self._limiter = RateLimiter(self.params.max_bandwidth_mib_s * MiB)
         self._auto = AutoConverge(enabled=self.params.auto_converge)
@@ -178,8 +193,7 @@ class OutgoingMigration:
         self._msr_ready = asyncio.Event()
         self._running = False
         self._msr_dropped = False
-        self._bytes_left = 0  # bytes that have left the transport buffer so far
-        self._ring: SendRing | None = None  # payload buffers, allocated at the first page frame
+        self._bytes_left = 0  # bytes that have left the transport buffers so far (every connection)
 
     # ------------------------------------------------------------------ control
 
@@ -245,11 +259,15 @@ class OutgoingMigration:
                 await self._roll_back(_reason(exc, f"{self.host}:{self.port}", self.session.phase))
         finally:
             self.guest.vm.on_migration_control_change = None
+            for send_lane in self._send_lanes:
+                send_lane.close()
+            for lane in self._lanes[1:]:
+                lane.close()
             if self._proto is not None:
                 self._proto.close()
             # The daemon keeps finished migrations (their records): not their 12 MiB of buffers.
             # Regions the transport still holds stay alive through its views until sent.
-            self._ring = None
+            self._rings = []
         return self.progress
 
     def _msr_changed(self, old: int, new: int) -> None:
@@ -310,6 +328,64 @@ class OutgoingMigration:
         await self._receive(wire.SessionAck)  # key confirmation: no page before it
         if self._on_established is not None:
             self._on_established(self.progress, start.handoff_key)
+        await self._open_lanes()
+
+    async def _open_lanes(self) -> None:
+        """Open the further connections (as many as the session agreed), each proved by JOIN/JOINED.
+
+        Each is a connection like the first (TLS with the same identity), and carries pages only
+        after the destination proved, in JOINED, that it holds this session's key.
+        """
+        proto, n = self._stream(), self.session.connections
+        self._lanes, self._rings = [proto], [None]
+        if n == 1:
+            return
+        if n != self.params.connections:
+            log.info("destination does not speak several connections: guest=%s uses one", self.guest.name)
+        high = max(MIN_LANE_HIGH_WATER, WRITE_HIGH_WATER // n)
+        opening = [asyncio.ensure_future(self._open_lane(i)) for i in range(1, n)]
+        try:
+            lanes = await asyncio.gather(*opening)
+        except BaseException:
+            # One failed (or the migration was cancelled): none of the others may outlive it.
+            for task in opening:
+                task.cancel()
+            await asyncio.gather(*opening, return_exceptions=True)
+            for task in opening:
+                if not task.cancelled() and task.exception() is None:
+                    task.result().abort()
+            raise
+        for lane in [proto, *lanes]:
+            lane.set_write_buffer_limits(high)
+        self._lanes = [proto, *lanes]
+        self._rings = [None] * n
+        self._send_lanes = [SendLane(i, functools.partial(self._lane_written, i)) for i in range(n)]
+
+    async def _open_lane(self, index: int) -> FrameProtocol:
+        """Connection ``index``: connect, JOIN, a verified JOINED; MigrationFailed says which step failed."""
+        p, where = self.params, f"connection {index + 1} of {self.session.connections} to {self.host}:{self.port}"
+        try:
+            lane = await open_stream(self.host, self.port, ssl_context=self._ssl, timeout=p.handshake_timeout_s)
+        except TimeoutError:
+            raise MigrationFailed(f"could not open {where} within {p.handshake_timeout_s:g} s "
+                                  f"(the limit is migration.handshake_timeout_s)") from None
+        except ssl.SSLError as exc:
+            raise MigrationFailed(f"{where}: " + tls_connect_failure(exc.reason, getattr(exc, "verify_code", None),
+                                                                    str(exc), self.host)) from exc
+        except OSError as exc:
+            raise MigrationFailed(f"could not open {where}: {exc.strerror or exc}") from exc
+        try:
+            lane.write(self.session.join(index))
+            reply = await lane.expect(wire.Joined, p.handshake_timeout_s)
+            self.session.check_joined(reply, index)
+        except BaseException as exc:
+            lane.abort()
+            if isinstance(exc, StreamTimeout):
+                raise MigrationFailed(f"{where}: no JOINED within {p.handshake_timeout_s:g} s") from exc
+            if isinstance(exc, (MigdError, TimeoutError)):
+                raise MigrationFailed(f"{where} was refused: {exc}") from exc
+            raise
+        return lane
 
     async def _precopy(self) -> PageBitmap:
         """Pre-copy rounds; returns the dirty set left for stop-and-copy."""
@@ -327,10 +403,11 @@ class OutgoingMigration:
                 unsent = None
             remaining = dirty.count()
             progress.remaining_pages = remaining
-            self._write(wire.RoundEnd(progress.rounds - 1, remaining))
+            await self._flush_lanes()  # ROUND_END counts every connection's frames: all written first
+            self._write(self.session.round_end(progress.rounds - 1, remaining))
             now = time.monotonic()
             # Bytes still queued behind a slow or stalled link are part of what stop-and-copy waits for.
-            decision = policy.after_round(now, remaining * PAGE_SIZE, self._stream().write_buffer_size(),
+            decision = policy.after_round(now, remaining * PAGE_SIZE, sum(p.write_buffer_size() for p in self._lanes),
                                           self._bandwidth(now), guest.definition.npages,
                                           channel.round_trip_s("fetch_dirty"))
             progress.expected_downtime_ms = policy.expected_downtime_ms
@@ -369,6 +446,7 @@ class OutgoingMigration:
         everything sent so far is placed; a slow one means the dirty set is stale.
         """
         proto, session = self._stream(), self.session
+        await self._flush_lanes()
         sent_at = time.monotonic()
         self._write(session.ping(sent_at))
         deadline = policy.confirm_deadline(sent_at, self.params.handshake_timeout_s)
@@ -392,18 +470,37 @@ class OutgoingMigration:
             return False
         return True
 
-    async def _drain(self) -> None:
+    async def _drain(self, proto: FrameProtocol) -> None:
         """Wait for the transport's buffer to drain, within the session's stall deadline."""
-        proto, session = self._stream(), self.session
+        async def drained(timeout: float) -> None:
+            async with asyncio.timeout(timeout):
+                await proto.drain()
+
+        await self._within_stall_deadline(drained)
+
+    async def _flush_lanes(self) -> None:
+        """Wait until every connection has written what it queued (before a frame that counts them)."""
+        for send_lane in self._send_lanes:
+            await self._within_stall_deadline(send_lane.flush)
+
+    async def _within_stall_deadline(self, wait: Callable[[float], Awaitable[None]]) -> None:
+        """``await wait(timeout)`` until it returns: a link that still moves bytes is slow, not
+        stalled; only no progress until the session's deadline ends the migration (SessionTimeout)."""
+        session = self.session
         while True:
             try:
-                async with asyncio.timeout(session.time_left(time.monotonic())):
-                    await proto.drain()
+                await wait(session.time_left(time.monotonic()))
                 return
             except TimeoutError:
-                # A slow link still moves bytes: only no progress at all is a stall.
                 self._account_link(time.monotonic())
                 session.handle_timer(time.monotonic())
+
+    def _lane_written(self, lane: int, msg: wire.Message, kind: PageKind, gpa: int, npages: int,
+                      header: bytes) -> None:
+        """A connection's queued frame is ready and its turn came: write it, account for it."""
+        nbytes = self._write(msg, lane)
+        self.session.page_sent(kind, gpa, npages, header, lane)
+        self.progress.count_run(kind, npages, nbytes)
 
     def _account_link(self, now: float) -> None:
         """Bytes that left the transport's buffer since the last look: bandwidth, and activity on the link.
@@ -411,7 +508,7 @@ class OutgoingMigration:
         What left for the peer, not what was queued: bytes still in the transport's buffer (a
         stalled link) must not look like bandwidth, nor like a peer that reads.
         """
-        left = self._stream().bytes_consumed()
+        left = sum(proto.bytes_consumed() for proto in self._lanes or [self._stream()])
         if left > self._bytes_left:
             self._meter.record(now, left - self._bytes_left)
             self._bytes_left = left
@@ -433,10 +530,13 @@ class OutgoingMigration:
         # (as before holes were skipped), and holes go in chunk-sized steps, so no single wait
         # keeps the MSR gate from being looked at.
         max_hole = HOLE_STEP_PAGES if self._limiter.unlimited else CHUNK_PAGES
+        lanes = len(self._lanes)
         for start, count in zip(starts.tolist(), counts.tolist(), strict=True):
             pos, end = start, start + count
             while pos < end:
-                await self._drain()
+                await self._drain(self._lanes[lane_of(pos, lanes)])
+                if self._send_lanes:
+                    await self._within_stall_deadline(self._send_lanes[lane_of(pos, lanes)].room)
                 span = 0 if self._limiter.unlimited else self._step_span(pos, end, max_hole)
                 delay = self._limiter.delay(time.monotonic(), span * PAGE_SIZE)
                 if delay > 0:
@@ -457,35 +557,48 @@ class OutgoingMigration:
     def _step_span(self, pos: int, end: int, max_hole: int) -> int:
         """How many pages the step at ``pos`` will cover, as things stand now (the limiter's charge)."""
         data = self.guest.ram.next_populated(pos << PAGE_SHIFT, end - pos) >> PAGE_SHIFT
-        return min(data - pos, max_hole) if data > pos else min(CHUNK_PAGES, end - pos)
+        if data > pos:
+            return min(data - pos, max_hole)
+        return min(CHUNK_PAGES, end - pos, stripe_end(pos, len(self._lanes)) - pos)
 
     def _send_step(self, pos: int, end: int, max_hole: int = HOLE_STEP_PAGES) -> int:
-        """Send the pages from ``pos`` (one chunk, or up to ``max_hole`` pages of a hole); returns how many."""
-        guest = self.guest
+        """Send the pages from ``pos`` (one chunk, or up to ``max_hole`` pages of a hole); returns how many.
+
+        A chunk never crosses a stripe (:data:`~migd.page_runs.STRIPE_PAGES`): its runs all go on
+        one connection. A hole's zero runs go each on its stripe's connection.
+        """
+        guest, lanes = self.guest, len(self._lanes)
         data = guest.ram.next_populated(pos << PAGE_SHIFT, end - pos) >> PAGE_SHIFT
         if data > pos:
             # Never written (or punched): zero pages, known without reading a byte of them.
             count = min(data - pos, max_hole)
-            for first in range(pos, pos + count, wire.MAX_RUN_PAGES):
-                self._send_run(PageKind.ZERO, first, min(wire.MAX_RUN_PAGES, pos + count - first))
+            first, stop = pos, pos + count
+            while first < stop:
+                n = min(wire.MAX_RUN_PAGES, stop - first, stripe_end(first, lanes) - first)
+                self._send_run(PageKind.ZERO, first, n)
+                first += n
             return count
-        count = min(CHUNK_PAGES, end - pos)
+        count = min(CHUNK_PAGES, end - pos, stripe_end(pos, lanes) - pos)
         for run in classify(guest.vm.shared_bitmap, guest.ram, pos, count):
             self._send_run(run.kind, run.first, run.count)
         return count
 
     def _send_run(self, kind: PageKind, first: int, count: int) -> None:
-        gpa = first << PAGE_SHIFT
-        if kind is PageKind.ZERO:
-            self.session.page_sent(kind, gpa, count)
-            self.progress.count_run(kind, count, self._write(wire.ZeroPages(gpa, count)))
+        gpa, lane = first << PAGE_SHIFT, lane_of(first, len(self._lanes))
+        if self._send_lanes:
+            self._queue_run(self._send_lanes[lane], kind, gpa, count)
             return
-        guest, proto = self.guest, self._stream()
-        if self._ring is None:
-            self._ring = SendRing(SEND_RING_BYTES)
+        if kind is PageKind.ZERO:
+            self.session.page_sent(kind, gpa, count, lane=lane)
+            self.progress.count_run(kind, count, self._write(wire.ZeroPages(gpa, count), lane))
+            return
+        guest, proto = self.guest, self._lanes[lane]
+        ring = self._rings[lane]
+        if ring is None:
+            self._rings[lane] = ring = SendRing(SEND_RING_BYTES)
         # The payload goes into a ring region the transport no longer needs (None: the ring is
         # full behind a slow link, and a new buffer is allocated as before).
-        out = self._ring.take(count * PAGE_SIZE, proto.bytes_consumed())
+        out = ring.take(count * PAGE_SIZE, proto.bytes_consumed())
         try:
             if kind is PageKind.SHARED:
                 # A copy, not a view of guest RAM: the transport may send a queued view later,
@@ -497,21 +610,35 @@ class OutgoingMigration:
                     out[:] = guest.ram.view(gpa, count)
                     payload = out
                 msg: wire.Message = wire.SharedPages(gpa, count, payload)
-                self.session.page_sent(kind, gpa, count)
+                self.session.page_sent(kind, gpa, count, lane=lane)
             else:
-                header, ciphertext = guest.firmware.send_update_data(guest.handle, guest.ram, gpa, count, out)
+                header, ciphertext = guest.firmware.send_update_data(guest.handle, guest.ram, gpa, count, out, lane)
                 msg = wire.PrivatePages(gpa, count, header, ciphertext)
-                self.session.page_sent(kind, gpa, count, header)
-            nbytes = self._write(msg)
+                self.session.page_sent(kind, gpa, count, header, lane)
+            nbytes = self._write(msg, lane)
         except BaseException:
-            self._ring.release()
+            ring.release()
             raise
         if out is not None:
-            self._ring.placed(proto.bytes_sent)
+            ring.placed(proto.bytes_sent)
         self.progress.count_run(kind, count, nbytes)
 
-    def _write(self, msg: wire.Message) -> int:
-        nbytes = self._stream().write(msg)
+    def _queue_run(self, send_lane: SendLane, kind: PageKind, gpa: int, count: int) -> None:
+        """Several connections: the run is read now (this synchronous step), written in its turn."""
+        guest = self.guest
+        if kind is PageKind.ZERO:
+            send_lane.put_ready(wire.ZeroPages(gpa, count), kind, gpa, count)
+        elif kind is PageKind.SHARED:
+            # A copy, for the reason _send_run gives: the bytes sent are the bytes classified now.
+            send_lane.put_ready(wire.SharedPages(gpa, count, guest.ram.read(gpa, count)), kind, gpa, count)
+        else:
+            packet = guest.firmware.send_update_data_deferred(guest.handle, guest.ram, gpa, count,
+                                                              bytearray(count * PAGE_SIZE), send_lane.index)
+            send_lane.put_private(packet)
+
+    def _write(self, msg: wire.Message, lane: int = 0) -> int:
+        """Write ``msg`` on connection ``lane`` (control messages: the first)."""
+        nbytes = (self._lanes[lane] if self._lanes else self._stream()).write(msg)
         self._account_link(time.monotonic())
         return nbytes
 
@@ -525,6 +652,9 @@ class OutgoingMigration:
     async def _blackout(self) -> None:
         """Wait, sending nothing, until the guest's MSR is READY again (the session bounds it)."""
         session = self.session
+        # Runs read while the MSR was READY (waiting for their sealing worker) go out first:
+        # in blackout nothing is written, and nothing read from now on until READY is back.
+        await self._flush_lanes()
         self._msr_dropped = False
         session.msr_dropped(time.monotonic())
         log.info("blackout guest=%s: waiting up to %gs for READY", self.guest.name, self.params.blackout_timeout_s)
@@ -572,7 +702,10 @@ class OutgoingMigration:
             progress.rounds += 1
             final_pages = dirty.count()
             await self._send_extents(*dirty.extent_arrays(True))
-            self._write(wire.RoundEnd(progress.rounds - 1, 0))
+            await self._flush_lanes()
+            # Its lane counts are the destination's barrier: the bitmap, vCPU state and PREPARE
+            # after it are handled once every page of every connection is placed.
+            self._write(self.session.round_end(progress.rounds - 1, 0))
             marks.append(("pages_queued", time.monotonic()))
             final_bitmap = guest.vm.shared_bitmap.copy()
             progress.shared_bitmap_sha256 = hashlib.sha256(final_bitmap.to_bytes()).hexdigest()
@@ -648,8 +781,9 @@ class OutgoingMigration:
     async def _roll_back(self, reason: str, *, cancelled: bool = False) -> None:
         """Before the commit: tell the peer, cancel the session, resume the guest untouched."""
         session = self.session
-        if self._proto is not None and self._proto.peer_abort is not None:
-            reason = f"the destination aborted the migration: {printable(self._proto.peer_abort)}"
+        aborted = next((p.peer_abort for p in [self._proto, *self._lanes] if p is not None and p.peer_abort), None)
+        if aborted is not None:
+            reason = f"the destination aborted the migration: {printable(aborted)}"
         log.warning("migration guest=%s %s: %s", self.guest.name, "cancelled" if cancelled else "failed",
                     printable(reason, 1024))
         if self._proto is not None and self._proto.close_reason is None:

@@ -11,6 +11,7 @@ from migd.migration_state import MigrationPhase
 from migd.page_runs import PageKind
 from migd.peer_text import printable
 from migd.session import PAGE_PHASES, Local, LocalProtocolError, Phase, Role, Session, Timeouts, agree, vcpu_digest
+from migd.session_auth import verify_mac
 
 P, R = Phase, Role
 #: What a handshake that ran out of time was waiting for, per phase (its SessionTimeout says it).
@@ -25,9 +26,11 @@ class SourceSession(Session):
     ROLE = R.SOURCE
 
     def __init__(self, migration_id: str, guest: wire.GuestSpec, transport_mode: str, status: MigrationPhase,
-                 now: float, *, timeouts: Timeouts | None = None, resolve_port: int = 0) -> None:
+                 now: float, *, timeouts: Timeouts | None = None, resolve_port: int = 0,
+                 connections: int = 1) -> None:
         super().__init__(status, timeouts or Timeouts(), now, P.CONNECTING)
-        self._hello = wire.Hello(migration_id, guest, transport_mode, resolve_port=resolve_port)
+        self._hello = wire.Hello(migration_id, guest, transport_mode, resolve_port=resolve_port,
+                                 connections=connections)
         self._welcome: wire.Welcome | None = None
         self._ping_token = 0
         self._ping_sent_at: float | None = None
@@ -48,6 +51,8 @@ class SourceSession(Session):
                                     f"this source {wire.PROTOCOL_VERSION}; run the same migd release on both hosts")
         hello = self._hello
         self.capabilities = agree(hello.capabilities, msg.capabilities, hello.transport_mode, hello.guest.policy)
+        # A destination that does not speak "connections" reads HELLO's conns as nothing: one connection.
+        self.chain.resize(hello.connections if "connections" in self.capabilities else 1)
         self._transition(wire.Welcome, now)
         self.transcript.absorb(msg)
         self._welcome = msg
@@ -65,21 +70,49 @@ class SourceSession(Session):
     def _on_session_ack(self, msg: wire.SessionAck, now: float) -> None:
         self._verify(msg)  # key confirmation: nothing is sent to a destination that cannot pass it
         self.transcript.absorb(msg)
+        self._join_context = self.transcript.digest()
         self._transition(wire.SessionAck, now)
 
-    def page_sent(self, kind: PageKind, gpa: int, npages: int, header: bytes | memoryview = b"") -> None:
-        """One page frame written (stream order); ``header`` of a private run."""
+    def join(self, lane: int) -> wire.Join:
+        """JOIN for further connection ``lane`` (after SESSION_ACK): this migration's, MACed."""
+        if self.phase is not P.PRECOPY:
+            raise LocalProtocolError(f"JOIN in phase {self.phase.value}")
+        if not 1 <= lane < self.connections:
+            raise LocalProtocolError(f"connection {lane} of {self.connections}")
+        msg = wire.Join(self._hello.migration_id, lane)
+        return wire.Join(msg.migration_id, lane, self._join_mac(msg, R.SOURCE))
+
+    def check_joined(self, msg: wire.Joined, lane: int) -> None:
+        """The destination's JOINED on connection ``lane``: its proof that it holds the key.
+
+        AuthenticationError if the MAC does not verify; PeerProtocolError for another lane.
+        """
+        if msg.lane != lane:
+            raise PeerProtocolError(f"JOINED for connection {msg.lane} on connection {lane}")
+        if self._key is None or self._join_context is None:
+            raise LocalProtocolError("JOINED before the session is established")
+        verify_mac(self._key, R.DESTINATION.value, self._join_context, msg, msg.mac)
+        self._joined.add(lane)
+
+    def page_sent(self, kind: PageKind, gpa: int, npages: int, header: bytes | memoryview = b"", lane: int = 0) -> None:
+        """One page frame written on connection ``lane`` (in its order); ``header`` of a private run."""
         if self.phase not in PAGE_PHASES[R.SOURCE]:
             raise LocalProtocolError(f"a page frame in phase {self.phase.value}")
-        self.chain.add(kind, gpa, npages, header)
+        if lane and lane not in self._joined:
+            raise LocalProtocolError(f"a page frame on connection {lane} before its JOINED")
+        self.chain.lane(lane).add(kind, gpa, npages, header)
+
+    def round_end(self, round_: int, dirty_pages: int) -> wire.RoundEnd:
+        """ROUND_END, with the frames each further connection carried so far (its barrier)."""
+        return wire.RoundEnd(round_, dirty_pages, self.chain.further_frames())
 
     def ping(self, now: float) -> wire.Ping:
-        """Ask the destination to confirm every earlier frame is placed."""
+        """Ask the destination to confirm every earlier frame is placed (on every connection)."""
         if self.phase is not P.PRECOPY:
             raise LocalProtocolError(f"PING in phase {self.phase.value}")
         self._ping_token = (self._ping_token + 1) & 0xFFFFFFFF
         self._ping_sent_at = now
-        return wire.Ping(self._ping_token)
+        return wire.Ping(self._ping_token, self.chain.further_frames())
 
     def _on_pong(self, msg: wire.Pong, now: float) -> float:
         if self._ping_sent_at is None or msg.token != self._ping_token:
@@ -114,6 +147,7 @@ class SourceSession(Session):
         msg = self._signed(wire.Prepare(
             sum(pages.values()), self.chain.frames, pages[PageKind.PRIVATE], pages[PageKind.SHARED],
             pages[PageKind.ZERO], transport_seq, self.chain.digest(), self._bitmap_digest, vcpu_digest(vcpu),
+            lanes=self.chain.further_frames(),
         ))
         self._transition(Local.PREPARE_SENT, now)
         return msg

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 from migd import wire
@@ -103,6 +104,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._aborting = False  # abort() was called: the connection_lost that follows is ours
         self._loop: asyncio.AbstractEventLoop | None = None
         self._linger: asyncio.TimerHandle | None = None  # set while closing gracefully
+        self._high_water = WRITE_HIGH_WATER
+        #: Called once with the reason when this stream ends (a further connection's owner listens).
+        self.on_close: Callable[[BaseException], None] | None = None
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -116,7 +120,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             host = str(sockname[0])
             self.local = f"[{host}]:{sockname[1]}" if ":" in host else f"{host}:{sockname[1]}"
         # Large writes go straight to the socket; pause only past a few MiB queued.
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        transport.set_write_buffer_limits(high=self._high_water, low=min(WRITE_LOW_WATER, self._high_water // 4))
         self._loop = asyncio.get_running_loop()
         self.connected.set()
 
@@ -145,7 +149,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
                     msg = wire.detached(msg)
                     if isinstance(msg, wire.Abort):
                         self.peer_abort = msg.reason  # kept even if a later write fails first
-                    if self._pipeline is None or not self._pipeline.hold(msg):  # else: after the pages before it
+                        # Not held behind the pages before it: they no longer matter, and the end
+                        # of the stream that follows at once must not overtake the peer's reason.
+                        self._queue.put_nowait(msg)
+                    elif self._pipeline is None or not self._pipeline.hold(msg):  # else: after the pages before it
                         self._queue.put_nowait(msg)
         except MigdError as exc:
             self._refuse(exc)
@@ -256,6 +263,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._close_reason = exc
             self._queue.put_nowait(exc)
             self._closed.set()
+            self._notify_close(exc)
             if self._pipeline is not None:
                 self._pipeline.stop()
             if self._transport is not None and not isinstance(exc, StreamClosed):
@@ -264,9 +272,26 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 else:
                     self._transport.abort()
 
+    def _notify_close(self, exc: BaseException) -> None:
+        callback, self.on_close = self.on_close, None
+        if callback is not None:
+            callback(exc)
+
+    def interrupt(self, exc: BaseException) -> None:
+        """Make the driving task's next :meth:`receive` raise ``exc`` (a further connection of
+        its migration failed); the stream itself stays open, for the driver's ABORT."""
+        if self._close_reason is None:
+            self._queue.put_nowait(exc)
+
     @property
     def close_reason(self) -> BaseException | None:
         return self._close_reason
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        """Pause the writer past ``high`` queued bytes (one of several connections takes a share)."""
+        self._high_water = high
+        if self._transport is not None:
+            self._transport.set_write_buffer_limits(high=high, low=min(WRITE_LOW_WATER, high // 4))
 
     def write(self, msg: wire.Message) -> int:
         """Queue one message on the transport now (no await); returns the bytes framed.
@@ -337,6 +362,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._close_reason = StreamClosed("migration stream closed by this side")
             self._queue.put_nowait(self._close_reason)
             self._closed.set()
+            self._notify_close(self._close_reason)
             if self._pipeline is not None:
                 self._pipeline.stop()
         if self._loop is None or not transport.can_write_eof():

@@ -44,6 +44,7 @@ from migd.frame_fields import (
     DIGEST_SIZE,
     MAC_SIZE,
     MAX_BITMAP_BYTES,
+    MAX_CONNECTIONS,
     MAX_GUEST_PAGES,
     MAX_META,
     MAX_PAYLOAD,
@@ -65,6 +66,8 @@ from migd.messages import (
     Commit,
     GuestSpec,
     Hello,
+    Join,
+    Joined,
     Message,
     MessageBase,
     Ping,
@@ -90,10 +93,10 @@ from migd.messages import (
 )
 
 __all__ = [
-    "CAPABILITIES", "CRC_SIZE", "DIGEST_SIZE", "MAC_SIZE", "MAX_BITMAP_BYTES", "MAX_GUEST_PAGES", "MAX_META",
+    "CAPABILITIES", "CRC_SIZE", "DIGEST_SIZE", "MAC_SIZE", "MAX_BITMAP_BYTES", "MAX_CONNECTIONS", "MAX_GUEST_PAGES", "MAX_META",
     "MAX_PAYLOAD", "MAX_RUN_PAGES", "MAX_VCPU_STATE", "MESSAGE_CLASSES", "NONCE_SIZE", "PREFIX_SIZE",
     "PROTOCOL_VERSION", "RESOLUTIONS", "TRANSPORT_HEADER_SIZE", "U64", "Abort", "Commit", "FrameDecoder",
-    "FrameEncoder", "FrameType", "GuestSpec", "Hello", "Message", "MessageBase", "Ping", "Pong", "Prepare",
+    "FrameEncoder", "FrameType", "GuestSpec", "Hello", "Join", "Joined", "Message", "MessageBase", "Ping", "Pong", "Prepare",
     "Prepared", "PrivatePages", "Resolve", "Resolved", "RoundEnd", "Session", "SessionAck", "SharedBitmap",
     "SharedPages", "Started", "VcpuState", "Welcome", "ZeroPages", "authenticated_bytes", "decode_frame",
     "detached", "encode", "encode_bytes", "encode_stream", "negotiate", "pack_vmsa", "unpack_vmsa",

@@ -30,9 +30,11 @@ the path: it renumbers and recomputes the unkeyed CRC of every frame it forwards
 is keyed — the SEV transport's MAC, mutual TLS — can still notice a frame fault.
 
 Faults apply to every connection the proxy accepts, each with fresh offsets and counters
-(``FaultRecord.connection`` tells them apart). A frame whose length field announces more
-than ``max_frame`` bytes (a corrupted header) makes the proxy stop parsing that direction and
-forward the rest raw, recorded as ``framing-lost``: it never buffers without bound.
+(``FaultRecord.connection`` tells them apart); :class:`OnConnection` aims one at a single
+connection (e.g. a further connection of a multi-connection migration, not its control one).
+A frame whose length field announces more than ``max_frame`` bytes (a corrupted header) makes
+the proxy stop parsing that direction and forward the rest raw, recorded as ``framing-lost``:
+it never buffers without bound.
 
 For attack tests (tests/integration/test_attacks.py): with ``record=True`` the proxy keeps, per
 connection, the raw bytes of each direction and the interleaved sequence of frames as it saw
@@ -310,7 +312,21 @@ class FlipFrameBit:
 ByteFault = Union[Cut, Stall, FlipBit]
 FrameFault = Union[CutBeforeFrame, StallBeforeFrame, DropFrame, DuplicateFrame, ReplayFrame, RollbackFrame, SwapFrames,
                    FlipFrameBit, HoldBeforeFrame, DropLastFrameBefore]
-Fault = Union[ByteFault, FrameFault]
+
+
+@dataclass(frozen=True)
+class OnConnection:
+    """``fault`` on one connection only: the ``connection``-th the proxy accepts (0-based, accept
+    order; ``FaultRecord.connection`` numbers them the same way). A migration over several
+    connections opens its control connection first, so ``OnConnection(fault, 1)`` hits a further
+    connection and leaves the control one alone. Without this wrapper a fault applies to every
+    connection."""
+
+    fault: ByteFault | FrameFault
+    connection: int
+
+
+Fault = Union[ByteFault, FrameFault, OnConnection]
 
 
 @dataclass(frozen=True)
@@ -885,6 +901,11 @@ class FaultProxy:
 
     @staticmethod
     def _validate(fault: Fault, framing: Framing) -> None:
+        if isinstance(fault, OnConnection):
+            if isinstance(fault.fault, OnConnection) or fault.connection < 0:
+                raise ValueError(f"{fault}: wraps one fault, on a connection number >= 0")
+            FaultProxy._validate(fault.fault, framing)
+            return
         if isinstance(fault, (Cut, Stall, FlipBit)):
             offset = fault.after if isinstance(fault, Cut) else fault.at if isinstance(fault, Stall) else fault.offset
             if offset < 0:
@@ -1017,11 +1038,22 @@ class FaultProxy:
                     writer.close()  # flushes what is queued: the stream ended normally
             self._tasks.discard(task)
 
+    def _faults_of(self, conn: _Connection) -> list[ByteFault | FrameFault]:
+        """The faults that apply to ``conn``: every unwrapped one, and those aimed at its number."""
+        out: list[ByteFault | FrameFault] = []
+        for fault in self.faults:
+            if not isinstance(fault, OnConnection):
+                out.append(fault)
+            elif fault.connection == conn.number:
+                out.append(fault.fault)
+        return out
+
     async def _pump(self, conn: _Connection, direction: Direction, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> None:
-        frames = _FrameStage([f for f in self.faults if isinstance(f, _FRAME_FAULTS) and f.direction is direction],
+        faults = self._faults_of(conn)
+        frames = _FrameStage([f for f in faults if isinstance(f, _FRAME_FAULTS) and f.direction is direction],
                              self.framing, conn, direction, self.max_frame, self.observe, self.reseal, self.record)
-        raw = _ByteStage([f for f in self.faults if isinstance(f, (Cut, Stall, FlipBit)) and f.direction is direction],
+        raw = _ByteStage([f for f in faults if isinstance(f, (Cut, Stall, FlipBit)) and f.direction is direction],
                          conn, direction)
         try:
             while not conn.cut:

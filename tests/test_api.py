@@ -16,7 +16,7 @@ import shutil
 import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -25,13 +25,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from migd import __version__
+from migd import __version__, wire
 from migd.platform import identity
 from migd.daemon import openapi
 from migd.daemon.api import MAX_BODY_BYTES, build_app, decode_json
 from migd.daemon.config import parse_config
+from migd.daemon import core
 from migd.daemon.core import Daemon
 from migd.errors import ConfigError
+from migd.source import MigrationParams
 
 TOKEN = "c0ffee" * 6
 GUEST_PAGES_16MIB = 16 * 256
@@ -859,5 +861,71 @@ def test_a_body_on_a_bodiless_route_is_400(tmp_path: Path) -> None:
             # The old daemon deleted the guest and ignored the body; now it is still there.
             assert (await api.ok("GET", "/v1/guests/g1"))["name"] == "g1"
             assert (await api.call("DELETE", "/v1/guests/g1")).status == 204
+
+    run(main)
+
+
+# ---------------------------------------------------------------------- migrate settings reach the engine
+
+
+def test_connections_in_the_migrate_body_reaches_the_migration_params(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``connections`` (1..16, null or absent: migration.connections of the config) is what the
+    daemon puts into MigrationParams; anything else is a 400 before any MigrationParams is made."""
+    built: list[MigrationParams] = []
+
+    def recording(**kwargs: Any) -> MigrationParams:
+        params = MigrationParams(**kwargs)
+        built.append(params)
+        return params
+
+    # The params the daemon builds, whatever happens next: the guest is only defined, so the
+    # migration is refused (409) right after, and no engine runs.
+    monkeypatch.setattr(core, "MigrationParams", recording)
+    schema = openapi.schema("MigrateRequest")["properties"]["connections"]
+    assert {k: v for k, v in schema.items() if k != "description"} == {
+        "type": ["integer", "null"], "minimum": 1, "maximum": wire.MAX_CONNECTIONS}
+    assert wire.MAX_CONNECTIONS == 16
+
+    async def main() -> None:
+        async with serving(tmp_path) as api:
+            await api.ok("POST", "/v1/guests", {"name": "g1", "memory_mib": 16}, status=201)
+            destination = f"127.0.0.1:{free_port()}"
+
+            async def connections_of(raw: bytes) -> int:
+                answer = await api.call("POST", "/v1/guests/g1/migrate", raw=raw)
+                assert answer.status == 409 and "only a running guest can migrate" in answer.detail, (raw, answer)
+                return built.pop().connections
+
+            body = f'{{"destination": "{destination}", '.encode()
+            assert await connections_of(body + b'"connections": 4}') == 4
+            assert await connections_of(body + b'"connections": 16}') == 16
+            assert await connections_of(body + b'"connections": 4.0}') == 4  # the API's integer rule (875.0)
+            assert await connections_of(body + b'"connections": 1}') == 1
+            # Absent or null: the config's migration.connections (default 1).
+            assert await connections_of(body + b'"downtime_limit_ms": 50}') == 1
+            api.daemon.config = replace(api.daemon.config, connections=5)
+            assert await connections_of(body + b'"connections": null}') == 5
+            assert await connections_of(body + b'"max_bandwidth_mib_s": 0}') == 5
+            assert await connections_of(body + b'"connections": 2}') == 2  # the body wins over the config
+            assert built == []
+
+            for bad, why in ((0, "connections: must be >= 1, got 0"), (17, "connections: must be <= 16, got 17"),
+                             (True, "connections: expected integer or null, got boolean True"),
+                             ("3", "connections: expected integer or null, got string '3'"),
+                             (2.5, "connections: expected integer or null, got number 2.5")):
+                answer = await api.call("POST", "/v1/guests/g1/migrate", {"destination": destination,
+                                                                          "connections": bad})
+                assert answer.status == 400 and answer.body["error"] == "bad_request", (bad, answer)
+                assert why in answer.detail, (bad, answer.detail)
+            assert built == []  # refused before the daemon built anything
+
+            # A Python caller's bool is refused too (MigrationParams would take True as 1).
+            with pytest.raises(ConfigError, match="connections must be an integer, got True"):
+                api.daemon.migrate("g1", destination, connections=True)  # type: ignore[arg-type]
+            with pytest.raises(ConfigError, match="connections"):
+                api.daemon.migrate("g1", destination, connections=0)
+            assert (await api.ok("GET", "/v1/migrations")) == {"migrations": []}
 
     run(main)

@@ -7,6 +7,7 @@ Rendering is checked on migration objects made by the daemon's own ``MigrationPr
 from __future__ import annotations
 
 import asyncio
+import http.server
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +83,32 @@ def test_migrate_and_start_options() -> None:
     assert parse("guest", "start", "g1").dirty_rate_mib_s is None  # unset: the daemon's default
 
 
+def test_migrate_connections_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse("migrate", "g1", "--to", "10.0.0.2:4444", "--connections", "3").connections == 3
+    assert parse("migrate", "g1", "--to", "10.0.0.2:4444", "--connections", "16").connections == 16
+    assert parse("migrate", "g1", "--to", "10.0.0.2:4444").connections is None  # unset: the daemon's default
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["migrate", "--help"])
+    assert exit_info.value.code == 0
+    usage = " ".join(capsys.readouterr().out.split())
+    for option in ("--to HOST:PORT", "[--downtime-limit-ms N]", "[--max-bandwidth-mib-s N]", "[--connections N]",
+                   "[--no-wait]"):
+        assert option in usage, option
+
+
+@pytest.mark.parametrize("value, culprit", [
+    ("0", "must be in 1..16, got 0"), ("17", "must be in 1..16, got 17"), ("two", "expected an integer, got 'two'"),
+    ("2.5", "expected an integer, got '2.5'"),
+])
+def test_migrate_connections_out_of_range_is_a_usage_error(value: str, culprit: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["migrate", "g1", "--to", "10.0.0.2:4444", "--connections", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--connections" in err and culprit in err
+
+
 @pytest.mark.parametrize("argv, culprit", [
     (["guest", "create", "g1"], "--memory-mib"),
     (["guest", "create", "g1", "--memory-mib", "0"], "must be > 0"),
@@ -98,6 +126,50 @@ def test_usage_errors_exit_2_naming_the_culprit(argv: list[str], culprit: str,
         cli.main(argv)
     assert exit_info.value.code == 2
     assert culprit in capsys.readouterr().err
+
+
+class _RecordingApi(http.server.BaseHTTPRequestHandler):
+    """Answers every POST with 202 and a migration object; keeps each request body."""
+
+    bodies: list[Any] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (the http.server name)
+        raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.bodies.append((self.path, json.loads(raw)))
+        answer = json.dumps(_migration(id="feedc0de12345678")).encode()
+        self.send_response(202)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_migrate_sends_connections_only_when_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--connections 3`` is ``"connections": 3`` in the migrate body; without the option the key
+    is absent (the daemon's migration.connections applies), never null or 1."""
+    token_file = tmp_path / "api.token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    _RecordingApi.bodies = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingApi)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    api = ["--api", f"127.0.0.1:{server.server_address[1]}", "--token-file", str(token_file), "--api-timeout", "10"]
+    try:
+        for extra in (["--connections", "3"], []):
+            assert cli.main(["migrate", "g1", "--to", "10.0.0.2:4444", "--no-wait", *extra, *api]) == 0
+            assert capsys.readouterr().out == "feedc0de12345678\n"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert _RecordingApi.bodies == [
+        ("/v1/guests/g1/migrate", {"destination": "10.0.0.2:4444", "connections": 3}),
+        ("/v1/guests/g1/migrate", {"destination": "10.0.0.2:4444"}),
+    ]
 
 
 # ---------------------------------------------------------------------- where the daemon is

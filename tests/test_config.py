@@ -4,6 +4,7 @@ and stalled peers, and the documented example ``config/migd.toml``."""
 from __future__ import annotations
 
 import asyncio
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,9 @@ from typing import Any
 import pytest
 
 from migd.platform import identity
+from migd import wire
 from migd.daemon.config import (
+    DEFAULT_CONNECTIONS,
     DEFAULT_HANDSHAKE_TIMEOUT_S,
     DEFAULT_KEEP_MIGRATED_COUNT,
     DEFAULT_KEEP_MIGRATED_S,
@@ -83,6 +86,31 @@ def test_bad_bounds_are_refused_naming_the_key(raw: dict[str, Any], key: str, va
         _parse(raw, **{key: value})
 
 
+def test_connections_defaults_to_one_and_takes_1_to_16(raw: dict[str, Any]) -> None:
+    assert _parse(raw).connections == DEFAULT_CONNECTIONS == 1
+    assert wire.MAX_CONNECTIONS == 16
+    for value in (1, 16):
+        config = _parse(raw, connections=value)
+        assert config.connections == value and type(config.connections) is int
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        (0, "must be in 1..16, got 0"),
+        (17, "must be in 1..16, got 17"),
+        (-1, "must be in 1..16, got -1"),
+        (True, "expected int in 1..16, got bool True"),
+        (2.5, "expected int in 1..16, got float 2.5"),
+        (2.0, "expected int in 1..16, got float 2.0"),  # TOML 2.0 is a float; only an integer is a count
+        ("2", "expected int in 1..16, got str '2'"),
+    ],
+)
+def test_bad_connections_are_refused_naming_the_key_and_the_range(raw: dict[str, Any], value: Any, why: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^migration\.connections.*{re.escape(why)}"):
+        _parse(raw, connections=value)
+
+
 def test_unknown_migration_keys_are_still_errors(raw: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=r"unknown key 'migration\.max_pending'.*max_pending_connections"):
         _parse(raw, max_pending=3)
@@ -95,8 +123,9 @@ def test_the_documented_example_names_every_migration_key_with_its_default(raw: 
     validates once its files exist."""
     example = tomllib.loads(EXAMPLE.read_text())
     documented = example["migration"]
-    assert {"max_pending_connections", "handshake_timeout_s", "stall_timeout_s"} <= set(documented)
+    assert {"max_pending_connections", "handshake_timeout_s", "stall_timeout_s", "connections"} <= set(documented)
     config = _parse(raw, **{k: v for k, v in documented.items() if k != "listen"})
+    assert config.connections == DEFAULT_CONNECTIONS
     assert config.max_pending_connections == DEFAULT_MAX_PENDING_CONNECTIONS
     assert config.handshake_timeout_s == DEFAULT_HANDSHAKE_TIMEOUT_S
     assert config.stall_timeout_s == DEFAULT_STALL_TIMEOUT_S

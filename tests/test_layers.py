@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1] / "migd"
 
 #: The layers, lowest first. A module may import its own layer and the ones below it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"migd", "migd.abi", "migd.errors", "migd.fileio", "migd.peer_text", "migd.failure_text"}),
+    ("base", {"migd", "migd.abi", "migd.errors", "migd.fileio", "migd.peer_text", "migd.failure_text",
+              "migd.inflight"}),
     ("platform", {"migd.platform", "migd.platform.memory", "migd.platform.psp", "migd.platform.psp_store",
                   "migd.platform.identity", "migd.platform.pki_verify", "migd.sev_transport", "migd.bitmap",
                   "migd.bitmap_codec"}),
@@ -28,7 +29,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("migration core", {"migd.wire", "migd.stream", "migd.session", "migd.session_auth", "migd.source_session",
                         "migd.dest_session", "migd.source", "migd.dest", "migd.resolve", "migd.listener",
                         "migd.convergence", "migd.migration_state", "migd.progress", "migd.page_runs",
-                        "migd.send_buffers", "migd.host", "migd.journal", "migd.page_pipeline", "migd.messages",
+                        "migd.send_buffers", "migd.send_lane", "migd.host", "migd.journal", "migd.page_pipeline", "migd.messages",
                         "migd.frame_fields", "migd.save_format", "migd.save_session", "migd.save", "migd.restore",
                         "migd.file_job"}),
     ("daemon", {"migd.daemon", "migd.daemon.core", "migd.daemon.api", "migd.daemon.openapi", "migd.daemon.metrics",

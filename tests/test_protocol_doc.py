@@ -145,7 +145,7 @@ def test_the_parser_reads_what_the_table_says() -> None:
                      id="field-removed"),
         pytest.param("`round`, `dirty`", "`round`, `dirty_pages`", "ROUND_END: `dirty_pages` is documented but",
                      id="field-renamed"),
-        pytest.param("| `token` (u32) |", "| `token` (u32), `mac` |", "PING: `mac` is documented but",
+        pytest.param("| `token` (u32), `lanes` (as ROUND_END's) |", "| `token` (u32), `lanes` (as ROUND_END's), `mac` |", "PING: `mac` is documented but",
                      id="field-added"),
         pytest.param("`efi`,`uefi_lm`}", "`efi`}", "HELLO guest: `uefi_lm` is sent by the codec but missing",
                      id="nested-field-removed"),

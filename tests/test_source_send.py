@@ -142,6 +142,7 @@ def test_sparse_guest_sends_holes_as_zero_runs_and_every_populated_page(
         established(migration.session)
         stream = RecordingStream()
         migration._proto = stream  # type: ignore[assignment]
+        migration._lanes, migration._rings = [stream], [None]  # type: ignore[list-item]
         start = a.send_start(handle, b.pdh_cert_pem)
         classified: list[tuple[int, int]] = []
 
@@ -217,6 +218,7 @@ def test_a_guest_write_into_a_hole_is_seen_by_the_next_step(shm_dir: Path) -> No
 
         stream.write = write_then_guest_writes  # type: ignore[method-assign]
         migration._proto = stream  # type: ignore[assignment]
+        migration._lanes, migration._rings = [stream], [None]  # type: ignore[list-item]
         a.send_start(handle, b.pdh_cert_pem)
         asyncio.run(migration._send_extents(np.array([0]), np.array([NPAGES])))
         (late,) = [f for f in stream.sent if f.gpa <= late_page * PAGE_SIZE < f.gpa + f.npages * PAGE_SIZE]
@@ -252,10 +254,11 @@ def test_payload_buffers_are_reused_only_after_the_transport_sent_them(
         established(migration.session)
         stream = LaggingStream(lag=5, honest=honest)
         migration._proto = stream  # type: ignore[assignment]
+        migration._lanes, migration._rings = [stream], [None]  # type: ignore[list-item]
         start = a.send_start(handle, b.pdh_cert_pem)
         asyncio.run(migration._send_extents(np.array([0]), np.array([npages])))
         stream.flush()
-        ring = migration._ring
+        ring = migration._rings[0]
         assert ring is not None and ring.lent > 100 and ring.lent * 8 * PAGE_SIZE > 4 * ring.capacity
 
         dst_handle = b.receive_start(start.policy, start.pdh_cert_pem, start.session_blob)

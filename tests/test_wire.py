@@ -264,12 +264,15 @@ def test_frame_crc_is_zlibs_crc32_whichever_implementation_runs(monkeypatch: pyt
 # A deliberate change of the wire format is a new PROTOCOL_VERSION and new pins.
 
 #: One message of every frame type (two HELLOs, VCPU_STATEs and ABORTs: each optional form).
+#: The capabilities of the release these pins were first computed with (before "connections").
+_CAPS_3 = ("zero-runs", "bound-transport", "sev-compat-transport", "vmsa")
+
 PINNED: list[wire.Message] = [
     wire.Hello("mig-7", wire.GuestSpec("web-1", 4096, 0x5, efi=True, uefi_live_migration=None), "bound",
-               resolve_port=4444),
+               resolve_port=4444, capabilities=_CAPS_3),
     wire.Hello("mig-8", wire.GuestSpec("db", 1, 0, efi=False, uefi_live_migration=False), "sev-compat",
                version=2, capabilities=("zero-runs",)),
-    wire.Welcome(b"-----BEGIN CERTIFICATE-----\n...\n", nonce=bytes(range(32))),
+    wire.Welcome(b"-----BEGIN CERTIFICATE-----\n...\n", nonce=bytes(range(32)), capabilities=_CAPS_3),
     wire.Session(b"pdh", bytes(range(128)), 0x5, mac=b"\x11" * 32),
     wire.SessionAck(b"\x22" * 32),
     wire.PrivatePages(8 * PAGE_SIZE, 1, bytes(range(52)), b"\xcd" * PAGE_SIZE),
@@ -290,6 +293,14 @@ PINNED: list[wire.Message] = [
     wire.Resolved("mig-7", "committed", b"\xaa" * 32),
     wire.Ping(7),
     wire.Pong(0xFFFFFFFF),
+    # Several connections (the "connections" capability): the optional fields, JOIN and JOINED.
+    wire.Hello("mig-9", wire.GuestSpec("big", 8192, 0x5), "bound", resolve_port=4444, connections=4),
+    wire.RoundEnd(2, 77, lanes=(10, 11, 12)),
+    wire.Ping(8, lanes=(1, 0, 3)),
+    wire.Prepare(4096, frames=9, private=1, shared=2, zero=3, transport_seq=5, stream_digest=b"\x01" * 32,
+                 bitmap_digest=b"\x02" * 32, vcpu_digest=b"\x03" * 32, mac=b"\x44" * 32, lanes=(2, 3, 4)),
+    wire.Join("mig-9", 3, b"\xbb" * 32),
+    wire.Joined(3, b"\xcc" * 32),
 ]
 
 #: ``authenticated_bytes(PINNED[i])``: the type byte and the sorted metadata but ``mac``.
@@ -331,12 +342,24 @@ AUTHENTICATED_HEX = [
     "1182a26964a56d69672d37a76f7574636f6d65a9636f6d6d6974746564",
     "1281a5746f6b656e07",
     "1381a5746f6b656eceffffffff",
+    ("0187a46361707395a97a65726f2d72756e73af626f756e642d7472616e73706f7274b47365762d636f6d7061742d7472616e"
+     "73706f7274a4766d7361ab636f6e6e656374696f6e73a5636f6e6e7304a5677565737485a46e616d65a3626967a66e706167"
+     "6573cd2000a6706f6c69637905a3656669c2a7756566695f6c6dc0a26964a56d69672d39ac7265736f6c76655f706f7274cd"
+     "115ca97472616e73706f7274a5626f756e64a776657273696f6e03"),
+    "0883a564697274794da56c616e6573930a0b0ca5726f756e6402",
+    "1282a56c616e657393010003a5746f6b656e08",
+    ("0b88a66269746d6170c4200202020202020202020202020202020202020202020202020202020202020202a66672616d6573"
+     "09a56b696e647393010203a56c616e657393020304a57061676573cd1000a373657105a673747265616dc420010101010101"
+     "0101010101010101010101010101010101010101010101010101a476637075c4200303030303030303030303030303030303"
+     "030303030303030303030303030303"),
+    "1482a26964a56d69672d39a46c616e6503",
+    "1581a46c616e6503",
 ]
 
 
-#: SHA-256 of ``encode_stream(PINNED)`` (13 996 bytes): every byte of every frame, the CRCs over
-#: the sequence numbers 0..21 included.
-PINNED_STREAM_SHA256 = "37789c3ca9074daf5269e16be325c9d409d34fc15135d2daf89a920e420cc3e0"
+#: SHA-256 of ``encode_stream(PINNED)`` (14 582 bytes): every byte of every frame, the CRCs over
+#: the sequence numbers 0..27 included.
+PINNED_STREAM_SHA256 = "1a64f2ba00bf08775b5270cf9703dfa20a332dd1df71eca59fd8b1bbc7170ce9"
 
 
 def test_pinned_messages_cover_every_frame_type() -> None:
@@ -361,7 +384,7 @@ def test_authenticated_bytes_leave_out_only_the_mac() -> None:
 
 def test_frame_bytes_are_pinned() -> None:
     data = wire.encode_stream(PINNED)
-    assert len(data) == 13996
+    assert len(data) == 14582
     assert hashlib.sha256(data).hexdigest() == PINNED_STREAM_SHA256
 
 
@@ -405,8 +428,12 @@ def test_registry_has_one_class_per_frame_type() -> None:
 
 @pytest.mark.parametrize("msg", PINNED, ids=lambda m: type(m).__name__)
 def test_meta_keys_are_the_declared_wire_fields_in_order(msg: wire.Message) -> None:
-    """``META`` is what the doc test compares with docs/protocol.md: it must be what is sent."""
-    assert tuple(msg.to_meta()) == type(msg).META
+    """``META`` is what the doc test compares with docs/protocol.md: it must be what is sent
+    (an ``OPTIONAL`` key only when it is not its default)."""
+    cls = type(msg)
+    sent = tuple(msg.to_meta())
+    assert sent == tuple(k for k in cls.META if k in sent)
+    assert set(cls.META) - set(sent) <= cls.OPTIONAL
     assert tuple(wire.GuestSpec("g", 1, 0).to_meta()) == wire.GuestSpec.META
 
 

@@ -342,14 +342,17 @@ class MigdClient:
 
     async def migrate(
         self, name: str, destination: str, *, downtime_limit_ms: float | None = None,
-        max_bandwidth_mib_s: float | None = None,
+        max_bandwidth_mib_s: float | None = None, connections: int | None = None,
     ) -> dict[str, Any]:
-        """Start a live migration (202); returns the migration object at once."""
+        """Start a live migration (202); returns the migration object at once. A setting left
+        ``None`` is not sent: the daemon's config decides it."""
         body: dict[str, Any] = {"destination": destination}
         if downtime_limit_ms is not None:
             body["downtime_limit_ms"] = downtime_limit_ms
         if max_bandwidth_mib_s is not None:
             body["max_bandwidth_mib_s"] = max_bandwidth_mib_s
+        if connections is not None:
+            body["connections"] = connections
         return await self.request("POST", f"/v1/guests/{_path_segment(name)}/migrate", body)
 
     async def save_guest(

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from migd import __version__
 from migd.cli.watch import watch_migration
 from migd.errors import ConfigError, MigdError
+from migd.wire import MAX_CONNECTIONS
 
 if TYPE_CHECKING:  # imported when used: `migd --help` and `migd serve` need no HTTP client
     from migd.cli.client import ApiError, ClientSettings, MigdClient
@@ -218,7 +219,8 @@ def failure_line(migration: dict[str, Any]) -> str:
 
 async def _migrate(api: MigdClient, args: argparse.Namespace) -> int:
     migration = await api.migrate(
-        args.name, args.to, downtime_limit_ms=args.downtime_limit_ms, max_bandwidth_mib_s=args.max_bandwidth_mib_s
+        args.name, args.to, downtime_limit_ms=args.downtime_limit_ms, max_bandwidth_mib_s=args.max_bandwidth_mib_s,
+        connections=args.connections,
     )
     return await _follow(api, migration, args)
 
@@ -388,6 +390,18 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 _positive_int = _positive(int)
 
 
+def _connections(text: str) -> int:
+    # Checked here too, not only by the daemon: a usage error (exit 2) names the option, where the
+    # daemon's 400 would name the body field.
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= value <= MAX_CONNECTIONS:
+        raise argparse.ArgumentTypeError(f"must be in 1..{MAX_CONNECTIONS}, got {text}")
+    return value
+
+
 def _policy(text: str) -> int:
     try:
         value = int(text, 0)
@@ -439,6 +453,9 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
                          help="stop-and-copy budget (default: the daemon's migration.downtime_limit_ms)")
     migrate.add_argument("--max-bandwidth-mib-s", type=_non_negative(float), default=None, metavar="N",
                          help="bandwidth cap, 0 = unlimited (default: the daemon's)")
+    migrate.add_argument("--connections", type=_connections, default=None, metavar="N",
+                         help=f"TCP connections to stripe the pages over, 1..{MAX_CONNECTIONS} "
+                              "(default: the daemon's migration.connections)")
     migrate.add_argument("--no-wait", action="store_true", help="print the migration id and return at once")
     migrate.set_defaults(client_func=_migrate)
 

@@ -342,6 +342,7 @@ async def migrate_guest(request: web.Request) -> web.Response:
     progress = _daemon(request).migrate(
         request.match_info["name"], body["destination"],
         downtime_limit_ms=body.get("downtime_limit_ms"), max_bandwidth_mib_s=body.get("max_bandwidth_mib_s"),
+        connections=body.get("connections"),
     )
     return _json(progress.to_json(), 202, location=f"/v1/migrations/{progress.id}")
 

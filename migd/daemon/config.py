@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from migd import wire
 from migd.errors import ConfigError
 from migd.sev_transport import TransportMode
 
@@ -23,6 +24,8 @@ DEFAULT_CONFIG = Path("/etc/migd/migd.toml")
 DEFAULT_MAX_PENDING_CONNECTIONS = 64
 DEFAULT_HANDSHAKE_TIMEOUT_S = 15.0
 DEFAULT_STALL_TIMEOUT_S = 30.0
+#: Default of ``migration.connections``: one TCP connection per outgoing migration.
+DEFAULT_CONNECTIONS = 1
 #: Defaults of ``[guests]``: how long and how many ``migrated`` records are kept (docs/operations.md).
 DEFAULT_KEEP_MIGRATED_S = 86_400.0
 DEFAULT_KEEP_MIGRATED_COUNT = 100
@@ -98,6 +101,8 @@ class Config:
     handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
     #: A peer that sends nothing, or takes nothing of what is sent, this long ends the migration.
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
+    #: TCP connections an outgoing migration stripes its pages over (1..wire.MAX_CONNECTIONS).
+    connections: int = DEFAULT_CONNECTIONS
     tls: TlsConfig | None = None
     trusted_roots: tuple[Path, ...] = ()
     transport: TransportMode = TransportMode.BOUND
@@ -159,11 +164,15 @@ _SCHEMA: dict[str, Any] = {
     "migration": {
         "listen": str, "downtime_limit_ms": int, "max_bandwidth_mib_s": (int, float),
         "max_pending_connections": int, "handshake_timeout_s": (int, float), "stall_timeout_s": (int, float),
+        "connections": int,
     },
     "tls": {"ca": str, "cert": str, "key": str},
     "sev": {"trusted_roots": list, "transport": str},
     "guests": {"ram_dir": str, "keep_migrated_s": (int, float), "keep_migrated_count": int},
 }
+#: The range a key takes, said in its type error too: "expected int in 1..16, got bool True" tells
+#: the fix where "expected int" alone would leave the reader to guess the bounds.
+_RANGES: dict[str, str] = {"migration.connections": f"1..{wire.MAX_CONNECTIONS}"}
 _REQUIRED = {"state_dir": None, "api": ("listen", "token_file"), "migration": ("listen",), "sev": ("trusted_roots",)}
 
 
@@ -179,6 +188,8 @@ def _check_keys(table: dict[str, Any], schema: dict[str, Any], prefix: str) -> N
             _check_keys(value, kind, f"{name}.")
         elif isinstance(value, bool) or not isinstance(value, kind):
             expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            if name in _RANGES:
+                expected = f"{expected} in {_RANGES[name]}"
             raise ConfigError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
 
 
@@ -233,6 +244,9 @@ def parse_config(raw: dict[str, Any], *, base: Path, source: Path | None = None)
     max_pending = migration.get("max_pending_connections", DEFAULT_MAX_PENDING_CONNECTIONS)
     if max_pending < 1:
         raise ConfigError(f"migration.max_pending_connections must be >= 1, got {max_pending}")
+    connections = migration.get("connections", DEFAULT_CONNECTIONS)
+    if not 1 <= connections <= wire.MAX_CONNECTIONS:
+        raise ConfigError(f"migration.connections must be in {_RANGES['migration.connections']}, got {connections}")
     handshake_timeout = _timeout(migration, "handshake_timeout_s", DEFAULT_HANDSHAKE_TIMEOUT_S)
     stall_timeout = _timeout(migration, "stall_timeout_s", DEFAULT_STALL_TIMEOUT_S)
     roots = sev["trusted_roots"]
@@ -274,6 +288,7 @@ def parse_config(raw: dict[str, Any], *, base: Path, source: Path | None = None)
         max_pending_connections=max_pending,
         handshake_timeout_s=handshake_timeout,
         stall_timeout_s=stall_timeout,
+        connections=connections,
         tls=tls,
         trusted_roots=tuple(_readable(r, "sev.trusted_roots", base) for r in roots),
         transport=transport,

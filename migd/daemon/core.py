@@ -228,9 +228,13 @@ class Daemon:
 
     def migrate(
         self, name: str, destination: str, *, downtime_limit_ms: float | None = None,
-        max_bandwidth_mib_s: float | None = None,
+        max_bandwidth_mib_s: float | None = None, connections: int | None = None,
     ) -> MigrationProgress:
-        """Start an outgoing migration; returns its progress record at once (REST 202)."""
+        """Start an outgoing migration; returns its progress record at once (REST 202).
+
+        ``None`` for a setting means the config's (``migration.*``); ``connections``: how many TCP
+        connections the pages are striped over, 1..wire.MAX_CONNECTIONS.
+        """
         self._require_accepting()
         guest = self.guest(name)
         if guest.busy.locked():
@@ -239,6 +243,10 @@ class Daemon:
         address = parse_address(destination, "destination")
         if address.port == 0:
             raise ConfigError(f"destination: port must be 1..65535, got {destination!r}")
+        # MigrationParams takes any int, and True is one to Python; a caller that passed a bool
+        # made a mistake that must not become "1 connection" silently (REST refuses it in the schema).
+        if isinstance(connections, bool):
+            raise ConfigError(f"connections must be an integer, got {connections!r}")
         try:
             params = MigrationParams(
                 handshake_timeout_s=self.config.handshake_timeout_s, stall_timeout_s=self.config.stall_timeout_s,
@@ -246,6 +254,7 @@ class Daemon:
                 max_bandwidth_mib_s=(
                     self.config.max_bandwidth_mib_s if max_bandwidth_mib_s is None else max_bandwidth_mib_s
                 ),
+                connections=self.config.connections if connections is None else connections,
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None

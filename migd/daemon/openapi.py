@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from migd import __version__
+from migd import __version__, wire
 from migd.errors import ConfigError
 from migd.guest.host_guest import GUEST_NAME, MAX_MEMORY_MIB, GuestState
 from migd.migration_state import MigrationStatus
@@ -210,6 +210,9 @@ SCHEMAS: dict[str, Schema] = {
                                   "maximum": MAX_DOWNTIME_LIMIT_MS, "description": "default from the config"},
             "max_bandwidth_mib_s": {"type": ["number", "null"], "minimum": 0, "maximum": MAX_RATE,
                                     "description": "0 = unlimited; default from the config"},
+            "connections": {"type": ["integer", "null"], "minimum": 1, "maximum": wire.MAX_CONNECTIONS,
+                            "description": "TCP connections the pages are striped over (1: a single connection); "
+                                           "default from the config (migration.connections)"},
         },
         required=["destination"],
     ),

@@ -108,17 +108,43 @@ class _GuestContext:
     receiver: TransportReceiver | None = None
     vmsa: dict[int, bytes] = field(default_factory=dict)
     handoff_key: bytes | None = field(default=None, repr=False)
-    _scratch: bytearray = field(default_factory=bytearray, repr=False)
+    _scratch: dict[int, bytearray] = field(default_factory=dict, repr=False)
 
-    def scratch(self, nbytes: int) -> memoryview:
-        """A reusable work buffer for one RECEIVE run (commands on a context run one at a time)."""
-        if len(self._scratch) < nbytes:
-            self._scratch = bytearray(nbytes)
-        return memoryview(self._scratch)[:nbytes]
+    def scratch(self, nbytes: int, lane: int = 0) -> memoryview:
+        """A reusable work buffer for one RECEIVE run (a lane's commands run one at a time; lanes
+        run in parallel, each with its own buffer)."""
+        buffer = self._scratch.get(lane)
+        if buffer is None or len(buffer) < nbytes:
+            self._scratch[lane] = buffer = bytearray(nbytes)
+        return memoryview(buffer)[:nbytes]
 
 
 def _policy_api(policy: int) -> tuple[int, int]:
     return (policy >> POLICY_API_MAJOR_SHIFT) & 0xFF, (policy >> POLICY_API_MINOR_SHIFT) & 0xFF
+
+
+class DeferredPacket:
+    """The second half of a deferred SEND_UPDATE_DATA: the run read, not sealed yet.
+
+    Its plaintext is the firmware's (in the caller's buffer, which :meth:`seal` turns into the
+    ciphertext in place); nothing reads it but :meth:`seal`.
+    """
+
+    __slots__ = ("_sender", "gpa", "npages", "_data", "lane", "_sealed")
+
+    def __init__(self, sender: TransportSender, gpa: int, npages: int, data: memoryview, lane: int) -> None:
+        self._sender, self.gpa, self.npages, self._data, self.lane = sender, gpa, npages, data, lane
+        self._sealed = False
+
+    def seal(self) -> tuple[bytes, memoryview]:
+        """AES-CTR(TEK) in place and HMAC(TIK): (52-byte header, ciphertext). Once; thread-safe
+        across packets (a lane's packets must be sealed in their send order)."""
+        if self._sealed:
+            raise FirmwareError(FirmwareStatus.INVALID_PARAM, "a deferred packet is sealed once")
+        self._sealed = True
+        header, ciphertext = self._sender.seal(CTX_DATA, self._data, gpa=self.gpa, npages=self.npages,
+                                               out=self._data, lane=self.lane)
+        return header.pack(), ciphertext
 
 
 class PspFirmware:
@@ -340,11 +366,13 @@ class PspFirmware:
         gpa: int,
         npages: int,
         out: bytearray | memoryview | None = None,
+        lane: int = 0,
     ) -> tuple[bytes, memoryview]:
         """SEND_UPDATE_DATA over a run: VEK → plaintext → TEK. Returns (52-byte header, ciphertext).
 
         The ciphertext is a view of ``out`` (at least ``npages`` pages, disjoint from guest RAM)
-        when given, else of a new buffer.
+        when given, else of a new buffer. ``lane`` (migd extension): the connection the packet
+        goes on, its own sequence space (:mod:`migd.sev_transport`).
         """
         ctx = self._context(handle, ContextState.SUPDATE)
         raw = self._checked_range(ram, gpa, npages)
@@ -354,8 +382,27 @@ class PspFirmware:
             raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, "SEND_UPDATE_DATA output overlaps guest memory")
         # Decrypted into ``out`` (or a new buffer), then CTR in place: one buffer per run, not two.
         plaintext = ctx.engine.decrypt(gpa, raw, out)
-        header, ciphertext = ctx.sender.seal(CTX_DATA, plaintext, gpa=gpa, npages=npages, out=plaintext)
+        header, ciphertext = ctx.sender.seal(CTX_DATA, plaintext, gpa=gpa, npages=npages, out=plaintext, lane=lane)
         return header.pack(), ciphertext
+
+    def send_update_data_deferred(
+        self, handle: int, ram: GuestRam, gpa: int, npages: int, out: bytearray | memoryview, lane: int,
+    ) -> DeferredPacket:
+        """SEND_UPDATE_DATA in two halves (migd extension, for a send pipeline): the run is read
+        from guest memory now (VEK → plaintext into ``out``, firmware-held), and sealed under
+        TEK/TIK later, by :meth:`DeferredPacket.seal`, in a worker thread.
+
+        What is sent is what guest memory held now: the pages are read when the run is
+        classified (docs/design.md §8, invariant 2), whenever they are sealed. A lane's packets
+        take their sequence numbers when sealed, so they must be sealed in the order they are sent.
+        """
+        ctx = self._context(handle, ContextState.SUPDATE)
+        raw = self._checked_range(ram, gpa, npages)
+        assert ctx.sender is not None
+        if ram.holds(out):
+            raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, "SEND_UPDATE_DATA output overlaps guest memory")
+        plaintext = ctx.engine.decrypt(gpa, raw, out)
+        return DeferredPacket(ctx.sender, gpa, npages, plaintext, lane)
 
     def send_update_vmsa(self, handle: int, vcpu_id: int, vmsa: bytes) -> tuple[bytes, memoryview]:
         """SEND_UPDATE_VMSA: one vCPU's 4 KiB save area through the transport (SEV-ES guests only)."""
@@ -417,11 +464,13 @@ class PspFirmware:
         header: bytes | memoryview,
         ciphertext: bytes | memoryview,
         sequence: int | None = None,
+        lane: int = 0,
     ) -> None:
         """RECEIVE_UPDATE_DATA over a run: verify, TEK → plaintext → this guest's VEK at ``gpa``.
 
         The MAC is checked before anything is decrypted, so a rejected packet writes nothing.
         ``sequence``: the packet's sequence number (a session started with ``ordered=False``).
+        ``lane``: the connection it came on; lanes may be received in parallel threads.
         """
         ctx = self._context(handle, ContextState.RUPDATE)
         self._checked_range(ram, gpa, npages)
@@ -436,9 +485,9 @@ class PspFirmware:
             # The MAC is verified before anything is written. The run is decrypted and
             # re-encrypted in a per-context scratch buffer, then stored with one write
             # (GuestRam.write: pwrite, no page fault per page of the new guest).
-            scratch = ctx.scratch(len(ciphertext))
+            scratch = ctx.scratch(len(ciphertext), lane)
             plaintext = ctx.receiver.open(CTX_DATA, packet, ciphertext, gpa=gpa, npages=npages, out=scratch,
-                                          sequence=sequence)
+                                          sequence=sequence, lane=lane)
         except IntegrityError as exc:
             raise FirmwareError(FirmwareStatus.BAD_MEASUREMENT, f"packet at gpa {gpa:#x}: {exc}") from exc
         except TransportError as exc:

@@ -39,6 +39,15 @@ async def running_guest(
     return guest
 
 
+async def wait_populated(guest: HostGuest, fraction: float = 1.0, timeout: float = 20.0) -> None:
+    """Wait until ``fraction`` of the guest's pages hold data (a workload with ``populate_fraction``
+    writes its data area once right after boot); TimeoutError past ``timeout`` seconds."""
+    npages = guest.definition.npages
+    async with asyncio.timeout(timeout):
+        while int(guest.ram.populated_pages(0, npages).sum()) < fraction * npages:
+            await asyncio.sleep(0.02)
+
+
 @contextlib.asynccontextmanager
 async def closing(*hosts: Host) -> AsyncIterator[None]:
     """Stop every guest agent of the hosts at the end, whatever happened."""

@@ -108,10 +108,10 @@ def _injecting(before_state: bool) -> Callable[[Any, wire.Message], int]:
         for run in classify(guest.vm.shared_bitmap, guest.ram, guest.definition.npages - 1, 1):
             self._send_run(run.kind, run.first, run.count)
 
-    def write(self: Any, msg: wire.Message) -> int:
+    def write(self: Any, msg: wire.Message, lane: int = 0) -> int:
         if isinstance(msg, wire.VcpuState) and before_state:
             resend_last_page(self)
-        nbytes = original(self, msg)
+        nbytes = original(self, msg, lane)
         if isinstance(msg, wire.VcpuState) and not before_state:
             resend_last_page(self)
         return nbytes

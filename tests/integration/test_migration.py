@@ -272,13 +272,22 @@ def test_destination_sigkill_leaves_source_running(tmp_path: Path, phase: str) -
 # ---------------------------------------------------------------------- convergence
 
 
+#: Convergence cases: what matters is the guest's dirty rate against the link (24 vs 12 MiB/s),
+#: not its size. A 16 MiB guest makes each round, and so each auto-converge step, 4x shorter
+#: than a 64 MiB one; unthrottled, its dirty set (~13 MiB) still never fits the downtime limit.
+CONVERGE_MIB = 16
+#: Pre-copy time after round 0 (the policy's clock). The throttled guest needs ~6 s of it (7
+#: auto-converge steps); the unthrottled control gets the same bound and must still fail.
+CONVERGE_S = 12.0
+
+
 @pytest.mark.parametrize("auto_converge", [True, False], ids=["auto-converge", "no-auto-converge"])
 def test_guest_dirtying_faster_than_the_link(tmp_path: Path, auto_converge: bool) -> None:
     async def main() -> None:
         async with pair(tmp_path) as (source, dest):
-            guest = await running_guest(source, memory_mib=64,
+            guest = await running_guest(source, memory_mib=CONVERGE_MIB,
                                         workload=WorkloadConfig(dirty_rate_mib_s=24, convert_rate_hz=5, seed=3))
-            params = MigrationParams(max_bandwidth_mib_s=12, downtime_limit_ms=100, converge_timeout_s=25,
+            params = MigrationParams(max_bandwidth_mib_s=12, downtime_limit_ms=100, converge_timeout_s=CONVERGE_S,
                                      auto_converge=auto_converge)
             progress = await OutgoingMigration(guest, "127.0.0.1", dest.port, params).run()
             if auto_converge:
@@ -297,7 +306,7 @@ def test_guest_dirtying_faster_than_the_link(tmp_path: Path, auto_converge: bool
 def test_force_switchover_past_the_converge_timeout(tmp_path: Path) -> None:
     async def main() -> None:
         async with pair(tmp_path) as (source, dest):
-            guest = await running_guest(source, memory_mib=64,
+            guest = await running_guest(source, memory_mib=CONVERGE_MIB,
                                         workload=WorkloadConfig(dirty_rate_mib_s=24, convert_rate_hz=5, seed=4))
             params = MigrationParams(max_bandwidth_mib_s=12, downtime_limit_ms=50, converge_timeout_s=3,
                                      auto_converge=False, force_switchover=True)
