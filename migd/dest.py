@@ -57,6 +57,10 @@ LANE_END_GRACE_S = 0.2
 DEPARTURE_WAIT_S = 10.0
 
 
+class LaneLost(StreamClosed):
+    """A further connection of the migration ended while its pages still mattered."""
+
+
 class IncomingRefused(MigdError):
     """This host will not take the guest (name exists, size, mode): sent back as ABORT."""
 
@@ -141,6 +145,10 @@ class IncomingMigration:
                 session.activity(self._last_activity())
                 session.handle_timer(time.monotonic())
                 continue
+            except LaneLost:
+                if self._lanes_needed:
+                    raise
+                continue  # reported after every page was placed and verified: it no longer matters
             result = session.receive(msg, time.monotonic())
             if until is None or isinstance(msg, until):
                 return msg, result
@@ -402,11 +410,15 @@ class IncomingMigration:
         joined = self.session.accept_join(msg, time.monotonic())
         lane = msg.lane
         lane_proto.mark_authenticated()
+        lane_proto.pages_only()  # its control frames would be read by nobody: refused
         lane_proto.set_page_handler(functools.partial(self._place, lane=lane))
         self._lanes[lane] = lane_proto
         ended = self._lane_ends[lane] = asyncio.get_running_loop().create_future()
         lane_proto.on_close = functools.partial(self._lane_closed, lane)
-        lane_proto.write(joined)
+        if lane_proto.close_reason is not None:  # it ended before it was watched
+            self._lane_closed(lane, lane_proto.close_reason)
+        else:
+            lane_proto.write(joined)
         log.debug("migration %s: connection %d of %d joined from %s", msg.migration_id, lane + 1,
                   self.session.connections, lane_proto.peer)
         await ended
@@ -429,8 +441,8 @@ class IncomingMigration:
 
     def _lane_lost(self, lane: int, exc: BaseException) -> None:
         if self._lanes_needed and not self.session.finished and self.proto.peer_abort is None:
-            self.proto.interrupt(StreamClosed(f"connection {lane + 1} of {self.session.connections} of the "
-                                              f"migration ended before every page was placed: {exc}"))
+            self.proto.interrupt(LaneLost(f"connection {lane + 1} of {self.session.connections} of the "
+                                          f"migration ended before every page was placed: {exc}"))
 
     def _end_lanes(self) -> None:
         """Every page is placed, or the migration is over: release its further connections (their
@@ -469,7 +481,10 @@ class IncomingMigration:
                                        f"{lane_proto.close_reason}")
             if self.proto.close_reason is not None:
                 raise StreamClosed(f"the migration stream ended: {self.proto.close_reason}")
-            session.activity(self._last_activity())
+            # Only the connections waited for count as progress (control frames do not).
+            waited = [self._lanes[lane].last_activity for lane in behind if lane in self._lanes]
+            if waited:
+                session.activity(max(waited))
             session.handle_timer(time.monotonic())
             await asyncio.sleep(_LANE_POLL_S)
 
@@ -519,7 +534,12 @@ class IncomingMigration:
         """Verify the guest is complete and exactly what the source sent before it may commit."""
         guest, received = self.guest, self._received
         assert guest is not None and received is not None and self.progress is not None
-        # Every page frame before PREPARE has been placed (the stream delivers it only then).
+        # Every page frame before PREPARE has been placed (the stream delivers it only then; the
+        # further connections' by the last ROUND_END's barrier): what each connection admitted
+        # is what it placed.
+        admitted = [chain.frames for chain in self.session.chain.lanes]
+        if admitted != self._placed:
+            raise ProtocolError(f"page frames admitted per connection {admitted}, placed {self._placed}")
         self.session.check_prepare(msg, guest.firmware.transport_sequence(guest.handle))
         missing = guest.definition.npages - received.count()
         if missing:

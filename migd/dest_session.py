@@ -71,12 +71,13 @@ class DestinationSession(Session):
         AuthenticationError: not made by the holder of this session's key (for this migration).
         PeerProtocolError: no such lane, the lane is taken (a replayed JOIN), or not while pages flow.
         """
+        if self._key is None or self._join_context is None:
+            raise LocalProtocolError("JOIN before the session is established")
+        # The MAC first: a peer without the key learns nothing of the migration's phase or size.
+        verify_mac(self._key, R.SOURCE.value, self._join_context, msg, msg.mac)
         if self.phase is not P.RECEIVING:
             raise PeerProtocolError(f"JOIN in phase {self.phase.value}")
         self._check_lane(msg.lane)
-        if self._key is None or self._join_context is None:
-            raise LocalProtocolError("JOIN before the session is established")
-        verify_mac(self._key, R.SOURCE.value, self._join_context, msg, msg.mac)
         if msg.lane in self._joined:
             raise PeerProtocolError(f"connection {msg.lane} has joined already (a replayed JOIN)")
         self._joined.add(msg.lane)

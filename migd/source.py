@@ -359,7 +359,8 @@ class OutgoingMigration:
             lane.set_write_buffer_limits(high)
         self._lanes = [proto, *lanes]
         self._rings = [None] * n
-        self._send_lanes = [SendLane(i, functools.partial(self._lane_written, i)) for i in range(n)]
+        self._send_lanes = [SendLane(i, functools.partial(self._lane_written, i), self._lanes[i].bytes_consumed,
+                                     transport_bytes=high) for i in range(n)]
 
     async def _open_lane(self, index: int) -> FrameProtocol:
         """Connection ``index``: connect, JOIN, a verified JOINED; MigrationFailed says which step failed."""
@@ -378,6 +379,7 @@ class OutgoingMigration:
             lane.write(self.session.join(index))
             reply = await lane.expect(wire.Joined, p.handshake_timeout_s)
             self.session.check_joined(reply, index)
+            lane.pages_only()  # nothing more is read from it: any frame but an ABORT is refused
         except BaseException as exc:
             lane.abort()
             if isinstance(exc, StreamTimeout):
@@ -496,11 +498,13 @@ class OutgoingMigration:
                 session.handle_timer(time.monotonic())
 
     def _lane_written(self, lane: int, msg: wire.Message, kind: PageKind, gpa: int, npages: int,
-                      header: bytes) -> None:
-        """A connection's queued frame is ready and its turn came: write it, account for it."""
+                      header: bytes) -> int:
+        """A connection's queued frame is ready and its turn came: write it, account for it;
+        returns the connection's stream position after it."""
         nbytes = self._write(msg, lane)
         self.session.page_sent(kind, gpa, npages, header, lane)
         self.progress.count_run(kind, npages, nbytes)
+        return self._lanes[lane].bytes_sent
 
     def _account_link(self, now: float) -> None:
         """Bytes that left the transport's buffer since the last look: bandwidth, and activity on the link.
@@ -548,6 +552,9 @@ class OutgoingMigration:
                     await self._blackout()
                 # Classify and read in one synchronous step: routing is the bitmap's at read time.
                 step = self._send_step(pos, end, max_hole)
+                for send_lane in self._send_lanes:
+                    send_lane.submit()  # the step's private runs, to its worker at once
+                    send_lane.pump()  # what its worker sealed meanwhile
                 pos += step
                 total += step
                 todo -= step
@@ -628,13 +635,24 @@ class OutgoingMigration:
         guest = self.guest
         if kind is PageKind.ZERO:
             send_lane.put_ready(wire.ZeroPages(gpa, count), kind, gpa, count)
-        elif kind is PageKind.SHARED:
+            return
+        out, in_ring = send_lane.buffer(count * PAGE_SIZE)
+        if kind is PageKind.SHARED:
             # A copy, for the reason _send_run gives: the bytes sent are the bytes classified now.
-            send_lane.put_ready(wire.SharedPages(gpa, count, guest.ram.read(gpa, count)), kind, gpa, count)
-        else:
-            packet = guest.firmware.send_update_data_deferred(guest.handle, guest.ram, gpa, count,
-                                                              bytearray(count * PAGE_SIZE), send_lane.index)
-            send_lane.put_private(packet)
+            try:
+                out[:] = guest.ram.view(gpa, count)
+            except BaseException:
+                send_lane.unused(in_ring)
+                raise
+            send_lane.put_ready(wire.SharedPages(gpa, count, out), kind, gpa, count, in_ring)
+            return
+        try:
+            packet = guest.firmware.send_update_data_deferred(guest.handle, guest.ram, gpa, count, out,
+                                                              send_lane.index)
+        except BaseException:
+            send_lane.unused(in_ring)
+            raise
+        send_lane.put_private(packet, in_ring)
 
     def _write(self, msg: wire.Message, lane: int = 0) -> int:
         """Write ``msg`` on connection ``lane`` (control messages: the first)."""

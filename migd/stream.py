@@ -42,6 +42,12 @@ INITIAL_RECEIVE_BUFFER = 64 << 10
 #: The largest frame legal before the peer is authenticated: control frames only (HELLO,
 #: SESSION, RESOLVE, ABORT; docs/protocol.md "Frames"), metadata at most MAX_META, no payload.
 MAX_FRAME_BEFORE_AUTHENTICATION = wire.PREFIX_SIZE + wire.MAX_META + wire.CRC_SIZE
+#: Control messages received and not taken by the driving task yet, at most (a legitimate peer
+#: has a handful: the driver reads them as they come, or waits at a barrier for pages), and their
+#: payload bytes at most (one shared-page bitmap and one vCPU state, with room to spare): a peer
+#: that sends more is refused instead of being buffered without bound.
+MAX_QUEUED_CONTROL = 64
+MAX_QUEUED_CONTROL_BYTES = wire.MAX_BITMAP_BYTES + wire.MAX_VCPU_STATE + (1 << 20)
 #: One read fills at most this much of the buffer, so a read brings only a few frames for the
 #: pipeline at once.
 _READ_CHUNK = 1 << 20
@@ -107,6 +113,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._high_water = WRITE_HIGH_WATER
         #: Called once with the reason when this stream ends (a further connection's owner listens).
         self.on_close: Callable[[BaseException], None] | None = None
+        self._pages_only = False  # a further connection: page frames (and ABORT) only
+        self._queued_bytes = 0  # payload bytes of the control messages in the queue
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -143,17 +151,22 @@ class FrameProtocol(asyncio.BufferedProtocol):
                     if self._pipeline is None:
                         raise ProtocolError(f"unexpected {msg.TYPE.name} frame on this side of the stream")
                     self._pipeline.page_frame(msg)
+                elif isinstance(msg, wire.Abort):
+                    self.peer_abort = msg.reason  # kept even if a later write fails first
+                    if self._pages_only:  # nobody reads this stream's messages: its end is the ABORT
+                        self._fail(PeerAborted(msg.reason))
+                        return
+                    # Not held behind the pages before it: they no longer matter, and the end of
+                    # the stream that follows at once must not overtake the peer's reason.
+                    self._queue.put_nowait(msg)
+                elif self._pages_only:
+                    raise ProtocolError(f"{msg.TYPE.name} frame on a connection that carries page frames only")
                 else:
                     # Its payload (a bitmap, vCPU state) points into the receive buffer, which
                     # the next read overwrites before the driving task gets to it.
                     msg = wire.detached(msg)
-                    if isinstance(msg, wire.Abort):
-                        self.peer_abort = msg.reason  # kept even if a later write fails first
-                        # Not held behind the pages before it: they no longer matter, and the end
-                        # of the stream that follows at once must not overtake the peer's reason.
-                        self._queue.put_nowait(msg)
-                    elif self._pipeline is None or not self._pipeline.hold(msg):  # else: after the pages before it
-                        self._queue.put_nowait(msg)
+                    if self._pipeline is None or not self._pipeline.hold(msg):  # else: after the pages before it
+                        self.deliver(msg)
         except MigdError as exc:
             self._refuse(exc)
         except Exception as exc:  # a bug in an inline page handler: ABORT and end, as in the worker
@@ -186,7 +199,16 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     # -- what the page pipeline needs of its stream (PipelineOwner)
     def deliver(self, msg: wire.Message) -> None:
-        """A control message, every page frame before it placed: to the driving task."""
+        """A control message, every page frame before it placed: to the driving task.
+
+        Past :data:`MAX_QUEUED_CONTROL` messages, or their bytes, not taken yet the stream is
+        refused (a ProtocolError, ABORT to the peer)."""
+        nbytes = len(getattr(msg, "payload", b""))
+        if self._queue.qsize() >= MAX_QUEUED_CONTROL or self._queued_bytes + nbytes > MAX_QUEUED_CONTROL_BYTES:
+            self._refuse(ProtocolError(f"the peer sent more control frames than this side handles at once "
+                                       f"({self._queue.qsize()} waiting, {self._queued_bytes + nbytes} bytes)"))
+            return
+        self._queued_bytes += nbytes
         self._queue.put_nowait(msg)
 
     def refuse(self, exc: BaseException) -> None:
@@ -278,10 +300,16 @@ class FrameProtocol(asyncio.BufferedProtocol):
             callback(exc)
 
     def interrupt(self, exc: BaseException) -> None:
-        """Make the driving task's next :meth:`receive` raise ``exc`` (a further connection of
-        its migration failed); the stream itself stays open, for the driver's ABORT."""
+        """Make the driving task's next :meth:`receive` raise ``exc`` once (a further connection
+        of its migration failed); the stream itself stays open, for the driver's ABORT."""
         if self._close_reason is None:
             self._queue.put_nowait(exc)
+
+    def pages_only(self) -> None:
+        """A further connection of a migration: from now on any frame but a page frame or an
+        ABORT ends it with a ProtocolError (nobody reads its control messages), and an ABORT
+        ends it with the peer's reason."""
+        self._pages_only = True
 
     @property
     def close_reason(self) -> BaseException | None:
@@ -320,8 +348,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
         async with asyncio.timeout(timeout):
             item = await self._queue.get()
         if isinstance(item, BaseException):
-            self._queue.put_nowait(item)  # every later receive sees the same end
-            raise item
+            if item is self._close_reason:
+                self._queue.put_nowait(item)  # every later receive sees the same end
+            raise item  # an interrupt (interrupt()) is raised once
+        self._queued_bytes -= len(getattr(item, "payload", b""))
         return item
 
     async def expect(self, kind: type[Any], timeout: float) -> Any:

@@ -49,6 +49,7 @@ from migd.platform.psp_store import ContextStore, StoredContext
 from migd.sev_transport import (
     CTX_DATA,
     CTX_VMSA,
+    EncryptedPacket,
     PacketHeader,
     SessionBlob,
     SessionKeys,
@@ -124,27 +125,26 @@ def _policy_api(policy: int) -> tuple[int, int]:
 
 
 class DeferredPacket:
-    """The second half of a deferred SEND_UPDATE_DATA: the run read, not sealed yet.
+    """The second half of a deferred SEND_UPDATE_DATA: the run read and encrypted under TEK (the
+    caller's buffer holds ciphertext only), its MAC under TIK not computed yet."""
 
-    Its plaintext is the firmware's (in the caller's buffer, which :meth:`seal` turns into the
-    ciphertext in place); nothing reads it but :meth:`seal`.
-    """
+    __slots__ = ("_firmware", "_ctx", "_sender", "_packet", "gpa", "npages", "lane")
 
-    __slots__ = ("_sender", "gpa", "npages", "_data", "lane", "_sealed")
-
-    def __init__(self, sender: TransportSender, gpa: int, npages: int, data: memoryview, lane: int) -> None:
-        self._sender, self.gpa, self.npages, self._data, self.lane = sender, gpa, npages, data, lane
-        self._sealed = False
+    def __init__(self, firmware: PspFirmware, ctx: _GuestContext, packet: EncryptedPacket, gpa: int, npages: int,
+                 lane: int) -> None:
+        assert ctx.sender is not None
+        self._firmware, self._ctx, self._sender, self._packet = firmware, ctx, ctx.sender, packet
+        self.gpa, self.npages, self.lane = gpa, npages, lane
 
     def seal(self) -> tuple[bytes, memoryview]:
-        """AES-CTR(TEK) in place and HMAC(TIK): (52-byte header, ciphertext). Once; thread-safe
-        across packets (a lane's packets must be sealed in their send order)."""
-        if self._sealed:
-            raise FirmwareError(FirmwareStatus.INVALID_PARAM, "a deferred packet is sealed once")
-        self._sealed = True
-        header, ciphertext = self._sender.seal(CTX_DATA, self._data, gpa=self.gpa, npages=self.npages,
-                                               out=self._data, lane=self.lane)
-        return header.pack(), ciphertext
+        """HMAC(TIK): (52-byte header, ciphertext). Thread-safe. Refused once the outgoing session
+        is over (SEND_FINISH, SEND_CANCEL): the firmware seals for a live session only."""
+        with self._firmware._lock:
+            if self._ctx.state is not ContextState.SUPDATE or self._ctx.sender is not self._sender:
+                raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE,
+                                    f"the outgoing session of guest {self._ctx.handle} is over "
+                                    f"({self._ctx.state.value}): the deferred packet is not sealed")
+        return self._packet.header().pack(), self._packet.ciphertext
 
 
 class PspFirmware:
@@ -389,12 +389,13 @@ class PspFirmware:
         self, handle: int, ram: GuestRam, gpa: int, npages: int, out: bytearray | memoryview, lane: int,
     ) -> DeferredPacket:
         """SEND_UPDATE_DATA in two halves (migd extension, for a send pipeline): the run is read
-        from guest memory now (VEK → plaintext into ``out``, firmware-held), and sealed under
-        TEK/TIK later, by :meth:`DeferredPacket.seal`, in a worker thread.
+        from guest memory and encrypted under TEK now (VEK → plaintext → TEK, in ``out``, which
+        holds ciphertext only when this returns, as after SEND_UPDATE_DATA), and MACed under TIK
+        later, by :meth:`DeferredPacket.seal`, in a worker thread.
 
         What is sent is what guest memory held now: the pages are read when the run is
-        classified (docs/design.md §8, invariant 2), whenever they are sealed. A lane's packets
-        take their sequence numbers when sealed, so they must be sealed in the order they are sent.
+        classified (docs/design.md §8, invariant 2), whenever the MAC is computed. The packet's
+        sequence number is taken now, so a lane's packets are numbered in the order they are read.
         """
         ctx = self._context(handle, ContextState.SUPDATE)
         raw = self._checked_range(ram, gpa, npages)
@@ -402,7 +403,8 @@ class PspFirmware:
         if ram.holds(out):
             raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, "SEND_UPDATE_DATA output overlaps guest memory")
         plaintext = ctx.engine.decrypt(gpa, raw, out)
-        return DeferredPacket(ctx.sender, gpa, npages, plaintext, lane)
+        packet = ctx.sender.encrypt(CTX_DATA, plaintext, gpa=gpa, npages=npages, out=plaintext, lane=lane)
+        return DeferredPacket(self, ctx, packet, gpa, npages, lane)
 
     def send_update_vmsa(self, handle: int, vcpu_id: int, vmsa: bytes) -> tuple[bytes, memoryview]:
         """SEND_UPDATE_VMSA: one vCPU's 4 KiB save area through the transport (SEV-ES guests only)."""
@@ -418,16 +420,18 @@ class PspFirmware:
         """SEND_FINISH: SUPDATE → SENT; the guest may no longer run here."""
         ctx = self._context(handle, ContextState.SUPDATE)
         self._forget(handle)
-        ctx.sender = None
-        ctx.state = ContextState.SENT
+        with self._lock:  # a deferred packet being sealed sees the session either live or over
+            ctx.sender = None
+            ctx.state = ContextState.SENT
 
     def send_cancel(self, handle: int) -> None:
         """SEND_CANCEL: abandon the outgoing session; the guest runs on (→ RUNNING)."""
         ctx = self._context(handle, ContextState.SUPDATE, ContextState.SENT)
         if ctx.state is ContextState.SENT:  # SEND_FINISH forgot it; SUPDATE is still stored as RUNNING
             self._persist_running(ctx)
-        ctx.sender = None
-        ctx.state = ContextState.RUNNING
+        with self._lock:
+            ctx.sender = None
+            ctx.state = ContextState.RUNNING
 
     # ------------------------------------------------------------------ receive
 
@@ -519,6 +523,7 @@ class PspFirmware:
         ctx = self._context(handle, ContextState.RUPDATE)
         self._persist_running(ctx)
         ctx.receiver = None
+        ctx._scratch.clear()  # a work buffer per connection: not for the guest's whole life
         ctx.state = ContextState.RUNNING
 
     def guest_vmsa(self, handle: int, vcpu_id: int = 0) -> bytes | None:
@@ -548,8 +553,10 @@ class PspFirmware:
     def decommission(self, handle: int) -> None:
         """DECOMMISSION: forget the guest context and its key."""
         with self._lock:
-            if self._guests.pop(handle, None) is None:
+            ctx = self._guests.pop(handle, None)
+            if ctx is None:
                 raise FirmwareError(FirmwareStatus.INVALID_GUEST, f"no guest context with handle {handle}")
+            ctx._scratch.clear()
             self._forget(handle)
 
     def guest_handles(self) -> list[int]:

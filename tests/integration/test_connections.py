@@ -138,28 +138,32 @@ def test_a_running_guest_migrates_over_n_connections(tmp_path: Path, connections
 # ====================================================================== 2. two daemons, REST only
 
 
-def test_rest_migration_over_four_mutual_tls_connections(tmp_path: Path) -> None:
-    """``"connections": 4`` in the REST body; the path goes through a pass-through proxy, whose
-    accepted-connection count shows the daemons really opened 4 (TLS passes it untouched)."""
+@pytest.mark.parametrize("connections, tls", [(2, False), (2, True), (4, False), (4, True)],
+                         ids=["2-tcp", "2-mutual-tls", "4-tcp", "4-mutual-tls"])
+def test_rest_migration_over_several_connections(tmp_path: Path, connections: int, tls: bool) -> None:
+    """Two ``migd serve`` processes, ``"connections": N`` in the REST body (one connection, TCP
+    and TLS: test_rest_migration.py); the path goes through a pass-through proxy, whose
+    accepted-connection count shows the daemons really opened N (TLS passes it untouched)."""
     a = b = None
     try:
-        a = ServeProcess.start(tmp_path, "hostA", tls=True)
-        b = ServeProcess.start(tmp_path, "hostB", tls=True)
+        a = ServeProcess.start(tmp_path, "hostA", tls=tls)
+        b = ServeProcess.start(tmp_path, "hostB", tls=tls)
         status, guest = a.request("POST", "/v1/guests", {"name": "g1", "memory_mib": MEMORY_MIB})
         assert status == 201, guest
         status, guest = a.request("POST", "/v1/guests/g1/start", {"workload": POPULATED.to_dict()})
         assert status == 200 and guest["state"] == "running", guest
         a.wait_for("GET", "/v1/guests/g1", lambda g: g["migration_control"]["ready"], timeout=20)
 
-        with ProxyThread(FaultProxy("127.0.0.1", b.migration_port, framing=Framing.TLS)) as path:
+        framing = Framing.TLS if tls else Framing.MIGD
+        with ProxyThread(FaultProxy("127.0.0.1", b.migration_port, framing=framing)) as path:
             # The certificate names the host: dial it by name (the proxy listens on 127.0.0.1).
-            body = {"destination": f"localhost:{path.port}", "connections": 4}
+            body = {"destination": f"{'localhost' if tls else '127.0.0.1'}:{path.port}", "connections": connections}
             status, migration = a.request("POST", "/v1/guests/g1/migrate", body)
             assert status == 202, migration
             done = a.wait_for("GET", f"/v1/migrations/{migration['id']}",
                               lambda m: m["status"] in ("completed", "failed", "cancelled"), timeout=60)
             assert done["status"] == "completed", (done, a.log(), b.log())
-            assert path.proxy.connections == 4, path.proxy.connections
+            assert path.proxy.connections == connections, path.proxy.connections
         assert done["error"] is None and done["bytes"]["remaining"] == 0
 
         arrived = b.wait_for("GET", "/v1/guests/g1", lambda g: g["check"]["pages_verified"] > 0, timeout=30)
@@ -178,22 +182,47 @@ def test_rest_migration_over_four_mutual_tls_connections(tmp_path: Path) -> None
 
 
 @pytest.mark.fault_class("MSR gate: kexec mid-migration over 4 connections")
-@pytest.mark.parametrize("unsafe", [False, True], ids=["kexec-blackout", "unsafe-kexec-corrupts"])
+@pytest.mark.parametrize("case", ["kexec-blackout", "unsafe-kexec-corrupts", "negative-control-gate-removed"])
 def test_kexec_during_a_four_connection_migration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  unsafe: bool) -> None:
+                                                  case: str) -> None:
     """test_migration's kexec case, its body unchanged, with the engine it builds using 4
-    connections. Safe guest: MSR 0 in the kexec window, so nothing is sent on any connection
-    (``blackout``) until the new kernel re-enables migration; the guest arrives intact. The
-    unsafe guest keeps READY across kexec: the host never blacks out, sends a stale bitmap and
-    the arrived guest finds bad pages (the negative control: the check can fail)."""
+    connections. Safe guest: MSR 0 in the kexec window, so nothing is read for any connection
+    (``blackout``) until the new kernel re-enables migration; the guest arrives intact. Every run
+    the engine reads (to queue it on a connection, for its worker to seal and send) is recorded
+    with the MSR as the engine saw it: none may be read while it is not READY.
+
+    Negative controls: the unsafe guest keeps READY across kexec, so the host never blacks out,
+    sends a stale bitmap and the arrived guest finds bad pages (the self-check can fail); and an
+    engine whose blackout is removed reads runs while the MSR is 0 (the recorder can see it)."""
     made: list[OutgoingMigration] = []
     monkeypatch.setattr(two_process, "OutgoingMigration", four_connections(made))
+    reads: list[bool] = []  # per run read for a connection: was the MSR READY (as the engine saw it)?
+    queue_run = OutgoingMigration._queue_run
+
+    def recording_queue_run(self: OutgoingMigration, send_lane: Any, kind: PageKind, gpa: int, count: int) -> None:
+        if kind is not PageKind.ZERO:  # a zero run reads nothing
+            reads.append(self.guest.vm.migration_ready)
+        queue_run(self, send_lane, kind, gpa, count)
+
+    monkeypatch.setattr(OutgoingMigration, "_queue_run", recording_queue_run)
+    if case == "negative-control-gate-removed":
+        async def no_blackout(self: OutgoingMigration) -> None:
+            self._msr_dropped = False  # and go on sending
+
+        monkeypatch.setattr(OutgoingMigration, "_blackout", no_blackout)
 
     async def main() -> None:
+        unsafe = case == "unsafe-kexec-corrupts"
+        if case == "negative-control-gate-removed":
+            with contextlib.suppress(AssertionError):  # the body asserts a blackout this engine never has
+                await two_process._kexec_during_migration(tmp_path, unsafe=False)
+            assert reads.count(False) > 0, reads.count(True)  # runs read with the MSR at 0: caught
+            return
         progress, report, guest = await two_process._kexec_during_migration(tmp_path, unsafe=unsafe)
         (migration,) = made
         assert progress.status is S.COMPLETED, progress.phase.error
         assert_lanes_used(migration, 4)
+        assert reads and all(reads), f"{reads.count(False)} of {len(reads)} runs read with the MSR not READY"
         if unsafe:
             assert progress.phase.blackouts == 0  # the host never saw the MSR drop
             assert report["errors"] > 0, report

@@ -1,0 +1,148 @@
+"""Adversarial checks of the several-connections work (issue 14), real engines on 127.0.0.1.
+
+Each test states one guarantee a migration over several connections keeps against whoever holds
+one of its further connections, and the note above it says why it matters. Every wait is
+bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from migd import wire
+from migd.guest.workload import WorkloadConfig
+from migd.listener import MigrationListener
+from migd.migration_state import MigrationStatus
+from migd.source import OutgoingMigration
+from migd.stream import FrameProtocol
+
+from .hosts import closing, make_host, running_guest, wait_populated
+from .test_stream_faults import MEMORY_MIB, PARAMS
+
+S = MigrationStatus
+pytestmark = pytest.mark.timeout(120)
+
+#: Populated, writing slowly: behind an 8 MiB/s limit round 0 of 16 MiB lasts ~2 s, time enough
+#: to act on a joined further connection while pages still flow.
+LIGHT = WorkloadConfig(dirty_rate_mib_s=1, convert_rate_hz=5, seed=11, populate_fraction=1.0)
+SLOW_TWO = dataclasses.replace(PARAMS, connections=2, max_bandwidth_mib_s=8.0)
+#: What a holder of connection 2 sends on it: control frames of the largest kind a stream takes
+#: after authentication (SHARED_BITMAP, up to wire.MAX_BITMAP_BYTES each). 16 x 1 MiB here.
+FLOOD_FRAMES, FLOOD_BYTES = 16, 1 << 20
+
+
+async def _until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``predicate`` until true (True) or ``timeout`` s (False)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _queued(proto: FrameProtocol) -> tuple[int, int]:
+    """(control messages, their payload bytes) a stream holds that nobody has taken."""
+    items = [m for m in proto._queue._queue if not isinstance(m, BaseException)]  # type: ignore[attr-defined]
+    return len(items), sum(len(getattr(m, "payload", b"") or b"") for m in items)
+
+
+# ---------------------------------------------------------------------------------------------
+# A further connection carries page frames only: its control frames are refused, not hoarded.
+#
+# After JOIN nobody calls receive() on a further connection: on the destination
+# IncomingMigration._serve_lane installs the page handler and awaits the lane's end, and the
+# source reads nothing from it after JOINED. Both ends therefore switch it to
+# FrameProtocol.pages_only(): page frames go to the pipeline, and any other frame (SHARED_BITMAP
+# up to 8 MiB, VCPU_STATE, PING, PREPARE, a second JOIN ...) is a ProtocolError that fails the
+# migration; an ABORT there ends it with the peer's reason. Without this, those frames would be
+# detached (copied) into the stream's control queue and kept, unread, until the migration ended.
+# mark_authenticated() has lifted the control-frame size bound, so whoever holds a joined
+# connection -- the peer daemon, or on a plain-TCP path anyone on it (the frame CRC is unkeyed;
+# the sequence is a frame count) -- could make the other daemon hold any amount of memory, and
+# the frames would be silently ignored instead of failing the migration (invariants 6 and 7:
+# memory fixed-size; a bad frame is a clear error). As a second line, every stream's control
+# queue is bounded (stream.MAX_QUEUED_CONTROL messages, MAX_QUEUED_CONTROL_BYTES) and a peer that
+# sends more is refused: this also covers the first connection, whose control queue is not read
+# while the destination waits at a barrier for the further connections' pages (_lanes_placed).
+#
+# Controls: each test first checks that connection 2 joined and, on the destination side, that
+# the migration is still ACTIVE, so the frames arrive mid-migration while pages flow; the bounded
+# wait also ends when the frames sit queued, so a connection that hoards them is seen as such,
+# not as a timeout.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_control_frames_on_a_further_connection_are_refused_not_hoarded(tmp_path: Path) -> None:
+    async def main() -> None:
+        a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")
+        listener = MigrationListener(b, handshake_timeout_s=3.0)
+        port = await listener.start("127.0.0.1", 0)
+        try:
+            async with closing(a, b):
+                guest = await running_guest(a, memory_mib=MEMORY_MIB, workload=LIGHT)
+                await wait_populated(guest)
+                migration = OutgoingMigration(guest, "127.0.0.1", port, SLOW_TWO)
+                task = migration.start()
+                assert await _until(lambda: len(migration._lanes) == 2, 10), "connection 2 never joined"
+                (incoming,) = b.migrations.values()
+                dest_lane = b.lane_servers[incoming.id].__self__._lanes[1]  # type: ignore[attr-defined]
+                assert incoming.status is S.ACTIVE  # pages still flow: the frames come mid-migration
+                src_lane = migration._lanes[1]
+                for _ in range(FLOOD_FRAMES):
+                    src_lane.write(wire.SharedBitmap(bytes(FLOOD_BYTES)))
+                refused = await _until(lambda: dest_lane.close_reason is not None
+                                       or _queued(dest_lane)[0] >= FLOOD_FRAMES, 10)
+                held, held_bytes = _queued(dest_lane)
+                closed = dest_lane.close_reason
+                progress = await asyncio.wait_for(task, 60)
+                assert refused
+                assert closed is not None and held == 0, (
+                    f"connection 2 was not refused: it holds {held} control frames ({held_bytes} bytes) nobody will "
+                    f"read, and the migration went on and ended {progress.status.value}")
+                assert progress.status is S.FAILED, progress.status  # a bad frame ends the migration
+        finally:
+            await listener.close()
+
+    asyncio.run(main())
+
+
+def test_control_frames_to_the_sources_further_connection_are_refused_not_hoarded(tmp_path: Path) -> None:
+    """The same guarantee in the other direction: control frames that the destination side of
+    connection 2 (or anyone on a plain-TCP path) sends there are refused by the source, which
+    reads nothing more from that connection, instead of being queued for nobody."""
+
+    async def main() -> None:
+        a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")
+        listener = MigrationListener(b, handshake_timeout_s=3.0)
+        port = await listener.start("127.0.0.1", 0)
+        try:
+            async with closing(a, b):
+                guest = await running_guest(a, memory_mib=MEMORY_MIB, workload=LIGHT)
+                await wait_populated(guest)
+                migration = OutgoingMigration(guest, "127.0.0.1", port, SLOW_TWO)
+                task = migration.start()
+                assert await _until(lambda: len(migration._lanes) == 2, 10), "connection 2 never joined"
+                (incoming,) = b.migrations.values()
+                dest_lane = b.lane_servers[incoming.id].__self__._lanes[1]  # type: ignore[attr-defined]
+                src_lane = migration._lanes[1]
+                for _ in range(FLOOD_FRAMES):
+                    dest_lane.write(wire.SharedBitmap(bytes(FLOOD_BYTES)))
+                refused = await _until(lambda: src_lane.close_reason is not None
+                                       or _queued(src_lane)[0] >= FLOOD_FRAMES, 10)
+                held, held_bytes = _queued(src_lane)
+                progress = await asyncio.wait_for(task, 60)
+                assert refused
+                assert held < FLOOD_FRAMES, (
+                    f"the source's connection 2 was not refused: it holds {held} control frames ({held_bytes} bytes) "
+                    f"nobody will read; the migration ended {progress.status.value}")
+        finally:
+            await listener.close()
+
+    asyncio.run(main())
