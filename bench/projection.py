@@ -48,7 +48,9 @@ def costs(run: dict[str, Any]) -> dict[str, float]:
     if not each:
         raise ValueError("the run has no CPU figures (no repetition completed)")
     parts = ("source_loop", "source_workers", "destination_loop", "destination_workers")
-    return {part: statistics.median(c[part] for c in each) for part in parts}
+    # /proc samples a process's and its main thread's CPU in ticks: a share can come out a tick
+    # below zero.
+    return {part: max(0.0, statistics.median(c[part] for c in each)) for part in parts}
 
 
 def side_limit(loop: float, workers: float, cores: float, connections: int) -> float:
