@@ -1,17 +1,18 @@
-"""One outgoing connection's page frames, in order, with the sealing of private runs in a worker thread.
+"""One outgoing connection's page frames, in order, with SEND_UPDATE_DATA of private runs in a worker thread.
 
 With several connections (docs/protocol.md "Several connections") the source's event loop
-still classifies and reads every chunk in one synchronous step (the MSR gate and the routing
-by the bitmap at read time stay exactly as with one connection), but the expensive half of
-SEND_UPDATE_DATA, AES-CTR under TEK and HMAC under TIK, runs in a thread of the connection's
-own: ``cryptography`` and ``hashlib`` release the GIL on bulk data, so several connections'
-sealing runs in parallel beside the loop (measured on the 2-core VM, 2 MiB runs: CTR 4.4 →
-8.1 GB/s and HMAC 1.4 → 2.5 GB/s with a second thread).
+still classifies every chunk under the MSR gate and copies its shared runs, but SEND_UPDATE_DATA
+of its private runs (the VEK read, AES-CTR under TEK, HMAC under TIK) runs in a thread of the
+connection's own: ``cryptography`` and ``hashlib`` release the GIL on bulk data, so several
+connections' runs are read and sealed in parallel beside the loop (measured on the 2-core VM,
+2 MiB runs, 2 threads against 1: CTR 4.4 → 8.1 GB/s, HMAC 1.4 → 2.5 GB/s, the VEK's XEX 3.1 →
+4.2 GB/s). A job may come back empty: the source abandons a run whose read may have followed
+an MSR drop (migd/source.py), and re-sends its pages.
 
 Frames go out in the order they were queued, each as soon as it and everything queued before
 it on that connection are ready: a page's versions never overtake each other, and a lane's
-transport sequence numbers (taken at sealing) follow the frames' order, since its worker seals
-in queue order. At most ``max_pending`` runs' worth of payload (2 MiB each) waits per
+transport sequence numbers (taken when a run is sealed) follow the frames' order, since its
+worker runs the jobs in queue order. At most ``max_pending`` runs' worth of payload (2 MiB each) waits per
 connection, so memory stays bounded whatever the worker's speed. The private runs of one step
 (one chunk: a few runs) go to the worker together (:meth:`SendLane.submit`): one hand-off per
 chunk, not per run.
@@ -37,7 +38,6 @@ from migd import wire
 from migd.abi import PAGE_SIZE
 from migd.errors import MigdError
 from migd.page_runs import PageKind
-from migd.platform.psp import DeferredPacket
 from migd.send_buffers import SendRing
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ RUN_BYTES = wire.MAX_RUN_PAGES * PAGE_SIZE
 #: returns the stream position after the frame (its payload buffer is free once the transport
 #: has sent that far).
 Written = Callable[[wire.Message, PageKind, int, int, bytes], int]
+#: A private run's job, run in the worker: its frame, or None if the run was abandoned.
+Job = Callable[[], "wire.PrivatePages | None"]
 
 
 class SendLaneError(MigdError):
@@ -59,7 +61,7 @@ class SendLaneError(MigdError):
 
 
 class _Queued(NamedTuple):
-    future: concurrent.futures.Future[list[wire.Message]]  # the frames of its batch (one for a ready frame)
+    future: concurrent.futures.Future[list[wire.Message | None]]  # its batch's frames (one for a ready frame)
     index: int  # its frame in that list
     kind: PageKind
     gpa: int
@@ -88,8 +90,11 @@ class SendLane:
         # being written) a payload gets a buffer of its own, as with one connection.
         self._ring = SendRing(transport_bytes + max_pending * RUN_BYTES, pipelined=True)
         self._pending_bytes = 0  # payload queued and not written
-        self._batch: list[DeferredPacket] = []  # private runs of the current step, not handed to the worker yet
-        self._batch_future: concurrent.futures.Future[list[wire.Message]] | None = None
+        self._batch: list[Job] = []  # private runs of the current step, not handed to the worker yet
+        self._batch_future: concurrent.futures.Future[list[wire.Message | None]] | None = None
+        self._last_end = 0  # the stream position after the last frame written
+        #: Private runs abandoned by their job (not sent; the source re-sends their pages).
+        self.abandoned = 0
         self.error: BaseException | None = None
 
     @property
@@ -110,20 +115,19 @@ class SendLane:
 
     def put_ready(self, msg: wire.Message, kind: PageKind, gpa: int, npages: int, in_ring: bool = False) -> None:
         """A frame that needs no sealing (zero or shared run): written once those before it are."""
-        future: concurrent.futures.Future[list[wire.Message]] = concurrent.futures.Future()
+        future: concurrent.futures.Future[list[wire.Message | None]] = concurrent.futures.Future()
         future.set_result([msg])
         self._queued(_Queued(future, 0, kind, gpa, npages, in_ring), kind is not PageKind.ZERO)
         self.pump()
 
-    def put_private(self, packet: DeferredPacket, in_ring: bool) -> None:
-        """A private run read and encrypted by the firmware: its MAC computed by the worker (with
-        the step's other private runs, :meth:`submit`), written in its turn."""
+    def put_private(self, job: Job, gpa: int, npages: int, in_ring: bool) -> None:
+        """A private run: ``job`` (SEND_UPDATE_DATA into its buffer) runs in the worker with the
+        step's other private runs (:meth:`submit`); its frame is written in its turn."""
         self._check()
         if self._batch_future is None:
             self._batch_future = concurrent.futures.Future()
-        self._batch.append(packet)
-        self._queued(_Queued(self._batch_future, len(self._batch) - 1, PageKind.PRIVATE, packet.gpa, packet.npages,
-                             in_ring), True)
+        self._batch.append(job)
+        self._queued(_Queued(self._batch_future, len(self._batch) - 1, PageKind.PRIVATE, gpa, npages, in_ring), True)
 
     def submit(self) -> None:
         """Hand the private runs queued since the last call to the worker (the end of a step)."""
@@ -133,7 +137,7 @@ class SendLane:
         self._batch, self._batch_future = [], None
         future.add_done_callback(self._sealed_one)
         try:
-            self._worker.submit(_seal_batch, batch, future)
+            self._worker.submit(_run_batch, batch, future)
         except RuntimeError as exc:  # the worker was shut down: the migration is over
             future.set_exception(exc)
 
@@ -165,12 +169,13 @@ class SendLane:
         self._check()
 
     def close(self) -> None:
-        """Drop what is queued and stop the worker (the migration is over)."""
+        """Drop what is queued and stop the worker (the migration is over); a job it is running
+        (one chunk's runs, milliseconds) finishes first: none reads guest RAM after this."""
         for queued in self._queue:
             queued.future.cancel()
         self._queue.clear()
         self._batch.clear()
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        self._worker.shutdown(wait=True, cancel_futures=True)
         self._changed.set()
 
     def _check(self) -> None:
@@ -194,11 +199,15 @@ class SendLane:
                 self._pending_bytes -= queued.npages * PAGE_SIZE
             try:
                 msg = queued.future.result()[queued.index]
-                header = msg.header if isinstance(msg, wire.PrivatePages) else b""
-                end = self._write(msg, queued.kind, queued.gpa, queued.npages, header)
+                if msg is None:  # abandoned: nothing to write; its ring region is free at once
+                    self.abandoned += 1
+                    end = self._last_end
+                else:
+                    header = msg.header if isinstance(msg, wire.PrivatePages) else b""
+                    end = self._last_end = self._write(msg, queued.kind, queued.gpa, queued.npages, header)
             except concurrent.futures.CancelledError:
                 continue
-            except Exception as exc:  # sealing (firmware) or writing (stream) failed: the migration ends
+            except Exception as exc:  # the job (firmware) or the write (stream) failed: the migration ends
                 self.error = exc
                 break
             if queued.in_ring:
@@ -206,15 +215,12 @@ class SendLane:
         self._changed.set()
 
 
-def _seal_batch(packets: list[DeferredPacket], future: concurrent.futures.Future[list[wire.Message]]) -> None:
-    """The worker's half: the MACs of one step's private runs, as their frames."""
+def _run_batch(jobs: list[Job], future: concurrent.futures.Future[list[wire.Message | None]]) -> None:
+    """The worker: one step's private runs, in order (their sequence numbers follow)."""
     if not future.set_running_or_notify_cancel():
         return
     try:
-        frames: list[wire.Message] = []
-        for packet in packets:
-            header, ciphertext = packet.seal()
-            frames.append(wire.PrivatePages(packet.gpa, packet.npages, header, ciphertext))
+        frames: list[wire.Message | None] = [job() for job in jobs]
     except BaseException as exc:
         future.set_exception(exc)
     else:

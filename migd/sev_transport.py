@@ -427,24 +427,6 @@ class TransportSender:
         Each packet gets a fresh random IV, so CTR keystream never repeats under one TEK.
         ``lane``: the connection it goes on (its own sequence space; bound into the MAC if > 0).
         """
-        encrypted = self.encrypt(ctx, plaintext, gpa=gpa, npages=npages, out=out, lane=lane)
-        return encrypted.header(), encrypted.ciphertext
-
-    def encrypt(
-        self,
-        ctx: int,
-        plaintext: bytes | bytearray | memoryview,
-        *,
-        gpa: int,
-        npages: int,
-        out: bytearray | memoryview | None = None,
-        lane: int = 0,
-    ) -> EncryptedPacket:
-        """The first half of :meth:`seal`: the packet's sequence number and its ciphertext, now;
-        its MAC (the slower half) later, from :meth:`EncryptedPacket.header`, in any thread.
-
-        ``out`` may be ``plaintext`` itself (in place): on return it holds ciphertext only.
-        """
         end = self._end
         state = end.lane(lane)
         src = _byte_view(plaintext, "plaintext")
@@ -461,24 +443,9 @@ class TransportSender:
             state.next_seq = seq + 1
         iv = os.urandom(IV_SIZE)
         Cipher(end._aes, modes.CTR(iv)).encryptor().update_into(src, dst)
-        return EncryptedPacket(end, ctx, iv, dst, gpa, npages, seq, lane)
-
-
-class EncryptedPacket:
-    """A packet encrypted under TEK with its sequence number taken; its MAC not computed yet."""
-
-    __slots__ = ("_end", "_ctx", "_iv", "ciphertext", "_gpa", "_npages", "_seq", "_lane")
-
-    def __init__(self, end: _TransportEnd, ctx: int, iv: bytes, ciphertext: memoryview, gpa: int, npages: int,
-                 seq: int, lane: int) -> None:
-        self._end, self._ctx, self._iv, self.ciphertext = end, ctx, iv, ciphertext
-        self._gpa, self._npages, self._seq, self._lane = gpa, npages, seq, lane
-
-    def header(self) -> PacketHeader:
-        """HMAC(TIK) over the packet: its header. Thread-safe; the ciphertext must be unchanged."""
-        end, flags = self._end, self._end._flags
-        mac = end._mac(self._ctx, flags, self._iv, self.ciphertext, self._gpa, self._npages, self._seq, self._lane)
-        return PacketHeader(flags=flags, iv=self._iv, mac=mac)
+        flags = end._flags
+        header = PacketHeader(flags=flags, iv=iv, mac=end._mac(ctx, flags, iv, dst, gpa, npages, seq, lane))
+        return header, dst
 
 
 class TransportReceiver:

@@ -44,6 +44,7 @@ from migd.errors import MigdError
 from migd.guest.host_guest import GuestState, HostGuest
 from migd.peer_text import printable
 from migd.platform.pki_verify import TlsProblem, tls_problem
+from migd.platform.psp import RunAbandoned
 from migd.page_runs import CHUNK_PAGES, HOLE_STEP_PAGES, PageKind, classify, lane_of, stripe_end
 from migd.progress import MigrationProgress
 from migd.send_buffers import SendRing
@@ -181,8 +182,12 @@ class OutgoingMigration:
         #: Every connection of the migration, the first (control) one first; pages are striped over them.
         self._lanes: list[FrameProtocol] = []
         self._rings: list[SendRing | None] = []  # one payload ring per connection, allocated at its first frame
-        #: With several connections: each one's ordered frame queue and sealing thread.
+        #: With several connections: each one's ordered frame queue and SEND_UPDATE_DATA thread.
         self._send_lanes: list[SendLane] = []
+        #: Counts the MSR's drops: a run read in a worker is sent only if none came between its
+        #: classification and the end of its read (else its pages are re-sent: ``_resend``).
+        self._msr_epoch = 0
+        self._resend: PageBitmap | None = None  # pages of abandoned runs (several connections)
         self._meter = BandwidthMeter()
         self._limiter = RateLimiter(self.params.max_bandwidth_mib_s * MiB)
         self._auto = AutoConverge(enabled=self.params.auto_converge)
@@ -277,6 +282,7 @@ class OutgoingMigration:
             # Remember the drop even if READY is back before the next chunk: the migration
             # must still pass through blackout (and its state changes get re-sent).
             self._msr_dropped = True
+            self._msr_epoch += 1
             self._msr_ready.clear()
             log.info("migration-control MSR dropped guest=%s msr=%#x: sending stops", self.guest.name, new)
 
@@ -361,6 +367,7 @@ class OutgoingMigration:
         self._rings = [None] * n
         self._send_lanes = [SendLane(i, functools.partial(self._lane_written, i), self._lanes[i].bytes_consumed,
                                      transport_bytes=high) for i in range(n)]
+        self._resend = PageBitmap(self.guest.definition.npages)
 
     async def _open_lane(self, index: int) -> FrameProtocol:
         """Connection ``index``: connect, JOIN, a verified JOINED; MigrationFailed says which step failed."""
@@ -400,12 +407,15 @@ class OutgoingMigration:
         unsent: PageBitmap | None = None  # a dirty set held back by a switch-over that waited on the link
         while True:
             dirty = await channel.fetch_dirty()
+            # ROUND_END counts every connection's frames: all written first (or abandoned, and
+            # their pages added to this round).
+            await self._flush_lanes()
+            self._merge_resend(dirty)
             if unsent is not None:
                 dirty.update(unsent)
                 unsent = None
             remaining = dirty.count()
             progress.remaining_pages = remaining
-            await self._flush_lanes()  # ROUND_END counts every connection's frames: all written first
             self._write(self.session.round_end(progress.rounds - 1, remaining))
             now = time.monotonic()
             # Bytes still queued behind a slow or stalled link are part of what stop-and-copy waits for.
@@ -484,6 +494,12 @@ class OutgoingMigration:
         """Wait until every connection has written what it queued (before a frame that counts them)."""
         for send_lane in self._send_lanes:
             await self._within_stall_deadline(send_lane.flush)
+
+    def _merge_resend(self, dirty: PageBitmap) -> None:
+        """Add the pages of abandoned runs to ``dirty`` (no job may be in flight: after _flush_lanes)."""
+        if self._resend is not None and self._resend.count():
+            dirty.update(self._resend)
+            self._resend = PageBitmap(self.guest.definition.npages)
 
     async def _within_stall_deadline(self, wait: Callable[[float], Awaitable[None]]) -> None:
         """``await wait(timeout)`` until it returns: a link that still moves bytes is slow, not
@@ -631,7 +647,8 @@ class OutgoingMigration:
         self.progress.count_run(kind, count, nbytes)
 
     def _queue_run(self, send_lane: SendLane, kind: PageKind, gpa: int, count: int) -> None:
-        """Several connections: the run is read now (this synchronous step), written in its turn."""
+        """Several connections: a shared run is copied now (this synchronous step), a private one
+        read and sealed by the connection's thread; each written in its turn."""
         guest = self.guest
         if kind is PageKind.ZERO:
             send_lane.put_ready(wire.ZeroPages(gpa, count), kind, gpa, count)
@@ -646,13 +663,21 @@ class OutgoingMigration:
                 raise
             send_lane.put_ready(wire.SharedPages(gpa, count, out), kind, gpa, count, in_ring)
             return
-        try:
-            packet = guest.firmware.send_update_data_deferred(guest.handle, guest.ram, gpa, count, out,
-                                                              send_lane.index)
-        except BaseException:
-            send_lane.unused(in_ring)
-            raise
-        send_lane.put_private(packet, in_ring)
+        # The read and the sealing happen in the connection's thread, later: sent only if the MSR
+        # did not drop between now (classified under the gate) and the end of the read.
+        epoch, lane, resend = self._msr_epoch, send_lane.index, self._resend
+        assert resend is not None
+
+        def job() -> wire.PrivatePages | None:
+            try:
+                header, ciphertext = guest.firmware.send_update_data(
+                    guest.handle, guest.ram, gpa, count, out, lane, still_valid=lambda: self._msr_epoch == epoch)
+            except RunAbandoned:
+                resend.set_range(gpa >> PAGE_SHIFT, count)
+                return None
+            return wire.PrivatePages(gpa, count, header, ciphertext)
+
+        send_lane.put_private(job, gpa, count, in_ring)
 
     def _write(self, msg: wire.Message, lane: int = 0) -> int:
         """Write ``msg`` on connection ``lane`` (control messages: the first)."""
@@ -670,8 +695,9 @@ class OutgoingMigration:
     async def _blackout(self) -> None:
         """Wait, sending nothing, until the guest's MSR is READY again (the session bounds it)."""
         session = self.session
-        # Runs read while the MSR was READY (waiting for their sealing worker) go out first:
-        # in blackout nothing is written, and nothing read from now on until READY is back.
+        # Runs classified while the MSR was READY and queued for their connection's thread are
+        # settled first: each read that ended before the drop is sent, the others are abandoned
+        # (their pages re-sent after READY). In blackout nothing is read or written.
         await self._flush_lanes()
         self._msr_dropped = False
         session.msr_dropped(time.monotonic())
@@ -702,6 +728,7 @@ class OutgoingMigration:
             self._paused = False
             await self._blackout()
             dirty.update(await channel.fetch_dirty())
+            self._merge_resend(dirty)
             await self._send_extents(*dirty.extent_arrays(True))
             dirty = await channel.fetch_dirty()
         # Where the downtime goes: one log line at the end (bench/downtime.py reads it).
@@ -712,6 +739,8 @@ class OutgoingMigration:
         session.paused(paused_at)
         guest.state = GuestState.PAUSED
         dirty.update(await channel.fetch_dirty())
+        await self._flush_lanes()  # what was queued before the pause, written or abandoned
+        self._merge_resend(dirty)
         marks.append(("fetched", time.monotonic()))
         # The paused agent exports its vCPU state while the last pages go out: its round trip
         # is off the critical path. On any failure the task is dropped (its answer is stale).

@@ -17,7 +17,7 @@ import pytest
 from migd.abi import PAGE_SIZE, FirmwareStatus
 from migd.errors import FirmwareError
 from migd.platform.memory import GuestRam, MemoryEncryption
-from migd.platform.psp import PspFirmware
+from migd.platform.psp import PspFirmware, RunAbandoned
 from migd.sev_transport import TransportMode
 
 NPAGES = 8
@@ -38,10 +38,16 @@ class _Source:
         key = MemoryEncryption(self.a.guest_key(self.handle))
         for page in range(NPAGES):
             key.write_private(self.ram, page * PAGE_SIZE, _plaintext(page))
-        self.a.send_start(self.handle, self.b.pdh_cert_pem)
+        self.start = self.a.send_start(self.handle, self.b.pdh_cert_pem)
 
     def close(self) -> None:
         self.ram.close()
+
+
+def _receiver(source: _Source) -> int:
+    """The destination's RECEIVE_START for the source's session: its handle."""
+    start = source.start
+    return source.b.receive_start(start.policy, start.pdh_cert_pem, start.session_blob)
 
 
 @pytest.fixture(params=[TransportMode.BOUND, TransportMode.SEV_COMPAT], ids=["bound", "sev-compat"])
@@ -53,32 +59,43 @@ def source(request: pytest.FixtureRequest, make_firmware: Callable[..., PspFirmw
 
 
 # ---------------------------------------------------------------------------------------------
-# The deferred SEND_UPDATE_DATA leaves only ciphertext in the caller's buffer.
+# An abandoned SEND_UPDATE_DATA leaves no plaintext and takes no sequence number.
 #
 # docs/design.md §1: the PSP is the boundary; daemon code only calls firmware commands and never
-# sees a private page's plaintext (real firmware's SEND_UPDATE_DATA decrypts and re-encrypts
-# inside the PSP, atomically). The send pipeline splits the command in two: the synchronous half,
-# ``send_update_data_deferred``, reads the run, decrypts it under the VEK and encrypts it under
-# TEK into the *caller's* buffer (the lane's sequence number is taken there too, in queue order);
-# only the HMAC under TIK over ciphertext + binding is left for the connection's worker thread
-# (psp.DeferredPacket.seal, sev_transport.EncryptedPacket.header). Were the plaintext left in that
-# buffer between the halves, any daemon code could read the guest's private pages until a worker
-# sealed them -- for ever if the migration were cancelled first -- and no real PSP could offer the
-# command, so the design would not map back onto SEV. Deferring the MAC alone costs little: it is
-# the slower half (HMAC ~1.4 GB/s vs CTR ~4.4).
+# sees a private page's plaintext (real firmware's SEND_UPDATE_DATA decrypts and re-encrypts inside
+# the PSP, atomically). With several connections the command runs in the connection's thread,
+# and the source may abandon it after the read (``still_valid`` False: the guest's MSR dropped
+# between the run's classification and the end of its read, so the read may be of a kernel that
+# is rebooting). The command then wipes the plaintext it decrypted into the caller's buffer and
+# seals nothing, so the connection's next packet takes the sequence number the abandoned one would
+# have had: otherwise daemon code could read the guest's private pages from that buffer, and the
+# destination would refuse every later packet of the connection (a gap in its sequence).
 #
-# Negative control: the one-step SEND_UPDATE_DATA, whose buffer holds ciphertext when it returns;
-# the pages' plaintext is known (_plaintext), so a buffer holding it would be seen.
+# Negative controls: the one-step command's buffer holds ciphertext when it returns, and the
+# pages' plaintext is known (_plaintext), so a buffer holding it would be seen; a packet sealed
+# out of sequence does fail at the receiver (bound mode).
 # ---------------------------------------------------------------------------------------------
 
 
-def test_deferred_send_never_leaves_plaintext_in_the_callers_buffer(source: _Source) -> None:
+def test_an_abandoned_send_wipes_the_plaintext_and_keeps_the_sequence(source: _Source) -> None:
     out = bytearray(2 * PAGE_SIZE)
-    packet = source.a.send_update_data_deferred(source.handle, source.ram, 2 * PAGE_SIZE, 2, out, lane=1)
-    exposed = [page for page in (2, 3) if bytes(out[(page - 2) * PAGE_SIZE:(page - 1) * PAGE_SIZE]) == _plaintext(page)]
-    packet.seal()  # the packet still seals: what is checked is the buffer between the halves
-    assert not exposed, (f"pages {exposed}: the caller's buffer held the guest's private plaintext between "
-                         f"SEND_UPDATE_DATA's two halves; it must hold ciphertext only")
+    with pytest.raises(RunAbandoned):
+        source.a.send_update_data(source.handle, source.ram, 2 * PAGE_SIZE, 2, out, lane=1,
+                                  still_valid=lambda: False)
+    assert not any(out), "the caller's buffer kept the run's plaintext after the command was abandoned"
+    header, ciphertext = source.a.send_update_data(source.handle, source.ram, 2 * PAGE_SIZE, 2, lane=1)
+    receiver = _receiver(source)
+    target = GuestRam(source.ram.path.with_name("dst.ram"), NPAGES, create=True)
+    try:
+        source.b.receive_update_data(receiver, target, 2 * PAGE_SIZE, 2, header, ciphertext, lane=1)
+        if source.a.transport_mode is TransportMode.BOUND:
+            # Control: one more packet sealed but never delivered makes the next one fail there.
+            source.a.send_update_data(source.handle, source.ram, 0, 1, lane=1)
+            late = source.a.send_update_data(source.handle, source.ram, PAGE_SIZE, 1, lane=1)
+            with pytest.raises(FirmwareError):
+                source.b.receive_update_data(receiver, target, PAGE_SIZE, 1, *late, lane=1)
+    finally:
+        target.close()
 
 
 def test_control_synchronous_send_leaves_only_ciphertext(source: _Source) -> None:
@@ -88,34 +105,8 @@ def test_control_synchronous_send_leaves_only_ciphertext(source: _Source) -> Non
     assert bytes(out[:PAGE_SIZE]) != _plaintext(2) and bytes(out[PAGE_SIZE:]) != _plaintext(3)
 
 
-# ---------------------------------------------------------------------------------------------
-# A deferred packet is not sealed once its session has ended (SEND_CANCEL, SEND_FINISH).
-#
-# Every transport command checks the context's state (SUPDATE) when it runs, and the deferred
-# command's second half does too: DeferredPacket.seal() re-checks, under the firmware lock, that
-# the guest's outgoing session is still live -- the context in SUPDATE with the very sender that
-# encrypted the packet -- and refuses with INVALID_GUEST_STATE otherwise. This matters because
-# OutgoingMigration._roll_back calls SEND_CANCEL while the send lanes' workers may still be
-# sealing (SendLane.close() comes later, in run()'s finally, and does not wait for the worker):
-# without the check, packets of a cancelled session would be sealed -- and, during _roll_back's
-# awaits, written -- after the firmware was told the session is over. The destination has failed
-# by then, but the firmware model must hold: a cancelled or finished session seals nothing.
-#
-# Negative control: the one-step SEND_UPDATE_DATA refuses after SEND_CANCEL with the same status.
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("end", ["send_cancel", "send_finish"])
-def test_a_deferred_packet_is_not_sealed_after_the_session_ended(source: _Source, end: str) -> None:
-    packet = source.a.send_update_data_deferred(source.handle, source.ram, 0, 1, bytearray(PAGE_SIZE), lane=1)
-    getattr(source.a, end)(source.handle)
-    with pytest.raises(FirmwareError) as err:  # no packet of the ended session may come out
-        packet.seal()
-    assert err.value.status == FirmwareStatus.INVALID_GUEST_STATE
-
-
-def test_control_the_one_step_command_refuses_after_send_cancel(source: _Source) -> None:
-    """Negative control: SEND_UPDATE_DATA itself refuses once the session was cancelled."""
+def test_the_command_refuses_once_the_session_ended(source: _Source) -> None:
+    """A connection's thread that runs SEND_UPDATE_DATA after SEND_CANCEL gets nothing sealed."""
     source.a.send_cancel(source.handle)
     with pytest.raises(FirmwareError) as err:
         source.a.send_update_data(source.handle, source.ram, 0, 1, lane=1)

@@ -19,18 +19,19 @@ from migd.page_runs import PageKind
 from migd.send_lane import MAX_PENDING, RUN_BYTES, SendLane, SendLaneError
 
 
-class _Packet:
-    """What SendLane needs of a DeferredPacket: its run, and a seal() that may be held or fail."""
-
-    def __init__(self, gpa: int, npages: int, gate: threading.Event | None = None, fail: bool = False) -> None:
-        self.gpa, self.npages, self._gate, self._fail = gpa, npages, gate, fail
-
-    def seal(self) -> tuple[bytes, memoryview]:
-        if self._gate is not None:
-            assert self._gate.wait(5)
-        if self._fail:
+def _put(lane: SendLane, gpa: int, npages: int, gate: threading.Event | None = None, fail: bool = False,
+         abandon: bool = False) -> None:
+    """A private run's job, as the source queues one: it may be held, fail, or be abandoned."""
+    def job() -> wire.PrivatePages | None:
+        if gate is not None:
+            assert gate.wait(5)
+        if fail:
             raise RuntimeError("injected: sealing failed")
-        return bytes(52), memoryview(bytes(self.npages * PAGE_SIZE))
+        if abandon:
+            return None
+        return wire.PrivatePages(gpa, npages, bytes(52), bytes(npages * PAGE_SIZE))
+
+    lane.put_private(job, gpa, npages, in_ring=False)
 
 
 class _Connection:
@@ -62,7 +63,7 @@ def test_frames_leave_in_queue_order_whatever_order_sealing_ends_in() -> None:
         connection, held = _Connection(), threading.Event()
         lane = _lane(connection)
         try:
-            lane.put_private(_Packet(0, 1, gate=held), in_ring=False)  # its MAC takes a while
+            _put(lane, 0, 1, gate=held)  # its SEND_UPDATE_DATA takes a while
             lane.submit()
             lane.put_ready(wire.SharedPages(0, 1, bytes(PAGE_SIZE)), PageKind.SHARED, 0, 1)  # the same page, newer
             lane.put_ready(wire.ZeroPages(PAGE_SIZE, 1), PageKind.ZERO, PAGE_SIZE, 1)
@@ -97,7 +98,7 @@ def test_a_full_queue_waits_for_room() -> None:
         lane = _lane(connection)
         try:
             for i in range(MAX_PENDING):
-                lane.put_private(_Packet(i * RUN_BYTES, RUN_BYTES // PAGE_SIZE, gate=held), in_ring=False)
+                _put(lane, i * RUN_BYTES, RUN_BYTES // PAGE_SIZE, gate=held)
             with pytest.raises(TimeoutError):
                 await lane.room(0.1)  # MAX_PENDING runs of 2 MiB wait: no room
             held.set()
@@ -114,11 +115,26 @@ def test_a_failed_seal_ends_the_migration_at_the_next_wait() -> None:
         connection = _Connection()
         lane = _lane(connection)
         try:
-            lane.put_private(_Packet(0, 1, fail=True), in_ring=False)
-            lane.put_private(_Packet(PAGE_SIZE, 1), in_ring=False)
+            _put(lane, 0, 1, fail=True)
+            _put(lane, PAGE_SIZE, 1)
             with pytest.raises(SendLaneError, match="connection 2: injected"):
                 await lane.flush(5)
             assert connection.written == []  # not even the run behind it
+        finally:
+            lane.close()
+
+    _run(main)
+
+
+def test_an_abandoned_run_is_skipped_and_the_frames_behind_it_go() -> None:
+    async def main() -> None:
+        connection = _Connection()
+        lane = _lane(connection)
+        try:
+            _put(lane, 0, 1, abandon=True)
+            _put(lane, PAGE_SIZE, 1)
+            await lane.flush(5)
+            assert connection.written == [(PageKind.PRIVATE, PAGE_SIZE)] and lane.abandoned == 1
         finally:
             lane.close()
 

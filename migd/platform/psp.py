@@ -39,17 +39,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 from cryptography import x509
 
 from migd.platform import identity
 from migd.abi import PAGE_SIZE, FirmwareStatus, GuestPolicy, POLICY_API_MAJOR_SHIFT, POLICY_API_MINOR_SHIFT
-from migd.errors import CertificateError, FirmwareError, GuestMemoryError, IntegrityError, TransportError
+from migd.errors import CertificateError, FirmwareError, GuestMemoryError, IntegrityError, MigdError, TransportError
 from migd.platform.memory import GuestRam, MemoryEncryption, new_vek
 from migd.platform.psp_store import ContextStore, StoredContext
 from migd.sev_transport import (
     CTX_DATA,
     CTX_VMSA,
-    EncryptedPacket,
     PacketHeader,
     SessionBlob,
     SessionKeys,
@@ -124,27 +124,9 @@ def _policy_api(policy: int) -> tuple[int, int]:
     return (policy >> POLICY_API_MAJOR_SHIFT) & 0xFF, (policy >> POLICY_API_MINOR_SHIFT) & 0xFF
 
 
-class DeferredPacket:
-    """The second half of a deferred SEND_UPDATE_DATA: the run read and encrypted under TEK (the
-    caller's buffer holds ciphertext only), its MAC under TIK not computed yet."""
-
-    __slots__ = ("_firmware", "_ctx", "_sender", "_packet", "gpa", "npages", "lane")
-
-    def __init__(self, firmware: PspFirmware, ctx: _GuestContext, packet: EncryptedPacket, gpa: int, npages: int,
-                 lane: int) -> None:
-        assert ctx.sender is not None
-        self._firmware, self._ctx, self._sender, self._packet = firmware, ctx, ctx.sender, packet
-        self.gpa, self.npages, self.lane = gpa, npages, lane
-
-    def seal(self) -> tuple[bytes, memoryview]:
-        """HMAC(TIK): (52-byte header, ciphertext). Thread-safe. Refused once the outgoing session
-        is over (SEND_FINISH, SEND_CANCEL): the firmware seals for a live session only."""
-        with self._firmware._lock:
-            if self._ctx.state is not ContextState.SUPDATE or self._ctx.sender is not self._sender:
-                raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE,
-                                    f"the outgoing session of guest {self._ctx.handle} is over "
-                                    f"({self._ctx.state.value}): the deferred packet is not sealed")
-        return self._packet.header().pack(), self._packet.ciphertext
+class RunAbandoned(MigdError):
+    """SEND_UPDATE_DATA was abandoned by its caller's check after the read: nothing was sealed,
+    the plaintext was wiped, the connection's sequence number did not move."""
 
 
 class PspFirmware:
@@ -367,12 +349,16 @@ class PspFirmware:
         npages: int,
         out: bytearray | memoryview | None = None,
         lane: int = 0,
+        still_valid: Callable[[], bool] | None = None,
     ) -> tuple[bytes, memoryview]:
         """SEND_UPDATE_DATA over a run: VEK → plaintext → TEK. Returns (52-byte header, ciphertext).
 
         The ciphertext is a view of ``out`` (at least ``npages`` pages, disjoint from guest RAM)
         when given, else of a new buffer. ``lane`` (migd extension): the connection the packet
-        goes on, its own sequence space (:mod:`migd.sev_transport`).
+        goes on, its own sequence space (:mod:`migd.sev_transport`). ``still_valid`` (migd
+        extension, for a send pipeline that reads runs in worker threads): asked once the run is
+        read; False abandons the command (:class:`RunAbandoned`) before anything is sealed.
+        Thread-safe: runs of different lanes may be sent at once.
         """
         ctx = self._context(handle, ContextState.SUPDATE)
         raw = self._checked_range(ram, gpa, npages)
@@ -382,29 +368,11 @@ class PspFirmware:
             raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, "SEND_UPDATE_DATA output overlaps guest memory")
         # Decrypted into ``out`` (or a new buffer), then CTR in place: one buffer per run, not two.
         plaintext = ctx.engine.decrypt(gpa, raw, out)
+        if still_valid is not None and not still_valid():
+            np.frombuffer(plaintext, dtype=np.uint8)[:] = 0  # no plaintext left behind in the caller's buffer
+            raise RunAbandoned(f"SEND_UPDATE_DATA at gpa {gpa:#x} ({npages} pages) abandoned after the read")
         header, ciphertext = ctx.sender.seal(CTX_DATA, plaintext, gpa=gpa, npages=npages, out=plaintext, lane=lane)
         return header.pack(), ciphertext
-
-    def send_update_data_deferred(
-        self, handle: int, ram: GuestRam, gpa: int, npages: int, out: bytearray | memoryview, lane: int,
-    ) -> DeferredPacket:
-        """SEND_UPDATE_DATA in two halves (migd extension, for a send pipeline): the run is read
-        from guest memory and encrypted under TEK now (VEK → plaintext → TEK, in ``out``, which
-        holds ciphertext only when this returns, as after SEND_UPDATE_DATA), and MACed under TIK
-        later, by :meth:`DeferredPacket.seal`, in a worker thread.
-
-        What is sent is what guest memory held now: the pages are read when the run is
-        classified (docs/design.md §8, invariant 2), whenever the MAC is computed. The packet's
-        sequence number is taken now, so a lane's packets are numbered in the order they are read.
-        """
-        ctx = self._context(handle, ContextState.SUPDATE)
-        raw = self._checked_range(ram, gpa, npages)
-        assert ctx.sender is not None
-        if ram.holds(out):
-            raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, "SEND_UPDATE_DATA output overlaps guest memory")
-        plaintext = ctx.engine.decrypt(gpa, raw, out)
-        packet = ctx.sender.encrypt(CTX_DATA, plaintext, gpa=gpa, npages=npages, out=plaintext, lane=lane)
-        return DeferredPacket(self, ctx, packet, gpa, npages, lane)
 
     def send_update_vmsa(self, handle: int, vcpu_id: int, vmsa: bytes) -> tuple[bytes, memoryview]:
         """SEND_UPDATE_VMSA: one vCPU's 4 KiB save area through the transport (SEV-ES guests only)."""
@@ -420,18 +388,16 @@ class PspFirmware:
         """SEND_FINISH: SUPDATE → SENT; the guest may no longer run here."""
         ctx = self._context(handle, ContextState.SUPDATE)
         self._forget(handle)
-        with self._lock:  # a deferred packet being sealed sees the session either live or over
-            ctx.sender = None
-            ctx.state = ContextState.SENT
+        ctx.sender = None
+        ctx.state = ContextState.SENT
 
     def send_cancel(self, handle: int) -> None:
         """SEND_CANCEL: abandon the outgoing session; the guest runs on (→ RUNNING)."""
         ctx = self._context(handle, ContextState.SUPDATE, ContextState.SENT)
         if ctx.state is ContextState.SENT:  # SEND_FINISH forgot it; SUPDATE is still stored as RUNNING
             self._persist_running(ctx)
-        with self._lock:
-            ctx.sender = None
-            ctx.state = ContextState.RUNNING
+        ctx.sender = None
+        ctx.state = ContextState.RUNNING
 
     # ------------------------------------------------------------------ receive
 

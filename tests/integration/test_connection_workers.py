@@ -17,7 +17,7 @@ import pytest
 
 from migd.abi import FirmwareStatus
 from migd.errors import FirmwareError
-from migd.platform.psp import DeferredPacket, PspFirmware
+from migd.platform.psp import PspFirmware
 
 from .test_stream_faults import PARAMS, migrate_through
 
@@ -38,15 +38,16 @@ def test_a_failing_page_worker_ends_the_migration_cleanly(tmp_path: Path, monkey
                                                          end: str) -> None:
     calls: list[int] = []
     if end == "source":
-        seal = DeferredPacket.seal
+        send = PspFirmware.send_update_data
 
-        def failing_seal(self: DeferredPacket) -> tuple[bytes, memoryview]:
-            calls.append(self.lane)
+        def failing_send(self: PspFirmware, handle: int, ram: Any, gpa: int, npages: int, out: Any = None,
+                         lane: int = 0, **kwargs: Any) -> tuple[bytes, memoryview]:
+            calls.append(lane)
             if _failing_on(calls, FAILING_LANE, 2):
                 raise FirmwareError(FirmwareStatus.INVALID_PARAM, "injected: the sealing worker failed")
-            return seal(self)
+            return send(self, handle, ram, gpa, npages, out, lane, **kwargs)
 
-        monkeypatch.setattr(DeferredPacket, "seal", failing_seal)
+        monkeypatch.setattr(PspFirmware, "send_update_data", failing_send)
     else:
         receive = PspFirmware.receive_update_data
 

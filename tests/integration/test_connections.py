@@ -238,24 +238,25 @@ def test_kexec_during_a_four_connection_migration(tmp_path: Path, monkeypatch: p
 def test_a_kexec_while_a_read_run_waits_to_be_written_passes_through_blackout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With several connections a private run is read (classified, under the MSR gate) on the
-    loop and sealed and written later, in its connection's turn. Here the first such run's
-    sealing is held while the guest kexecs and the source enters ``blackout``; then it is let
-    go. A run read while the MSR was READY is valid: the migration must ride out the blackout
-    and complete intact, not fail because that frame is written after the blackout began.
-    (Found by the randomized interleavings below, where it happened now and then; this forces it.)"""
+    """With several connections a private run is classified on the loop, under the MSR gate, and
+    read and sealed later by its connection's thread. Here the first such run's SEND_UPDATE_DATA
+    is held, before its read, while the guest kexecs and the source enters ``blackout``; then it
+    is let go. Its read now comes after the MSR dropped: the run must be abandoned (not sent; its
+    pages re-sent after READY), and the migration must ride out the blackout and complete intact,
+    not fail because a frame of that connection comes late. (A frame written after the blackout
+    began once failed migrations in the randomized interleavings below; this forces the case.)"""
     from migd.platform import psp
 
     sealing, release = threading.Event(), threading.Event()
-    seal = psp.DeferredPacket.seal
+    send = psp.PspFirmware.send_update_data
 
-    def held_seal(packet: psp.DeferredPacket) -> tuple[bytes, memoryview]:
-        if not sealing.is_set():
+    def held_send(self: psp.PspFirmware, *args: Any, **kwargs: Any) -> tuple[bytes, memoryview]:
+        if threading.current_thread() is not threading.main_thread() and not sealing.is_set():
             sealing.set()
             release.wait(20)  # bounded: the test sets it within seconds
-        return seal(packet)
+        return send(self, *args, **kwargs)
 
-    monkeypatch.setattr(psp.DeferredPacket, "seal", held_seal)
+    monkeypatch.setattr(psp.PspFirmware, "send_update_data", held_send)
 
     async def main() -> None:
         a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")
@@ -289,6 +290,7 @@ def test_a_kexec_while_a_read_run_waits_to_be_written_passes_through_blackout(
                 assert progress.status is S.COMPLETED, progress.phase.error
                 assert progress.phase.blackouts >= 1
                 assert_lanes_used(migration, 4)
+                assert sum(lane.abandoned for lane in migration._send_lanes) >= 1  # the held run was not sent
                 check = await b.get("g1").wait_check(60)
                 assert check.errors == 0 and check.pages_verified == NPAGES, check
         finally:
