@@ -42,11 +42,12 @@ INITIAL_RECEIVE_BUFFER = 64 << 10
 #: The largest frame legal before the peer is authenticated: control frames only (HELLO,
 #: SESSION, RESOLVE, ABORT; docs/protocol.md "Frames"), metadata at most MAX_META, no payload.
 MAX_FRAME_BEFORE_AUTHENTICATION = wire.PREFIX_SIZE + wire.MAX_META + wire.CRC_SIZE
-#: Control messages received and not taken by the driving task yet, at most (a legitimate peer
-#: has a handful: the driver reads them as they come, or waits at a barrier for pages), and their
-#: payload bytes at most (one shared-page bitmap and one vCPU state, with room to spare): a peer
-#: that sends more is refused instead of being buffered without bound.
-MAX_QUEUED_CONTROL = 64
+#: Control messages received and not taken by the driving task yet, at most, and their payload
+#: bytes at most (one shared-page bitmap and one vCPU state, with room to spare): a peer that
+#: sends more is refused instead of being buffered without bound. A legitimate stream can have
+#: many small ones at once: the ROUND_ENDs of every round sent behind a slow link arrive together
+#: when it catches up (64 were seen in a test), each a few hundred bytes once decoded.
+MAX_QUEUED_CONTROL = 4096
 MAX_QUEUED_CONTROL_BYTES = wire.MAX_BITMAP_BYTES + wire.MAX_VCPU_STATE + (1 << 20)
 #: One read fills at most this much of the buffer, so a read brings only a few frames for the
 #: pipeline at once.
