@@ -26,11 +26,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from migd.guest.channel_codec import RESPONSE, ChannelCodec, Message, request, response_error, response_ok
-from migd.errors import ConfigError, MigdError, ProtocolError
-from migd.guest.guest_vcpu import GuestConfig, GuestVcpu, Offline
-from migd.platform.memory import VEK_SIZE, GuestRam, MemoryEncryption
-from migd.guest.workload import WorkloadConfig
+#: The signals that end an agent. Only its main thread may take them: every thread the imports
+#: below start (OpenBLAS's, with numpy) inherits this blocked mask. One such thread taking a
+#: SIGTERM in the instant the main thread moves its handler from asyncio's to SIG_IGN
+#: (_ignore_exit_signals) made CPython write a stray traceback, "OSError: Signal 15 ignored
+#: due to race condition", to the daemon's log.
+_EXIT_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
+_unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, _EXIT_SIGNALS)
+try:
+    from migd.errors import ConfigError, MigdError, ProtocolError
+    from migd.guest.channel_codec import RESPONSE, ChannelCodec, Message, request, response_error, response_ok
+    from migd.guest.guest_vcpu import GuestConfig, GuestVcpu, Offline
+    from migd.guest.workload import WorkloadConfig
+    from migd.platform.memory import VEK_SIZE, GuestRam, MemoryEncryption
+finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, _unblocked)
 
 log = logging.getLogger("migd.guest.agent")  # not __name__: that is "__main__" under python -m
 
@@ -121,7 +131,7 @@ class GuestAgent:
         vcpu = self._vcpu = GuestVcpu(guest, self.ram, self.engine, channel)
         reader_task = asyncio.create_task(self._read_loop(reader), name="channel-reader")
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in _EXIT_SIGNALS:
             loop.add_signal_handler(signum, self._on_signal, signum)
         _quiet_wakeup_fd()
         vcpu_task: asyncio.Task[None] | None = None
@@ -246,8 +256,7 @@ def _quiet_wakeup_fd() -> None:
     CPython has ``warn_on_full_buffer=False`` (bpo-30050). The signals are blocked while the fd
     is re-registered, so none arrives while no wakeup fd is set.
     """
-    signums = {signal.SIGTERM, signal.SIGINT}
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _EXIT_SIGNALS)
     try:
         fd = signal.set_wakeup_fd(-1)
         signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
@@ -264,28 +273,16 @@ def _ignore_exit_signals(loop: asyncio.AbstractEventLoop) -> None:
     host's SIGTERM right after ``shutdown``, or systemd signalling the whole control group —
     printed "Exception ignored when trying to write to the signal wakeup fd: OSError: [Errno 9]
     Bad file descriptor" to the daemon's log. Removing them here unsets the wakeup fd while
-    the pipe is open. The signals are blocked in this thread meanwhile, and one pending when
-    they become ignored is discarded (signal(7)); only one that another thread of the process
-    (numpy's) takes in the instant between the two calls meets the default action and ends
-    the process as SIGTERM — which is what its sender asked for.
+    the pipe is open. The signals are blocked meanwhile, and no other thread takes them
+    (``_EXIT_SIGNALS``): one that comes now stays pending, and is discarded once ignored
+    (signal(7)); one the main thread caught just before the block is handled by asyncio's
+    handler when the first ``signal.signal`` checks pending signals, before replacing it.
     """
-    signums = {signal.SIGTERM, signal.SIGINT}
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
-    # A signal caught just before the block, whose Python-level handling had not run yet, surfaces
-    # once SIG_IGN is in place as "OSError: Signal 15 ignored due to race condition", at whatever
-    # call comes next (CPython checks pending signals against the handler now installed). Ignoring
-    # it is what this function is for: every step is idempotent, so it is done again; each such
-    # signal surfaces once (one per signal number), so two retries always suffice.
-    for attempt in range(len(signums) + 1):
-        try:
-            for signum in signums:
-                loop.remove_signal_handler(signum)
-                signal.signal(signum, signal.SIG_IGN)
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            return
-        except OSError:
-            if attempt == len(signums):
-                raise
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _EXIT_SIGNALS)
+    for signum in _EXIT_SIGNALS:
+        loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 # ---------------------------------------------------------------------- command line

@@ -27,9 +27,12 @@ CONNECTIONS = 4
 FAILING_LANE = 2  # the third connection: a further one, not the control connection
 
 
-def _failing_on(lane_calls: list[int], failing: int, nth: int) -> Any:
-    """Whether this is the ``nth`` call on lane ``failing`` (the one that fails)."""
-    return lane_calls.count(failing) == nth
+def _failing_on(lane_calls: list[int], lane: int, failing: int, nth: int) -> bool:
+    """Whether this call, on ``lane``, is the ``nth`` call on lane ``failing`` (the one that fails).
+
+    The lane of this call is checked, not only the count: the connections' threads append
+    concurrently, and another lane's call may see the count reach ``nth`` too."""
+    return lane == failing and lane_calls.count(failing) == nth
 
 
 @pytest.mark.fault_class("page worker failure: {end}")
@@ -43,7 +46,7 @@ def test_a_failing_page_worker_ends_the_migration_cleanly(tmp_path: Path, monkey
         def failing_send(self: PspFirmware, handle: int, ram: Any, gpa: int, npages: int, out: Any = None,
                          lane: int = 0, **kwargs: Any) -> tuple[bytes, memoryview]:
             calls.append(lane)
-            if _failing_on(calls, FAILING_LANE, 2):
+            if _failing_on(calls, lane, FAILING_LANE, 2):
                 raise FirmwareError(FirmwareStatus.INVALID_PARAM, "injected: the sealing worker failed")
             return send(self, handle, ram, gpa, npages, out, lane, **kwargs)
 
@@ -53,7 +56,7 @@ def test_a_failing_page_worker_ends_the_migration_cleanly(tmp_path: Path, monkey
 
         def failing_receive(self: PspFirmware, *args: Any, lane: int = 0, **kwargs: Any) -> None:
             calls.append(lane)
-            if _failing_on(calls, FAILING_LANE, 2):
+            if _failing_on(calls, lane, FAILING_LANE, 2):
                 raise FirmwareError(FirmwareStatus.INVALID_PARAM, "injected: the placing worker failed")
             receive(self, *args, lane=lane, **kwargs)
 
