@@ -20,7 +20,8 @@ from migd import wire
 from migd.abi import PAGE_SIZE, FirmwareStatus
 from migd.errors import FirmwareError, ProtocolError
 from migd.page_pipeline import PIPELINE_DEPTH
-from migd.stream import INITIAL_RECEIVE_BUFFER, MAX_FRAME_BEFORE_AUTHENTICATION, FrameProtocol
+from migd.frame_fields import MAX_BITMAP_BYTES, MAX_VCPU_STATE
+from migd.stream import INITIAL_RECEIVE_BUFFER, MAX_FRAME_BEFORE_AUTHENTICATION, MAX_QUEUED_CONTROL, FrameProtocol
 
 PageMsg = wire.PrivatePages | wire.SharedPages | wire.ZeroPages
 WAIT = 10.0  # bound on every wait for the worker (never reached when things work)
@@ -444,3 +445,67 @@ def test_the_pre_authentication_bound_is_the_largest_control_frame() -> None:
     # own limit applies.
     assert wire.FrameDecoder(initial=INITIAL_RECEIVE_BUFFER).feed(prefix(wire.FrameType.PRIVATE_PAGES, bound + 1)) == []
     assert FrameProtocol().authenticated.is_set()
+
+
+# ---------------------------------------------------------------------- the control queue bound
+
+
+def test_unread_control_messages_are_bounded_in_number() -> None:
+    """MAX_QUEUED_CONTROL unread PINGs are kept; one more ends the stream with a ProtocolError
+    and an ABORT to the peer instead of being buffered. The negative control: a reader that
+    takes one message first makes room, and the same extra PING is kept."""
+    encoder = wire.FrameEncoder()  # one stream: each frame's CRC covers its place in it
+    pings = b"".join(encoder.encode_bytes(wire.Ping(i)) for i in range(MAX_QUEUED_CONTROL))
+    one_more = encoder.encode_bytes(wire.Ping(MAX_QUEUED_CONTROL))
+
+    async def main() -> None:
+        for reader_took_one in (False, True):
+            proto = FrameProtocol()
+            transport = FakeTransport()
+            proto.connection_made(transport)  # type: ignore[arg-type]
+            _feed(proto, pings)
+            assert transport.written == b"" and not transport.eof_written
+            if reader_took_one:
+                assert (await proto.receive(WAIT)) == wire.Ping(0)
+            _feed(proto, one_more)
+            if reader_took_one:
+                assert transport.written == b"" and not transport.eof_written
+                proto.connection_lost(None)
+                continue
+            assert transport.eof_written  # closing (it lingers so that the ABORT arrives)
+            (abort,) = wire.FrameDecoder().feed(bytes(transport.written))
+            assert isinstance(abort, wire.Abort) and "more control frames" in abort.reason
+            for i in range(MAX_QUEUED_CONTROL):  # what was kept is still delivered, then the end
+                assert (await proto.receive(WAIT)) == wire.Ping(i)
+            with pytest.raises(ProtocolError, match=f"{MAX_QUEUED_CONTROL} waiting"):
+                await proto.receive(WAIT)
+
+    asyncio.run(main())
+
+
+def test_unread_control_payloads_are_bounded_in_bytes() -> None:
+    """A largest bitmap and a largest vCPU state fit in the queue together; a second largest
+    bitmap while the first is unread ends the stream (the negative control: read first, it fits)."""
+    encoder = wire.FrameEncoder()
+    first = encoder.encode_bytes(wire.SharedBitmap(b"\x01" * MAX_BITMAP_BYTES))
+    vcpu = encoder.encode_bytes(wire.VcpuState(0, None, b"\x02" * MAX_VCPU_STATE))
+    second = encoder.encode_bytes(wire.SharedBitmap(b"\x03" * MAX_BITMAP_BYTES))
+
+    async def main() -> None:
+        for reader_took_one in (False, True):
+            proto = FrameProtocol()
+            transport = FakeTransport()
+            proto.connection_made(transport)  # type: ignore[arg-type]
+            proto.mark_authenticated()
+            _feed(proto, first + vcpu, step=1 << 20)
+            assert transport.written == b""
+            if reader_took_one:
+                assert isinstance(await proto.receive(WAIT), wire.SharedBitmap)
+            _feed(proto, second, step=1 << 20)
+            assert (transport.written == b"") is reader_took_one
+            if not reader_took_one:
+                (abort,) = wire.FrameDecoder().feed(bytes(transport.written))
+                assert isinstance(abort, wire.Abort) and "more control frames" in abort.reason
+            proto.connection_lost(None)
+
+    asyncio.run(main())
