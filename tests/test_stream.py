@@ -21,7 +21,14 @@ from migd.abi import PAGE_SIZE, FirmwareStatus
 from migd.errors import FirmwareError, ProtocolError
 from migd.page_pipeline import PIPELINE_DEPTH
 from migd.frame_fields import MAX_BITMAP_BYTES, MAX_VCPU_STATE
-from migd.stream import INITIAL_RECEIVE_BUFFER, MAX_FRAME_BEFORE_AUTHENTICATION, MAX_QUEUED_CONTROL, FrameProtocol
+from migd.stream import (
+    INITIAL_RECEIVE_BUFFER,
+    MAX_FRAME_BEFORE_AUTHENTICATION,
+    MAX_QUEUED_CONTROL,
+    TLS_WRITE_BYTES,
+    FrameProtocol,
+    tls_write_batches,
+)
 
 PageMsg = wire.PrivatePages | wire.SharedPages | wire.ZeroPages
 WAIT = 10.0  # bound on every wait for the worker (never reached when things work)
@@ -509,3 +516,56 @@ def test_unread_control_payloads_are_bounded_in_bytes() -> None:
             proto.connection_lost(None)
 
     asyncio.run(main())
+
+
+class RecordingTransport(FakeTransport):
+    """A transport that records each ``writelines`` call; ``tls`` makes it look like an SSL one."""
+
+    def __init__(self, *, tls: bool) -> None:
+        super().__init__()
+        self.tls = tls
+        self.calls: list[int] = []
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return object() if self.tls else None
+        return super().get_extra_info(name, default)
+
+    def writelines(self, parts: list[bytes | memoryview]) -> None:
+        self.calls.append(sum(len(p) for p in parts))
+        super().writelines(parts)
+
+
+def test_over_tls_a_large_frame_goes_to_the_transport_in_bounded_writes() -> None:
+    """A 512-page run (the largest) reaches a TLS transport in writes of at most TLS_WRITE_BYTES, byte for
+    byte the frame; the negative control is a plain transport, which gets it in one call."""
+    payload = bytes(range(256)) * (512 * PAGE_SIZE // 256)
+    msg = wire.SharedPages(0, 512, payload)
+    expected = wire.FrameEncoder().encode_bytes(msg)
+
+    async def main() -> None:
+        for tls in (True, False):
+            proto = FrameProtocol()
+            transport = RecordingTransport(tls=tls)
+            proto.connection_made(transport)  # type: ignore[arg-type]
+            assert proto.write(msg) == len(expected)
+            assert bytes(transport.written) == expected
+            if tls:
+                assert max(transport.calls) <= TLS_WRITE_BYTES
+                assert len(transport.calls) == -(-len(expected) // TLS_WRITE_BYTES)
+            else:
+                assert transport.calls == [len(expected)]
+            proto.connection_lost(None)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("sizes", [[0], [10, 3 * 1024, 7], [4096 * 3], [1, 4096 * 2 - 1, 4096 * 2], [5000, 5000, 5000]])
+def test_tls_write_batches_keep_order_and_bound_every_batch(sizes: list[int]) -> None:
+    limit = 4096
+    parts = [bytes([i % 251 + 1]) * n for i, n in enumerate(sizes)]
+    batches = tls_write_batches(parts, limit)
+    assert b"".join(bytes(v) for batch in batches for v in batch) == b"".join(parts)
+    assert all(0 < sum(len(v) for v in batch) <= limit for batch in batches)
+    # Only the last batch may be short: small buffers share a batch instead of making their own.
+    assert all(sum(len(v) for v in batch) == limit for batch in batches[:-1])
