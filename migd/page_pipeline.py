@@ -8,7 +8,8 @@ hand-off); behind a queued frame it goes to the worker too, so frames are always
 stream order. A control message that arrives while frames wait is held behind them and
 delivered once they are placed: a control frame (ROUND_END, PING, VCPU_STATE, PREPARE) always
 finds the pages sent before it in place. At most :data:`PIPELINE_DEPTH` frames wait for the
-worker; past that the owner stops reading (TCP back-pressure reaches the source). A frame the
+worker; past that the owner stops reading (TCP back-pressure reaches the source) until the worker is
+down to :data:`RESUME_DEPTH`. A frame the
 handler refuses ends the pipeline: the owner refuses the stream, frames queued behind it are
 never handled.
 
@@ -34,6 +35,12 @@ PageHandler = Callable[[PageFrame], None]
 #: holds one buffer of at most a frame's payload (2 MiB): 4 bound the pipeline to ~8 MiB and
 #: keep the worker busy while the loop receives the next frame.
 PIPELINE_DEPTH = 4
+#: Frames left with the worker when reading resumes after a pause. Resuming at the first free
+#: slot paused and resumed the stream once per frame when the worker is the slower side (the
+#: common case: RECEIVE_UPDATE_DATA costs more than receiving), each time an eventfd wake-up
+#: from the worker, two epoll_ctl calls and GIL hand-offs; half the depth still leaves the
+#: worker two frames (~6 ms of private pages) while the loop receives the next ones.
+RESUME_DEPTH = PIPELINE_DEPTH // 2
 _PAYLOAD_BUFFER = wire.MAX_RUN_PAGES * PAGE_SIZE
 #: Free payload buffers kept for reuse: a receive can bring a few frames past PIPELINE_DEPTH
 #: before reading pauses, and each needs one.
@@ -78,6 +85,13 @@ class PagePipeline:
         self._pending_pages = 0
         self._held_messages = 0
         self._wake_loop = False  # the loop waits for the worker (see _page_done)
+        # Frames handed to the worker, and those whose future is done (counted by _page_done,
+        # which runs once per frame, in order: in the worker, or on the loop for a frame done
+        # before its callback was added, when the worker has nothing newer); the loop is woken
+        # once _finished reaches _wake_at.
+        self._submitted = 0
+        self._finished = 0
+        self._wake_at = 0
         self._pipeline_stopped = False  # a frame failed or the stream ended: the worker stops
         self._ended = False  # stop() was called: nothing more is delivered
         self._buffers: list[bytearray] = []
@@ -123,6 +137,7 @@ class PagePipeline:
         future = self._executor.submit(self._run_page, self._on_pages, msg)
         self._backlog.append(_PendingPages(future, buffer))
         self._pending_pages += 1
+        self._submitted += 1
         future.add_done_callback(self._page_done)
 
     def _run_page(self, handler: PageHandler, msg: PageFrame) -> None:
@@ -147,9 +162,10 @@ class PagePipeline:
         (``buffer_updated``). It waits when reading is paused, when a control message is held
         behind page frames, and always hears of a failure at once.
         """
+        self._finished += 1
         failed = not future.cancelled() and future.exception() is not None
         loop = self._loop
-        if not (self._wake_loop or failed) or loop is None or loop.is_closed():
+        if not ((self._wake_loop and self._finished >= self._wake_at) or failed) or loop is None or loop.is_closed():
             return
         try:
             loop.call_soon_threadsafe(self.collect)
@@ -200,23 +216,25 @@ class PagePipeline:
                     self._held_messages -= 1
                     self._owner.deliver(head)
             self._flow_control()
-            # Ask the worker for a wake-up only while the loop waits for it; then look once
-            # more, since the head may have finished before the flag was set.
+            # Ask the worker for a wake-up only while the loop waits for it: at once for a held
+            # control message, when it is down to RESUME_DEPTH frames for paused reading. Then
+            # look once more, since those frames may have finished before the flag was set.
             self._wake_loop = bool(self._backlog) and (self.reading_paused or self._held_messages > 0)
             if not self._wake_loop:
                 return
-            head = self._backlog[0]
-            if not (isinstance(head, _PendingPages) and head.future.done()):
+            retired = self._submitted - self._pending_pages
+            self._wake_at = retired + 1 if self._held_messages else self._submitted - RESUME_DEPTH
+            if self._finished < self._wake_at:
                 return
 
     def _flow_control(self) -> None:
-        """Pause reading while the worker has PIPELINE_DEPTH frames to handle; resume below."""
+        """Pause reading while the worker has PIPELINE_DEPTH frames to handle; resume at RESUME_DEPTH."""
         if self._ended:
             return
         if not self.reading_paused and self._pending_pages >= PIPELINE_DEPTH:
             self.reading_paused = True
             self._owner.set_reading(False)
-        elif self.reading_paused and self._pending_pages < PIPELINE_DEPTH:
+        elif self.reading_paused and self._pending_pages <= RESUME_DEPTH:
             self.reading_paused = False
             self._owner.set_reading(True)
 

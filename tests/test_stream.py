@@ -19,7 +19,8 @@ import pytest
 from migd import wire
 from migd.abi import PAGE_SIZE, FirmwareStatus
 from migd.errors import FirmwareError, ProtocolError
-from migd.page_pipeline import PIPELINE_DEPTH
+from migd import page_pipeline
+from migd.page_pipeline import PIPELINE_DEPTH, RESUME_DEPTH
 from migd.frame_fields import MAX_BITMAP_BYTES, MAX_VCPU_STATE
 from migd.stream import (
     INITIAL_RECEIVE_BUFFER,
@@ -220,7 +221,11 @@ def test_reading_pauses_while_the_worker_is_behind() -> None:
         _feed(proto, enc.encode_bytes(runs[PIPELINE_DEPTH - 1]))
         assert transport.paused and proto.pending_pages() == PIPELINE_DEPTH
         handler.release(1)
-        await _until(lambda: not transport.paused)  # one slot free: reading resumes
+        await _until(lambda: len(handler.seen) == 1)
+        await asyncio.sleep(0.05)
+        assert transport.paused  # one slot free is not enough: reading resumes at RESUME_DEPTH
+        handler.release(PIPELINE_DEPTH - RESUME_DEPTH - 1)
+        await _until(lambda: not transport.paused)
         for run in runs[PIPELINE_DEPTH:]:
             _feed(proto, enc.encode_bytes(run))
         handler.release(len(runs))
@@ -234,6 +239,51 @@ def test_reading_pauses_while_the_worker_is_behind() -> None:
         proto.connection_lost(None)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("resume_depth", [RESUME_DEPTH, PIPELINE_DEPTH - 1])
+def test_a_slow_worker_wakes_the_loop_once_per_resume_not_per_frame(
+        resume_depth: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker behind a fast sender: reading pauses at PIPELINE_DEPTH and the worker wakes the
+    loop only when it is down to RESUME_DEPTH frames. The second case is the negative control:
+    resuming at the first free slot (as before) costs a wake-up and a pause for every frame."""
+    monkeypatch.setattr(page_pipeline, "RESUME_DEPTH", resume_depth)
+
+    async def main() -> tuple[int, int, int]:
+        handler = Handler()
+        proto, transport, enc = _setup(handler)
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal wakeups
+            wakeups += 1
+            return call_soon_threadsafe(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        frames = 40
+        sent = 0
+        while len(handler.seen) < frames:
+            while not transport.paused and sent < frames:  # the sender is faster: it fills the pipeline
+                _feed(proto, enc.encode_bytes(wire.PrivatePages(sent * PAGE_SIZE, 1, bytes(52), _page(1, sent % 250 + 1))))
+                sent += 1
+            seen = len(handler.seen)
+            handler.release(1)
+            await _until(lambda: len(handler.seen) > seen)
+            await asyncio.sleep(0)  # a wake-up it sent runs now
+        _feed(proto, enc.encode_bytes(wire.RoundEnd(0, 0)))
+        assert await proto.receive(WAIT) == wire.RoundEnd(0, 0)
+        assert [s[1] for s in handler.seen] == [i * PAGE_SIZE for i in range(frames)]
+        proto.connection_lost(None)
+        return frames, wakeups, transport.pauses
+
+    frames, wakeups, pauses = asyncio.run(main())
+    per_resume = PIPELINE_DEPTH - resume_depth  # frames the worker finishes between two wake-ups
+    assert pauses <= frames // per_resume + 1
+    assert wakeups <= frames // per_resume + 2  # + the ROUND_END held at the end
+    if resume_depth == PIPELINE_DEPTH - 1:
+        assert wakeups >= frames - PIPELINE_DEPTH  # the old behaviour: one per frame
 
 
 def test_a_refused_run_fails_the_stream_and_nothing_after_it_is_placed() -> None:
