@@ -202,13 +202,17 @@ class PagePipeline:
                 if isinstance(head, _PendingPages):
                     if not head.future.done():
                         break
-                    # Cancelled or failed (_retire_done took the rest).
+                    if not head.future.cancelled() and head.future.exception() is None:
+                        # The worker finished it after _retire_done looked (the GIL can change
+                        # hands between the two checks): a success, retired on the next pass.
+                        continue
+                    # Cancelled or failed.
                     self._backlog.popleft()
                     self._pending_pages -= 1
                     if head.future.cancelled():
                         continue
                     exc = head.future.exception()
-                    assert exc is not None  # _retire_done took the successful ones
+                    assert exc is not None  # successes are retired above
                     self._owner.refuse(exc)
                     return
                 else:

@@ -8,6 +8,7 @@ handler blocks on events the test releases, so every ordering is forced, never t
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import struct
 import threading
 import tracemalloc
@@ -284,6 +285,42 @@ def test_a_slow_worker_wakes_the_loop_once_per_resume_not_per_frame(
     assert wakeups <= frames // per_resume + 2  # + the ROUND_END held at the end
     if resume_depth == PIPELINE_DEPTH - 1:
         assert wakeups >= frames - PIPELINE_DEPTH  # the old behaviour: one per frame
+
+
+def test_a_frame_finishing_between_the_two_done_checks_is_not_a_failure() -> None:
+    """collect() looks at the head frame's future twice (in _retire_done, then itself); the GIL
+    can change hands in between and the worker finish the frame. Found by an adversarial review:
+    collect() took that success for a failure (an AssertionError out of buffer_updated, which
+    aborts the connection; under ``python -O`` an ABORT "internal error ... None"). The switch is
+    forced: right after _retire_done returns with the head unfinished, the worker is let go and
+    the test waits for that frame, as if the loop thread had lost the GIL there."""
+
+    async def main() -> None:
+        handler = Handler()
+        proto, transport, enc = _setup(handler)
+        _feed(proto, enc.encode_bytes(wire.PrivatePages(0, 1, bytes(52), _page(1, 1))))
+        pipeline = proto._pipeline
+        assert pipeline is not None
+        original = pipeline._retire_done
+        switched = False
+
+        def retire_then_switch() -> None:
+            nonlocal switched
+            original()
+            head = pipeline._backlog[0] if pipeline._backlog else None
+            if not switched and head is not None and not isinstance(head, wire.Message) and not head.future.done():
+                switched = True
+                handler.release(1)  # the worker runs while the loop thread is between the checks
+                concurrent.futures.wait([head.future], timeout=WAIT)
+
+        pipeline._retire_done = retire_then_switch  # type: ignore[method-assign]
+        # A PING behind the queued frame: held, and buffer_updated ends with collect().
+        _feed(proto, enc.encode_bytes(wire.Ping(7)))
+        assert await proto.receive(WAIT) == wire.Ping(7)
+        assert switched and handler.seen[0][1] == 0 and transport.written == b""  # placed, no ABORT
+        proto.connection_lost(None)
+
+    asyncio.run(main())
 
 
 def test_a_refused_run_fails_the_stream_and_nothing_after_it_is_placed() -> None:
