@@ -262,6 +262,7 @@ class PagePipeline:
             if isinstance(item, _PendingPages):
                 item.future.cancel()
         self._backlog.clear()
+        self._buffers.clear()  # up to 8 x 2 MiB, written: nothing of a finished stream keeps them
         self._pending_pages = self._held_messages = 0
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)

@@ -88,7 +88,7 @@ class SendLane:
         self._waiting = False  # the loop waits for this connection: a finished seal must wake it
         # What the transport may hold and the queued frames; past that (a slow link, the frame
         # being written) a payload gets a buffer of its own, as with one connection.
-        self._ring = SendRing(transport_bytes + max_pending * RUN_BYTES, pipelined=True)
+        self._ring: SendRing | None = SendRing(transport_bytes + max_pending * RUN_BYTES, pipelined=True)
         self._pending_bytes = 0  # payload queued and not written
         self._batch: list[Job] = []  # private runs of the current step, not handed to the worker yet
         self._batch_future: concurrent.futures.Future[list[wire.Message | None]] | None = None
@@ -105,12 +105,12 @@ class SendLane:
     def buffer(self, nbytes: int) -> tuple[memoryview, bool]:
         """A payload buffer of ``nbytes`` for the next frame queued: (the buffer, whether it is the
         ring's). Its frame must be queued next (``in_ring`` passed on)."""
-        view = self._ring.take(nbytes, self._consumed())
+        view = None if self._ring is None else self._ring.take(nbytes, self._consumed())
         return (view, True) if view is not None else (memoryview(bytearray(nbytes)), False)
 
     def unused(self, in_ring: bool) -> None:
         """The buffer just taken will carry no frame (reading the run failed)."""
-        if in_ring:
+        if in_ring and self._ring is not None:
             self._ring.release()
 
     def put_ready(self, msg: wire.Message, kind: PageKind, gpa: int, npages: int, in_ring: bool = False) -> None:
@@ -176,6 +176,10 @@ class SendLane:
         self._queue.clear()
         self._batch.clear()
         self._worker.shutdown(wait=True, cancel_futures=True)
+        # The daemon keeps finished migrations (their records); the ring (the transport's share
+        # plus 6 MiB, all of it written during the migration) must not stay with them. Views the
+        # transport still holds keep their bytes until it lets go.
+        self._ring = None
         self._changed.set()
 
     def _check(self) -> None:
@@ -210,7 +214,7 @@ class SendLane:
             except Exception as exc:  # the job (firmware) or the write (stream) failed: the migration ends
                 self.error = exc
                 break
-            if queued.in_ring:
+            if queued.in_ring and self._ring is not None:
                 self._ring.placed(end)
         self._changed.set()
 

@@ -656,3 +656,23 @@ def test_tls_write_batches_keep_order_and_bound_every_batch(sizes: list[int]) ->
     assert all(0 < sum(len(v) for v in batch) <= limit for batch in batches)
     # Only the last batch may be short: small buffers share a batch instead of making their own.
     assert all(sum(len(v) for v in batch) == limit for batch in batches[:-1])
+
+
+def test_a_stopped_pipeline_lets_its_payload_buffers_go() -> None:
+    """The pool of payload buffers (up to 8 x 2 MiB, all written) goes with the stream's end: an
+    object that outlives the migration must not keep them."""
+
+    async def main() -> None:
+        handler = Handler()
+        proto, _, enc = _setup(handler)
+        runs = [wire.PrivatePages(i * PAGE_SIZE, 1, bytes(52), _page(1, i + 1)) for i in range(3)]
+        _feed(proto, b"".join(enc.encode_bytes(r) for r in runs))
+        handler.release(len(runs))
+        _feed(proto, enc.encode_bytes(wire.RoundEnd(0, 0)))  # held: delivered once all are placed
+        assert await proto.receive(WAIT) == wire.RoundEnd(0, 0)
+        pipeline = proto._pipeline
+        assert pipeline is not None and pipeline._buffers  # retired frames gave their buffers back
+        proto.connection_lost(None)
+        assert pipeline._buffers == []
+
+    asyncio.run(main())
