@@ -113,6 +113,7 @@ class IncomingMigration:
         # Several connections: each further one (lane) places its pages from its own worker thread.
         self._lanes: dict[int, FrameProtocol] = {0: proto}
         self._lane_ends: dict[int, asyncio.Future[None]] = {}
+        self._lane_ended_at: dict[int, float] = {}  # when a further connection's peer ended it (loop time)
         self._placed = [0]  # page frames placed per connection
         self._lanes_needed = True  # until PREPARE verified: a lane that ends fails the migration
         self._count_lock = threading.Lock()  # progress counters, from several page workers
@@ -432,7 +433,9 @@ class IncomingMigration:
         """
         if self._lanes_needed and not self.session.finished:
             if isinstance(exc, StreamClosed):
-                asyncio.get_running_loop().call_later(LANE_END_GRACE_S, self._lane_lost, lane, exc)
+                loop = asyncio.get_running_loop()
+                self._lane_ended_at[lane] = loop.time()
+                loop.call_later(LANE_END_GRACE_S, self._lane_lost, lane, exc)
             else:
                 self._lane_lost(lane, exc)
         ended = self._lane_ends.get(lane)
@@ -473,9 +476,15 @@ class IncomingMigration:
             behind = [lane for lane, count in enumerate(counts, 1) if self._placed[lane] < count]
             if not behind or self.proto.peer_abort is not None:
                 return  # done, or the source's ABORT waits behind this frame: it is the reason
+            now = asyncio.get_running_loop().time()
             for lane in behind:
                 lane_proto = self._lanes.get(lane)
-                if lane_proto is not None and lane_proto.close_reason is not None:
+                # An end the peer made waits out the grace for the source's ABORT, as outside a
+                # barrier (_lane_closed): an aborting source closes the further connections
+                # right after writing ABORT behind the first one's queued pages.
+                ended_at = self._lane_ended_at.get(lane)
+                if (lane_proto is not None and lane_proto.close_reason is not None
+                        and (ended_at is None or now >= ended_at + LANE_END_GRACE_S)):
                     raise StreamClosed(f"connection {lane + 1} of {session.connections} ended with "
                                        f"{counts[lane - 1] - self._placed[lane]} page frames still to come: "
                                        f"{lane_proto.close_reason}")
