@@ -197,6 +197,7 @@ class OutgoingMigration:
         self._task: asyncio.Task[MigrationProgress] | None = None
         self._msr_ready = asyncio.Event()
         self._running = False
+        self._rolling_back = False  # _roll_back is under way: a cancel must not interrupt it
         self._msr_dropped = False
         self._bytes_left = 0  # bytes that have left the transport buffers so far (every connection)
 
@@ -232,6 +233,10 @@ class OutgoingMigration:
         if not self.progress.phase.can_cancel or self._task is None:
             return False
         self._cancel_requested = True
+        if self._rolling_back:
+            # Interrupting the roll-back would leave the guest paused: it resumes the guest and
+            # ends the session by itself.
+            return True
         if not self._running:
             # The task has not taken its first step: nothing to undo.
             self.session.cancel(time.monotonic())
@@ -273,6 +278,7 @@ class OutgoingMigration:
             # The daemon keeps finished migrations (their records): not their 12 MiB of buffers.
             # Regions the transport still holds stay alive through its views until sent.
             self._rings = []
+            self._resend = None  # npages / 8 bytes
         return self.progress
 
     def _msr_changed(self, old: int, new: int) -> None:
@@ -344,10 +350,10 @@ class OutgoingMigration:
         """
         proto, n = self._stream(), self.session.connections
         self._lanes, self._rings = [proto], [None]
-        if n == 1:
-            return
         if n != self.params.connections:
             log.info("destination does not speak several connections: guest=%s uses one", self.guest.name)
+        if n == 1:
+            return
         high = max(MIN_LANE_HIGH_WATER, WRITE_HIGH_WATER // n)
         opening = [asyncio.ensure_future(self._open_lane(i)) for i in range(1, n)]
         try:
@@ -356,10 +362,10 @@ class OutgoingMigration:
             # One failed (or the migration was cancelled): none of the others may outlive it.
             for task in opening:
                 task.cancel()
+                # Whenever it ends, even if this wait is cancelled in turn: a connection that
+                # joined is aborted, never left open past the migration.
+                task.add_done_callback(_abort_opened)
             await asyncio.gather(*opening, return_exceptions=True)
-            for task in opening:
-                if not task.cancelled() and task.exception() is None:
-                    task.result().abort()
             raise
         for lane in [proto, *lanes]:
             lane.set_write_buffer_limits(high)
@@ -828,6 +834,11 @@ class OutgoingMigration:
     async def _roll_back(self, reason: str, *, cancelled: bool = False) -> None:
         """Before the commit: tell the peer, cancel the session, resume the guest untouched."""
         session = self.session
+        self._rolling_back = True
+        # No connection's thread may be inside SEND_UPDATE_DATA across SEND_CANCEL, and no frame
+        # of theirs may follow the ABORT (close() waits for a running job: one chunk's runs).
+        for send_lane in self._send_lanes:
+            send_lane.close()
         aborted = next((p.peer_abort for p in [self._proto, *self._lanes] if p is not None and p.peer_abort), None)
         if aborted is not None:
             reason = f"the destination aborted the migration: {printable(aborted)}"
@@ -874,6 +885,12 @@ class OutgoingMigration:
     def _stream(self) -> FrameProtocol:
         assert self._proto is not None
         return self._proto
+
+
+def _abort_opened(task: asyncio.Future[FrameProtocol]) -> None:
+    """Done callback of a further connection being opened for a migration that failed: abort it."""
+    if not task.cancelled() and task.exception() is None:
+        task.result().abort()
 
 
 def _retrieve(task: asyncio.Future[bytes]) -> None:

@@ -362,16 +362,21 @@ class PspFirmware:
         """
         ctx = self._context(handle, ContextState.SUPDATE)
         raw = self._checked_range(ram, gpa, npages)
-        assert ctx.sender is not None
+        # Read once: a SEND_CANCEL on another thread sets ctx.sender to None meanwhile.
+        sender = ctx.sender
+        assert sender is not None
         if out is not None and ram.holds(out):
             # SEND never writes guest memory: decrypting into it would leave plaintext behind.
             raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, "SEND_UPDATE_DATA output overlaps guest memory")
         # Decrypted into ``out`` (or a new buffer), then CTR in place: one buffer per run, not two.
         plaintext = ctx.engine.decrypt(gpa, raw, out)
-        if still_valid is not None and not still_valid():
+        try:
+            if still_valid is not None and not still_valid():
+                raise RunAbandoned(f"SEND_UPDATE_DATA at gpa {gpa:#x} ({npages} pages) abandoned after the read")
+            header, ciphertext = sender.seal(CTX_DATA, plaintext, gpa=gpa, npages=npages, out=plaintext, lane=lane)
+        except BaseException:
             np.frombuffer(plaintext, dtype=np.uint8)[:] = 0  # no plaintext left behind in the caller's buffer
-            raise RunAbandoned(f"SEND_UPDATE_DATA at gpa {gpa:#x} ({npages} pages) abandoned after the read")
-        header, ciphertext = ctx.sender.seal(CTX_DATA, plaintext, gpa=gpa, npages=npages, out=plaintext, lane=lane)
+            raise
         return header.pack(), ciphertext
 
     def send_update_vmsa(self, handle: int, vcpu_id: int, vmsa: bytes) -> tuple[bytes, memoryview]:
