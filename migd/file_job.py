@@ -20,6 +20,7 @@ class FileJob(abc.ABC):
         self._task: asyncio.Task[MigrationProgress] | None = None
         self._running = False  # set by run()'s first step
         self._cancel_requested = False
+        self._rolling_back = False  # the roll-back / discard is under way: a cancel must not interrupt it
 
     @abc.abstractmethod
     async def run(self) -> MigrationProgress:
@@ -38,8 +39,10 @@ class FileJob(abc.ABC):
         """Cancel before the commit; False if it is too late (committed or finished)."""
         if not self.progress.phase.can_cancel or self._task is None:
             return False
+        self._cancel_requested = True
+        if self._rolling_back:
+            return True  # it resumes the guest / removes the partial one and ends the job by itself
         if not self._running:
             self.session.cancel(time.monotonic())  # the task never took a step: nothing to undo
-        self._cancel_requested = True
         self._task.cancel()
         return True

@@ -321,6 +321,7 @@ class GuestRestore(FileJob):
 
     async def _discard(self) -> None:
         """Before the commit: every trace of the partial guest goes; the file stays restorable."""
+        self._rolling_back = True
         if self._agent_ready is not None:
             self._agent_ready.cancel()
             await asyncio.gather(self._agent_ready, return_exceptions=True)

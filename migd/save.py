@@ -209,6 +209,10 @@ class GuestSave(FileJob):
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+            # The daemon keeps finished jobs (their records): not their bitmap (npages / 8 bytes)
+            # or their run buffer.
+            self._written = PageBitmap(0)
+            self._buffer = bytearray()
         return self.progress
 
     def _open(self) -> None:
@@ -473,6 +477,7 @@ class GuestSave(FileJob):
 
     async def _roll_back(self, reason: str, *, cancelled: bool = False) -> None:
         """Before the commit: no file, the session cancelled, the guest resumed untouched."""
+        self._rolling_back = True
         log.warning("save guest=%s %s: %s", self.guest.name, "cancelled" if cancelled else "failed", reason)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.part)
