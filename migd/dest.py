@@ -27,7 +27,7 @@ import logging
 import ssl
 import threading
 import time
-
+from collections.abc import Coroutine
 from typing import Any
 
 from migd import failure_text, resolve, wire
@@ -589,6 +589,12 @@ class IncomingMigration:
             # The source has committed: the guest is ours now; keep it for the operator.
             session.fail(f"guest kept after commit: {reason}", time.monotonic())
             return
+        # A cancel (daemon shutdown, listener.close) must not interrupt the discard: the guest is
+        # out of host.guests once it starts, so nothing else would remove what is left.
+        await _uninterrupted(self._discard(reason))
+
+    async def _discard(self, reason: str) -> None:
+        """Before the commit: the partial guest goes with every trace (agent, RAM, context, reservation)."""
         if self._staging is not None:
             self._staging.cancel()  # its done callback collects the outcome; the agent goes below
         if self._agent_ready is not None:
@@ -601,7 +607,23 @@ class IncomingMigration:
                 self.host.firmware.decommission(self._handle)
             except MigdError:
                 pass
-        session.fail(reason, time.monotonic())
+        self.session.fail(reason, time.monotonic())
+
+
+async def _uninterrupted(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` to its end even if the caller is cancelled meanwhile; the cancel is re-raised after."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _retrieve(task: asyncio.Future[None]) -> None:

@@ -200,10 +200,17 @@ class Host:
         """Stop every running guest (RAM files stay) and drop half-received ones.
 
         A prepared incoming guest whose source has not said how the migration ended stays on
-        disk, journaled in doubt: the next start asks the source (migd.daemon.recovery).
+        disk, journaled in doubt: the next start asks the source (migd.daemon.recovery). One whose
+        hand-off committed but did not start (a shutdown cut it short) stays too: it is the only
+        copy, and the next start keeps it, stopped.
         """
         for guest in list(self.guests.values()):
-            if guest.state is GuestState.INCOMING and self.prepared_in_doubt(guest.name):
+            if guest.state is GuestState.INCOMING and self._incoming_committed(guest.name):
+                # COMMIT came (the commit record is journaled) but the start was cut short: the
+                # source has given the guest up, this copy is the guest (a restart keeps it, stopped).
+                log.warning("keeping incoming guest %s: committed, not started", guest.name)
+                await guest.set_aside()
+            elif guest.state is GuestState.INCOMING and self.prepared_in_doubt(guest.name):
                 log.warning("keeping incoming guest %s: prepared, its source has not said whether it committed",
                             guest.name)
                 await guest.set_aside()
@@ -214,6 +221,11 @@ class Host:
                 self.journal_guest(guest)
 
     # ------------------------------------------------------------------ migrations and the journal
+
+    def _incoming_committed(self, name: str) -> bool:
+        """The newest migration of guest ``name`` brought it here and has committed."""
+        newest = [p for p in self.migrations.values() if p.guest == name]
+        return bool(newest) and newest[-1].role in INCOMING_ROLES and newest[-1].phase.committed
 
     def prepared_in_doubt(self, name: str) -> bool:
         """Guest ``name`` arrived here and is prepared, with no commit (nor abort) from its source."""

@@ -1,0 +1,118 @@
+"""Found by an adversarial review (fixed with dest._uninterrupted): before, a daemon shutdown (MigrationListener.close() -> task.cancel()) while an incoming migration that
+failed (the source's ABORT) was discarding its partial guest: host.discard -> destroy -> waiting for
+the agent to exit. The cancel interrupted the discard: the guest was already out of host.guests (so
+Host.close() in Daemon.shutdown did not find it either), its RAM directory, its RECEIVE context and
+its RAM reservation stayed, and the migration never finished. Interleaving forced with events."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+
+from migd.dest import IncomingMigration
+from migd.errors import PeerAborted
+from migd.guest.host_guest import GuestDefinition
+from migd.host import Host
+from migd.listener import MigrationListener, _Connection
+from migd.platform import identity
+from migd.platform.psp import PspFirmware
+from migd.progress import MigrationProgress
+from session_pair import established
+
+
+class Agent:
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.exiting = asyncio.Event()
+        self.exited = asyncio.Event()
+
+    def poll(self) -> int | None:
+        return None
+
+    def terminate(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+    async def wait_async(self, timeout: float | None) -> int:
+        self.exiting.set()
+        await self.exited.wait()  # the agent takes a moment to exit
+        return 0
+
+
+class Proto:
+    """What IncomingMigration.run()/_fail need of the first connection (authenticated, open)."""
+
+    peer_abort = None
+    close_reason = None
+    last_activity = 0.0
+    local = "hostB"
+
+    def __init__(self) -> None:
+        self.authenticated = asyncio.Event()
+        self.authenticated.set()
+        self.written: list[str] = []
+
+    def write(self, msg: object) -> None:
+        self.written.append(type(msg).__name__)
+
+    def close(self) -> None:
+        pass
+
+
+def test_shutdown_during_the_discard_of_a_failed_incoming_guest_leaves_nothing(tmp_path: Path) -> None:
+    for name in ("hostA", "hostB"):
+        identity.init_host(tmp_path / name, tmp_path / "ca", common_name=name)
+    anchors = [tmp_path / "ca" / identity.CA_CERT]
+    a = PspFirmware.from_state_dir(tmp_path / "hostA", anchors)
+    b = PspFirmware.from_state_dir(tmp_path / "hostB", anchors)
+    host = Host(tmp_path / "hostB", b, runtime_dir=tmp_path / "run", guests_dir=tmp_path / "guests")
+    definition = GuestDefinition("g", 1, 0)
+    nonce = os.urandom(32)
+    start = a.send_start(a.launch(0), b.pdh_cert_pem, nonce)
+    handles_before = b.guest_handles()
+
+    async def main() -> None:
+        listener = MigrationListener(host)
+        incoming = IncomingMigration(host, Proto(), "10.0.0.1:40000")  # type: ignore[arg-type]
+        agent = Agent()
+
+        async def receive() -> None:  # as _receive once authenticated, pages streaming in
+            incoming._handle = b.receive_start(0, start.pdh_cert_pem, start.session_blob, nonce)
+            established(dest=incoming.session)
+            incoming.progress = MigrationProgress("g", "destination", "hostB", definition.npages,
+                                                  phase=incoming.session.status, id="m-1")
+            host.add_migration(incoming.progress)
+            incoming.guest = guest = host.create_incoming(definition, incoming._handle)
+            guest.agent = agent  # type: ignore[assignment]  # prepare_incoming's agent
+            raise PeerAborted("cancelled by the operator")  # the source's ABORT
+
+        incoming._receive = receive  # type: ignore[method-assign]
+        task = asyncio.ensure_future(incoming.run())
+        listener._connections[task] = _Connection("10.0.0.1:40000", 0.0, None, settled=True)  # type: ignore[index]
+        task.add_done_callback(listener._served)
+        await asyncio.wait_for(agent.exiting.wait(), 5)  # _fail -> host.discard waits for the agent to exit
+        closing = asyncio.ensure_future(listener.close())  # daemon shutdown: cancels the connection's task
+        await asyncio.sleep(0)
+        agent.exited.set()
+        await asyncio.wait_for(closing, 5)
+        await host.close()  # the rest of Daemon.shutdown
+        problems = []
+        if not incoming.session.finished:
+            problems.append(f"the migration never finished ({incoming.progress.status.value})")
+        if "g" in host.guests:
+            problems.append("the partial guest is still registered")
+        if host.guest_dir("g").exists():
+            problems.append("the partial guest's RAM directory was left behind")
+        if b.guest_handles() != handles_before:
+            problems.append(f"the RECEIVE context was left open (handles {b.guest_handles()})")
+        if host.ram_account.reservations:
+            problems.append(f"its RAM reservation was never released ({host.ram_account.reservations})")
+        assert not problems, "; ".join(problems)
+
+    asyncio.run(main())
