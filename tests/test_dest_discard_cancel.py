@@ -21,28 +21,7 @@ from migd.platform import identity
 from migd.platform.psp import PspFirmware
 from migd.progress import MigrationProgress
 from session_pair import established
-
-
-class Agent:
-    pid = 4242
-
-    def __init__(self) -> None:
-        self.exiting = asyncio.Event()
-        self.exited = asyncio.Event()
-
-    def poll(self) -> int | None:
-        return None
-
-    def terminate(self) -> None:
-        pass
-
-    def kill(self) -> None:
-        pass
-
-    async def wait_async(self, timeout: float | None) -> int:
-        self.exiting.set()
-        await self.exited.wait()  # the agent takes a moment to exit
-        return 0
+from slow_exit_agent import SlowExitAgent
 
 
 class Proto:
@@ -80,7 +59,7 @@ def test_shutdown_during_the_discard_of_a_failed_incoming_guest_leaves_nothing(t
     async def main() -> None:
         listener = MigrationListener(host)
         incoming = IncomingMigration(host, Proto(), "10.0.0.1:40000")  # type: ignore[arg-type]
-        agent = Agent()
+        agent = SlowExitAgent()
 
         async def receive() -> None:  # as _receive once authenticated, pages streaming in
             incoming._handle = b.receive_start(0, start.pdh_cert_pem, start.session_blob, nonce)

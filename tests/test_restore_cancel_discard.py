@@ -15,25 +15,7 @@ from migd.host import Host
 from migd.platform import identity
 from migd.platform.psp import PspFirmware
 from migd.restore import GuestRestore, SavedFile
-
-
-class Agent:
-    pid = 4242
-
-    def __init__(self) -> None:
-        self.exiting = asyncio.Event()
-        self.exited = asyncio.Event()
-
-    def terminate(self) -> None:
-        pass
-
-    def kill(self) -> None:
-        pass
-
-    async def wait_async(self, timeout: float | None) -> int:
-        self.exiting.set()
-        await self.exited.wait()  # the agent takes a moment to exit
-        return 0
+from slow_exit_agent import SlowExitAgent
 
 
 def test_a_second_cancel_during_the_restore_discard_leaves_no_partial_guest(tmp_path: Path) -> None:
@@ -56,7 +38,7 @@ def test_a_second_cancel_during_the_restore_discard_leaves_no_partial_guest(tmp_
 
     async def main() -> None:
         job = GuestRestore(host, saved, definition)
-        agent, placing = Agent(), asyncio.Event()
+        agent, placing = SlowExitAgent(), asyncio.Event()
 
         async def restore() -> None:  # as _restore while it places pages
             job._handle = b.receive_start(0, start.pdh_cert_pem, start.session_blob, nonce)
