@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 
 from migd.dest import IncomingMigration
@@ -17,11 +16,9 @@ from migd.errors import PeerAborted
 from migd.guest.host_guest import GuestDefinition
 from migd.host import Host
 from migd.listener import MigrationListener, _Connection
-from migd.platform import identity
-from migd.platform.psp import PspFirmware
 from migd.progress import MigrationProgress
 from session_pair import established
-from slow_exit_agent import SlowExitAgent
+from discard_checks import SlowExitAgent, partial_guest_traces, two_firmwares
 
 
 class Proto:
@@ -45,11 +42,7 @@ class Proto:
 
 
 def test_shutdown_during_the_discard_of_a_failed_incoming_guest_leaves_nothing(tmp_path: Path) -> None:
-    for name in ("hostA", "hostB"):
-        identity.init_host(tmp_path / name, tmp_path / "ca", common_name=name)
-    anchors = [tmp_path / "ca" / identity.CA_CERT]
-    a = PspFirmware.from_state_dir(tmp_path / "hostA", anchors)
-    b = PspFirmware.from_state_dir(tmp_path / "hostB", anchors)
+    a, b = two_firmwares(tmp_path)
     host = Host(tmp_path / "hostB", b, runtime_dir=tmp_path / "run", guests_dir=tmp_path / "guests")
     definition = GuestDefinition("g", 1, 0)
     nonce = os.urandom(32)
@@ -84,12 +77,7 @@ def test_shutdown_during_the_discard_of_a_failed_incoming_guest_leaves_nothing(t
         problems = []
         if not incoming.session.finished:
             problems.append(f"the migration never finished ({incoming.progress.status.value})")
-        if "g" in host.guests:
-            problems.append("the partial guest is still registered")
-        if host.guest_dir("g").exists():
-            problems.append("the partial guest's RAM directory was left behind")
-        if b.guest_handles() != handles_before:
-            problems.append(f"the RECEIVE context was left open (handles {b.guest_handles()})")
+        problems += partial_guest_traces(host, b, "g", handles_before)
         if host.ram_account.reservations:
             problems.append(f"its RAM reservation was never released ({host.ram_account.reservations})")
         assert not problems, "; ".join(problems)

@@ -12,19 +12,12 @@ from pathlib import Path
 
 from migd.guest.host_guest import GuestDefinition
 from migd.host import Host
-from migd.platform import identity
-from migd.platform.psp import PspFirmware
 from migd.restore import GuestRestore, SavedFile
-from slow_exit_agent import SlowExitAgent
+from discard_checks import SlowExitAgent, partial_guest_traces, two_firmwares
 
 
 def test_a_second_cancel_during_the_restore_discard_leaves_no_partial_guest(tmp_path: Path) -> None:
-    anchors = []
-    for name in ("hostA", "hostB"):
-        identity.init_host(tmp_path / name, tmp_path / "ca", common_name=name)
-    anchors = [tmp_path / "ca" / identity.CA_CERT]
-    a = PspFirmware.from_state_dir(tmp_path / "hostA", anchors)
-    b = PspFirmware.from_state_dir(tmp_path / "hostB", anchors)
+    a, b = two_firmwares(tmp_path)
     host = Host(tmp_path / "hostB", b, runtime_dir=tmp_path / "run", guests_dir=tmp_path / "guests")
     (tmp_path / "run").mkdir(exist_ok=True)
     file = tmp_path / "g.save"
@@ -60,12 +53,7 @@ def test_a_second_cancel_during_the_restore_discard_leaves_no_partial_guest(tmp_
         problems = []
         if not job.session.finished:
             problems.append(f"the restore never finished ({job.progress.status.value})")
-        if "copy" in host.guests:
-            problems.append("the partial guest is still registered")
-        if host.guest_dir("copy").exists():
-            problems.append("the partial guest's RAM directory was left behind")
-        if b.guest_handles() != handles_before:
-            problems.append(f"the RECEIVE context was left open (handles {b.guest_handles()})")
+        problems += partial_guest_traces(host, b, "copy", handles_before)
         assert not problems, "; ".join(problems)
 
     asyncio.run(main())
