@@ -40,15 +40,16 @@ from migd.abi import PAGE_SHIFT, PAGE_SIZE, GuestPolicy, MiB
 from migd.bitmap import PageBitmap
 from migd.guest.channel import GuestChannel
 from migd.convergence import AutoConverge, BandwidthMeter, Decision, HandoffCost, RateLimiter, SwitchoverPolicy
-from migd.errors import MigdError
+from migd.errors import MigdError, ProtocolError
 from migd.guest.host_guest import GuestState, HostGuest
 from migd.peer_text import printable
 from migd.platform.pki_verify import TlsProblem, tls_problem
 from migd.platform.psp import RunAbandoned
 from migd.page_runs import CHUNK_PAGES, HOLE_STEP_PAGES, PageKind, classify, lane_of, stripe_end
+from migd.lane_socket import LaneSocket
 from migd.progress import MigrationProgress
 from migd.send_buffers import SendRing
-from migd.send_lane import SendLane
+from migd.send_lane import RUN_BYTES, SendLane
 from migd.session import Phase, Timeouts
 from migd.source_session import SourceSession
 from migd.stream import WRITE_HIGH_WATER, FrameProtocol, StreamClosed, StreamTimeout, open_stream
@@ -180,7 +181,7 @@ class OutgoingMigration:
         )
         self._proto: FrameProtocol | None = None
         #: Every connection of the migration, the first (control) one first; pages are striped over them.
-        self._lanes: list[FrameProtocol] = []
+        self._lanes: list[FrameProtocol | LaneSocket] = []
         self._rings: list[SendRing | None] = []  # one payload ring per connection, allocated at its first frame
         #: With several connections: each one's ordered frame queue and SEND_UPDATE_DATA thread.
         self._send_lanes: list[SendLane] = []
@@ -345,8 +346,11 @@ class OutgoingMigration:
     async def _open_lanes(self) -> None:
         """Open the further connections (as many as the session agreed), each proved by JOIN/JOINED.
 
-        Each is a connection like the first (TLS with the same identity), and carries pages only
-        after the destination proved, in JOINED, that it holds this session's key.
+        Each is a connection like the first (TLS with the same identity, to the address the
+        first one reached), opened and then written by its lane's thread (migd/lane_socket.py),
+        and carries pages only after the destination proved, in JOINED, that it holds this
+        session's key. The lanes exist before any connection is opened, so whatever ends the
+        opening (a refused connection, a cancel) closes them all here, and a later end in ``run()``.
         """
         proto, n = self._stream(), self.session.connections
         self._lanes, self._rings = [proto], [None]
@@ -355,52 +359,52 @@ class OutgoingMigration:
         if n == 1:
             return
         high = max(MIN_LANE_HIGH_WATER, WRITE_HIGH_WATER // n)
-        opening = [asyncio.ensure_future(self._open_lane(i)) for i in range(1, n)]
-        try:
-            lanes = await asyncio.gather(*opening)
-        except BaseException:
-            # One failed (or the migration was cancelled): none of the others may outlive it.
-            for task in opening:
-                task.cancel()
-                # Whenever it ends, even if this wait is cancelled in turn: a connection that
-                # joined is aborted, never left open past the migration.
-                task.add_done_callback(_abort_opened)
-            await asyncio.gather(*opening, return_exceptions=True)
-            raise
-        for lane in [proto, *lanes]:
-            lane.set_write_buffer_limits(high)
-        self._lanes = [proto, *lanes]
+        proto.set_write_buffer_limits(high)
+        sockets = [LaneSocket(i) for i in range(1, n)]
+        self._lanes = [proto, *sockets]
         self._rings = [None] * n
-        self._send_lanes = [SendLane(i, functools.partial(self._lane_written, i), self._lanes[i].bytes_consumed,
-                                     transport_bytes=high) for i in range(n)]
+        # A further connection's thread writes its frames; only the first one's go through the loop.
+        self._send_lanes = [SendLane(0, functools.partial(self._lane_written, 0), proto.bytes_consumed,
+                                     transport_bytes=high)]
+        self._send_lanes += [SendLane(s.index, functools.partial(self._lane_written, s.index), s.bytes_consumed,
+                                      transport_bytes=RUN_BYTES, socket=s) for s in sockets]
         self._resend = PageBitmap(self.guest.definition.npages)
-
-    async def _open_lane(self, index: int) -> FrameProtocol:
-        """Connection ``index``: connect, JOIN, a verified JOINED; MigrationFailed says which step failed."""
-        p, where = self.params, f"connection {index + 1} of {self.session.connections} to {self.host}:{self.port}"
         try:
-            lane = await open_stream(self.host, self.port, ssl_context=self._ssl, timeout=p.handshake_timeout_s)
-        except TimeoutError:
+            await asyncio.gather(*(self._open_lane(lane) for lane in self._send_lanes[1:]))
+        except BaseException:
+            # One failed, or the migration was cancelled: none of the others may go on opening
+            # or stay open. Shutting a lane's socket ends its thread's connect or read at once;
+            # synchronous, so a second cancel cannot interrupt it.
+            for send_lane in self._send_lanes:
+                send_lane.close()
+            raise
+
+    async def _open_lane(self, send_lane: SendLane) -> None:
+        """Open connection ``send_lane.index`` in its thread: connect, JOIN, a JOINED verified here;
+        MigrationFailed says which step failed."""
+        index, lane = send_lane.index, send_lane.socket
+        assert lane is not None
+        p, where = self.params, f"connection {index + 1} of {self.session.connections} to {self.host}:{self.port}"
+        address = self._stream().peer_address
+        if address is None:
+            raise MigrationFailed(f"could not open {where}: the first connection's address is unknown")
+        join = self.session.join(index)
+        try:
+            reply = await send_lane.run_in_thread(
+                functools.partial(lane.open, address, join, self._ssl, self.host, p.handshake_timeout_s))
+            if not isinstance(reply, wire.Joined):
+                raise ProtocolError(f"expected Joined, peer sent {type(reply).__name__}")
+            self.session.check_joined(reply, index)
+        except StreamTimeout as exc:
             raise MigrationFailed(f"could not open {where} within {p.handshake_timeout_s:g} s "
-                                  f"(the limit is migration.handshake_timeout_s)") from None
+                                  f"({exc}; the limit is migration.handshake_timeout_s)") from exc
         except ssl.SSLError as exc:
             raise MigrationFailed(f"{where}: " + tls_connect_failure(exc.reason, getattr(exc, "verify_code", None),
                                                                     str(exc), self.host)) from exc
+        except (MigdError, TimeoutError) as exc:
+            raise MigrationFailed(f"{where} was refused: {exc}") from exc
         except OSError as exc:
             raise MigrationFailed(f"could not open {where}: {exc.strerror or exc}") from exc
-        try:
-            lane.write(self.session.join(index))
-            reply = await lane.expect(wire.Joined, p.handshake_timeout_s)
-            self.session.check_joined(reply, index)
-            lane.pages_only()  # nothing more is read from it: any frame but an ABORT is refused
-        except BaseException as exc:
-            lane.abort()
-            if isinstance(exc, StreamTimeout):
-                raise MigrationFailed(f"{where}: no JOINED within {p.handshake_timeout_s:g} s") from exc
-            if isinstance(exc, (MigdError, TimeoutError)):
-                raise MigrationFailed(f"{where} was refused: {exc}") from exc
-            raise
-        return lane
 
     async def _precopy(self) -> PageBitmap:
         """Pre-copy rounds; returns the dirty set left for stop-and-copy."""
@@ -520,10 +524,14 @@ class OutgoingMigration:
                 session.handle_timer(time.monotonic())
 
     def _lane_written(self, lane: int, msg: wire.Message, kind: PageKind, gpa: int, npages: int,
-                      header: bytes) -> int:
-        """A connection's queued frame is ready and its turn came: write it, account for it;
-        returns the connection's stream position after it."""
-        nbytes = self._write(msg, lane)
+                      header: bytes, nbytes: int | None) -> int:
+        """A connection's queued frame had its turn: write it (``nbytes`` None) or take the word of
+        the lane's thread that it wrote it; account for it. Returns the connection's stream
+        position after a frame written here."""
+        if nbytes is None:
+            nbytes = self._write(msg, lane)
+        else:
+            self._account_link(time.monotonic())
         self.session.page_sent(kind, gpa, npages, header, lane)
         self.progress.count_run(kind, npages, nbytes)
         return self._lanes[lane].bytes_sent
@@ -560,7 +568,9 @@ class OutgoingMigration:
         for start, count in zip(starts.tolist(), counts.tolist(), strict=True):
             pos, end = start, start + count
             while pos < end:
-                await self._drain(self._lanes[lane_of(pos, lanes)])
+                lane = self._lanes[lane_of(pos, lanes)]
+                if not isinstance(lane, LaneSocket):  # a further connection's thread waits itself
+                    await self._drain(lane)
                 if self._send_lanes:
                     await self._within_stall_deadline(self._send_lanes[lane_of(pos, lanes)].room)
                 span = 0 if self._limiter.unlimited else self._step_span(pos, end, max_hole)
@@ -621,7 +631,7 @@ class OutgoingMigration:
             self.session.page_sent(kind, gpa, count, lane=lane)
             self.progress.count_run(kind, count, self._write(wire.ZeroPages(gpa, count), lane))
             return
-        guest, proto = self.guest, self._lanes[lane]
+        guest, proto = self.guest, self._stream()  # one connection: every run is the event loop's
         ring = self._rings[lane]
         if ring is None:
             self._rings[lane] = ring = SendRing(SEND_RING_BYTES)
@@ -686,8 +696,10 @@ class OutgoingMigration:
         send_lane.put_private(job, gpa, count, in_ring)
 
     def _write(self, msg: wire.Message, lane: int = 0) -> int:
-        """Write ``msg`` on connection ``lane`` (control messages: the first)."""
-        nbytes = (self._lanes[lane] if self._lanes else self._stream()).write(msg)
+        """Write ``msg`` on connection ``lane`` (control messages: the first), one of the loop's."""
+        proto = self._lanes[lane] if self._lanes else self._stream()
+        assert not isinstance(proto, LaneSocket), "a further connection is written by its lane's thread"
+        nbytes = proto.write(msg)
         self._account_link(time.monotonic())
         return nbytes
 
@@ -885,12 +897,6 @@ class OutgoingMigration:
     def _stream(self) -> FrameProtocol:
         assert self._proto is not None
         return self._proto
-
-
-def _abort_opened(task: asyncio.Future[FrameProtocol]) -> None:
-    """Done callback of a further connection being opened for a migration that failed: abort it."""
-    if not task.cancelled() and task.exception() is None:
-        task.result().abort()
 
 
 def _retrieve(task: asyncio.Future[bytes]) -> None:

@@ -106,6 +106,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._close_reason: BaseException | None = None
         self.bytes_sent = 0
         self.peer: str | None = None
+        #: The peer's socket address (as ``getpeername()`` gives it): where further connections go.
+        self.peer_address: tuple[str, int] | tuple[str, int, int, int] | None = None
         #: This end's address ("host:port", IPv6 in brackets): on a destination, what the source dialled.
         self.local = "unknown"
         self.last_activity = time.monotonic()  # when bytes last arrived (idle timeouts)
@@ -134,6 +136,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
             self.peer = f"{peername[0]}:{peername[1]}"
+            self.peer_address = peername
         sockname = transport.get_extra_info("sockname")
         if isinstance(sockname, tuple) and len(sockname) >= 2:
             host = str(sockname[0])

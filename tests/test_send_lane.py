@@ -1,4 +1,5 @@
-"""One outgoing connection's ordered frame queue (migd/send_lane.py), without a socket or firmware.
+"""One outgoing connection's ordered frame queue (migd/send_lane.py), without firmware; a socket
+only where a further connection's thread writes its own frames.
 
 Frames must leave in the order they were queued whatever order their sealing finishes in (a
 page's versions must never overtake each other on a connection), the queue must stay bounded,
@@ -18,7 +19,9 @@ import pytest
 from migd import wire
 from migd.abi import PAGE_SIZE
 from migd.page_runs import PageKind
+from migd.lane_socket import LaneSocket
 from migd.send_lane import MAX_PENDING, RUN_BYTES, SendLane, SendLaneError
+from test_lane_socket import JOIN, Peer
 
 
 def _put(lane: SendLane, gpa: int, npages: int, gate: threading.Event | None = None, fail: bool = False,
@@ -43,7 +46,9 @@ class _Connection:
         self.written: list[tuple[PageKind, int]] = []
         self.position = 0
 
-    def write(self, msg: wire.Message, kind: PageKind, gpa: int, npages: int, header: bytes) -> int:
+    def write(self, msg: wire.Message, kind: PageKind, gpa: int, npages: int, header: bytes,
+              nbytes: int | None) -> int:
+        assert nbytes is None  # no socket of its own: the loop writes
         self.written.append((kind, gpa))
         self.position += npages * PAGE_SIZE
         return self.position
@@ -166,3 +171,75 @@ def test_a_closed_lane_lets_its_ring_go() -> None:
     gc.collect()
     assert ring() is None, "a closed lane still holds its payload ring"
     assert lane.pending == 0
+
+
+class _Accounts:
+    """The source's callback for a lane whose thread writes: records what it is told, and where."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[PageKind, int, int | None, int]] = []  # kind, gpa, nbytes, thread
+
+    def write(self, msg: wire.Message, kind: PageKind, gpa: int, npages: int, header: bytes,
+              nbytes: int | None) -> int:
+        self.told.append((kind, gpa, nbytes, threading.get_ident()))
+        return 0
+
+
+def test_a_further_connection_is_written_by_its_thread_in_queue_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a socket of its own, the lane's thread writes every frame (shared and zero ones in
+    their turn among the sealed runs), never the event loop; the loop is told each frame's bytes,
+    in order, and only accounts for it. Negative control: a lane without a socket is written by
+    the loop's callback, on the loop's thread."""
+    writers: list[int] = []
+    write = LaneSocket.write
+
+    def recording_write(self: LaneSocket, msg: wire.Message) -> int:
+        writers.append(threading.get_ident())
+        return write(self, msg)
+
+    monkeypatch.setattr(LaneSocket, "write", recording_write)
+    peer = Peer()
+
+    async def main() -> None:
+        loop_thread = threading.get_ident()
+        accounts, socket_ = _Accounts(), LaneSocket(1)
+        lane = SendLane(1, accounts.write, socket_.bytes_consumed, transport_bytes=RUN_BYTES, socket=socket_)
+        try:
+            assert isinstance(await lane.run_in_thread(lambda: socket_.open(peer.address, JOIN, None, "x", 5.0)),
+                              wire.Joined)
+            held = threading.Event()
+            _put(lane, 0, 1, gate=held)
+            lane.put_ready(wire.SharedPages(0, 1, b"\x07" * PAGE_SIZE), PageKind.SHARED, 0, 1)
+            lane.put_ready(wire.ZeroPages(PAGE_SIZE, 3), PageKind.ZERO, PAGE_SIZE, 3)
+            lane.submit()
+            _put(lane, 4 * PAGE_SIZE, 2)
+            lane.submit()
+            await asyncio.sleep(0.05)
+            assert writers == [] and accounts.told == []  # nothing overtakes the run being sealed
+            held.set()
+            await lane.flush(5)
+            assert len(writers) == 4 and loop_thread not in writers and len(set(writers)) == 1
+            assert [(kind, gpa) for kind, gpa, _, _ in accounts.told] == [
+                (PageKind.PRIVATE, 0), (PageKind.SHARED, 0), (PageKind.ZERO, PAGE_SIZE), (PageKind.PRIVATE, 4 * PAGE_SIZE)]
+            assert all(nbytes is not None and thread == loop_thread for _, _, nbytes, thread in accounts.told)
+            assert sum(nbytes or 0 for _, _, nbytes, _ in accounts.told) == socket_.bytes_sent
+        finally:
+            lane.close()
+        peer.thread.join(10)
+        assert [type(m) for m in peer.frames] == [wire.Join, wire.PrivatePages, wire.SharedPages, wire.ZeroPages,
+                                                  wire.PrivatePages]
+
+        # The control: no socket, the loop writes.
+        connection = _Connection()
+        plain = _lane(connection)
+        try:
+            plain.put_ready(wire.ZeroPages(0, 1), PageKind.ZERO, 0, 1)
+            await plain.flush(5)
+            assert connection.written == [(PageKind.ZERO, 0)] and len(writers) == 4
+        finally:
+            plain.close()
+
+    try:
+        _run(main)
+    finally:
+        peer.close()

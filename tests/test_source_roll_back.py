@@ -17,15 +17,19 @@ import asyncio
 import contextlib
 import functools
 import os
+import re
+import socket
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from migd import wire
 from migd.abi import PAGE_SIZE
 from migd.bitmap import PageBitmap
 from migd.guest.host_guest import GuestDefinition, GuestState
@@ -192,53 +196,114 @@ def test_no_plaintext_is_left_behind_when_the_migration_fails_during_a_seal() ->
 
 
 class Lane:
-    def __init__(self) -> None:
-        self.aborted = False
+    """The first connection: only what opening the further ones asks of it."""
 
-    def abort(self) -> None:
-        self.aborted = True
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.peer_address = address
 
     def set_write_buffer_limits(self, high: int) -> None:
         pass
 
+    def bytes_consumed(self) -> int:
+        return 0
 
-def test_a_joined_connection_is_aborted_even_if_a_second_cancel_comes_during_the_clean_up() -> None:
-    async def main() -> None:
+
+class FurtherListener:
+    """A destination's listener for further connections, in a thread: connection 2's JOIN is
+    answered with a genuine JOINED, connection 3's with an ABORT (``refuse``), connection 4's
+    never. It then watches every connection it accepted until the source ends it."""
+
+    def __init__(self, dest: Any, refuse: bool) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = self.server.getsockname()
+        self.dest, self.refuse = dest, refuse
+        self.joined = threading.Event()
+        self.ended: dict[int, float] = {}  # lane: when the source ended it (EOF or reset)
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.server.settimeout(10)
+        watchers = []
+        for _ in range(3):
+            conn, _ = self.server.accept()
+            self.conns.append(conn)
+            watchers.append(threading.Thread(target=self._lane, args=(conn,), daemon=True))
+            watchers[-1].start()
+        for watcher in watchers:
+            watcher.join(20)
+
+    def _lane(self, conn: socket.socket) -> None:
+        conn.settimeout(15)
+        decoder, messages = wire.FrameDecoder(), []
+        while not messages:
+            messages = decoder.feed(conn.recv(4096))
+        (join,) = messages
+        if join.lane == 1:
+            conn.sendall(wire.encode_bytes(self.dest.accept_join(join, 0.0)))
+            self.joined.set()
+        elif join.lane == 2 and self.refuse:
+            assert self.joined.wait(10)
+            conn.sendall(wire.encode_bytes(wire.Abort("injected: connection 3 refused")))
+        try:
+            while conn.recv(4096):  # nothing more comes before the source ends the connection
+                pass
+        except OSError:
+            pass
+        self.ended[join.lane] = time.monotonic()
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        self.server.close()
+
+
+@pytest.mark.parametrize("how", ["refused", "cancelled", "negative-control-lanes-left-open"])
+def test_no_further_connection_outlives_a_failed_opening(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Connection 2 of 4 has joined, 3 is refused (or the migration is cancelled), 4 waits for an
+    answer that never comes: every one of them is ended at once, the joined one included, and
+    4's thread is not left waiting out the handshake timeout (30 s here). Seen from the
+    destination's side of the sockets. Before the further connections were threads of their
+    own, a joined connection outlived a migration cancelled twice while the others were opened
+    (found by an adversarial review). Negative control: lanes whose close() does nothing leave
+    every connection open, and the check fails."""
+    if how.startswith("negative"):
+        monkeypatch.setattr(SendLane, "close", lambda self: None)
+
+    async def main() -> FurtherListener:
         guest = SimpleNamespace(
             name="g", definition=GuestDefinition("g", 1, 0), handle=1, agent=object(), state=GuestState.RUNNING,
             firmware=SimpleNamespace(transport_mode=TransportMode.BOUND), channel=None,
             vm=SimpleNamespace(migration_ready=True, msr_migration_control=1, on_migration_control_change=None))
-        migration = OutgoingMigration(guest, "127.0.0.1", 1, MigrationParams(connections=4))  # type: ignore[arg-type]
-        established(migration.session)
-        assert migration.session.connections == 4
-        migration._proto = Lane()  # type: ignore[assignment]
-        joined, lane1 = asyncio.Event(), Lane()
-        outer: list[asyncio.Task[None]] = []
-
-        async def open_lane(index: int) -> Lane:
-            if index == 1:
-                joined.set()
-                return lane1  # JOINED verified
-            if index == 2:
-                await joined.wait()
-                raise MigrationFailed("connection 3 of 4 was refused: injected")
-            try:
-                await asyncio.Event().wait()  # connection 4: still connecting
-            except asyncio.CancelledError:
-                outer[0].cancel()  # a second cancel lands while _open_lanes cleans up
-                raise
-            raise AssertionError
-
-        migration._open_lane = open_lane  # type: ignore[method-assign,assignment]
+        migration = OutgoingMigration(guest, "127.0.0.1", 1,  # type: ignore[arg-type]
+                                      MigrationParams(connections=4, handshake_timeout_s=30.0))
+        _, dest = established(migration.session)
+        listener = FurtherListener(dest, refuse=how != "cancelled")
+        migration._proto = Lane(listener.address)  # type: ignore[assignment]
         task = asyncio.ensure_future(migration._open_lanes())
-        outer.append(task)
-        with pytest.raises((MigrationFailed, asyncio.CancelledError)):
-            await asyncio.wait_for(task, 5)
-        await asyncio.sleep(0)
-        assert lane1 not in migration._lanes  # so run()'s finally will not close it either
-        assert lane1.aborted, "connection 2 joined and outlives the failed migration (never aborted or closed)"
+        if how == "cancelled":
+            await asyncio.to_thread(listener.joined.wait, 10)
+            task.cancel()
+        with pytest.raises((MigrationFailed, asyncio.CancelledError)) as failure:
+            await asyncio.wait_for(task, 10)
+        if how == "refused":
+            assert re.search(r"connection 3 of 4 .* was refused: injected", str(failure.value)), failure.value
+        return listener
 
-    asyncio.run(main())
+    started = time.monotonic()
+    listener = asyncio.run(main())
+    try:
+        deadline = time.monotonic() + 3
+        while len(listener.ended) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if how.startswith("negative"):  # the refused one ends itself; the joined and the waiting stay
+            assert {1, 3}.isdisjoint(listener.ended), listener.ended
+            return
+        assert sorted(listener.ended) == [1, 2, 3], f"still open: {sorted({1, 2, 3} - set(listener.ended))}"
+        assert max(listener.ended.values()) - started < 5
+    finally:
+        listener.close()
 
 
 def test_a_finished_migration_keeps_no_page_bitmap() -> None:

@@ -8,9 +8,11 @@ bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +21,7 @@ from migd.guest.workload import WorkloadConfig
 from migd.listener import MigrationListener
 from migd.migration_state import MigrationStatus
 from migd.source import OutgoingMigration
-from migd.stream import FrameProtocol
+from migd.stream import FrameProtocol, StreamClosed
 
 from .hosts import closing, make_host, running_guest, wait_populated
 from .test_stream_faults import MEMORY_MIB, PARAMS
@@ -58,7 +60,9 @@ def _queued(proto: FrameProtocol) -> tuple[int, int]:
 #
 # After JOIN nobody calls receive() on a further connection: on the destination
 # IncomingMigration._serve_lane installs the page handler and awaits the lane's end, and the
-# source reads nothing from it after JOINED. Both ends therefore switch it to
+# source reads nothing from it after JOINED (its lane's thread only writes there: what is sent to
+# it stays in the kernel's receive buffer, which does not grow unread, and then with the sender).
+# The destination therefore switches it to
 # FrameProtocol.pages_only(): page frames go to the pipeline, and any other frame (SHARED_BITMAP
 # up to 8 MiB, VCPU_STATE, PING, PREPARE, a second JOIN ...) is a ProtocolError that fails the
 # migration; an ABORT there ends it with the peer's reason. Without this, those frames would be
@@ -84,7 +88,9 @@ def test_control_frames_on_a_further_connection_are_refused_not_hoarded(tmp_path
     """Control frames sent on connection 2, to the destination (by the source, or anyone on a
     plain-TCP path) or to the source (by the destination's side of it), are refused by the side
     that receives them, which reads nothing but page frames (or nothing at all) there, instead of
-    being queued for nobody; on the destination the refusal fails the migration."""
+    being queued for nobody; on the destination the refusal fails the migration. The source
+    reads nothing from a further connection after JOINED (its thread only writes there): the
+    flood stays with its sender, and the migration goes on."""
 
     async def main() -> None:
         a, b = make_host(tmp_path, "hostA"), make_host(tmp_path, "hostB")
@@ -96,26 +102,47 @@ def test_control_frames_on_a_further_connection_are_refused_not_hoarded(tmp_path
                 await wait_populated(guest)
                 migration = OutgoingMigration(guest, "127.0.0.1", port, SLOW_TWO)
                 task = migration.start()
-                assert await _until(lambda: len(migration._lanes) == 2, 10), "connection 2 never joined"
+                assert await _until(lambda: len(_dest_lanes(b)) == 2, 10), "connection 2 never joined"
                 (incoming,) = b.migrations.values()
-                dest_lane = b.lane_servers[incoming.id].__self__._lanes[1]  # type: ignore[attr-defined]
+                dest_lane = _dest_lanes(b)[1]
                 assert incoming.status is S.ACTIVE  # pages still flow: the frames come mid-migration
-                src_lane = migration._lanes[1]
-                sender, receiver = (src_lane, dest_lane) if to == "destination" else (dest_lane, src_lane)
-                for _ in range(FLOOD_FRAMES):
-                    sender.write(wire.SharedBitmap(bytes(FLOOD_BYTES)))
-                refused = await _until(lambda: receiver.close_reason is not None
-                                       or _queued(receiver)[0] >= FLOOD_FRAMES, 10)
-                held, held_bytes = _queued(receiver)
-                closed = receiver.close_reason
-                progress = await asyncio.wait_for(task, 60)
-                assert refused
-                assert closed is not None and held == 0, (
-                    f"connection 2 was not refused by the {to}: it holds {held} control frames ({held_bytes} bytes) "
-                    f"nobody will read, and the migration went on and ended {progress.status.value}")
                 if to == "destination":
+                    src_lane = migration._send_lanes[1]
+                    assert src_lane.socket is not None
+                    # Written by the connection's own thread, between its page frames.
+                    with contextlib.suppress(StreamClosed):
+                        await src_lane.run_in_thread(lambda: [src_lane.socket.write(wire.SharedBitmap(  # type: ignore[union-attr]
+                            bytes(FLOOD_BYTES))) for _ in range(FLOOD_FRAMES)])
+                    refused = await _until(lambda: dest_lane.close_reason is not None
+                                           or _queued(dest_lane)[0] >= FLOOD_FRAMES, 10)
+                    held, held_bytes = _queued(dest_lane)
+                    closed = dest_lane.close_reason
+                    progress = await asyncio.wait_for(task, 60)
+                    assert refused
+                    assert closed is not None and held == 0, (
+                        f"connection 2 was not refused by the destination: it holds {held} control frames "
+                        f"({held_bytes} bytes) nobody will read, and the migration went on and ended "
+                        f"{progress.status.value}")
                     assert progress.status is S.FAILED, progress.status  # a bad frame ends the migration
+                else:
+                    for _ in range(FLOOD_FRAMES):
+                        dest_lane.write(wire.SharedBitmap(bytes(FLOOD_BYTES)))
+                    # The source's kernel takes its socket's receive buffer (128 KiB: not grown, as
+                    # nothing reads it) and the rest stays with the sender.
+                    backed_up = await _until(lambda: dest_lane.write_buffer_size() > FLOOD_FRAMES * FLOOD_BYTES // 2, 10)
+                    progress = await asyncio.wait_for(task, 60)
+                    assert backed_up, f"the source read {dest_lane.bytes_consumed()} bytes of the flood"
+                    assert progress.status is S.COMPLETED, progress.phase.error
         finally:
             await listener.close()
 
     asyncio.run(main())
+
+
+def _dest_lanes(host: Any) -> dict[int, FrameProtocol]:
+    """The destination's connections of its one incoming migration (none before it exists)."""
+    if not host.migrations:
+        return {}
+    (incoming,) = host.migrations.values()
+    server = host.lane_servers.get(incoming.id)
+    return {} if server is None else server.__self__._lanes  # type: ignore[no-any-return]
