@@ -149,6 +149,11 @@ class LaneSocket:
             raise StreamClosed(f"connection {self.index + 1} was closed by this side")
 
     def _within(self, sock: socket.socket, deadline: float, step: str, call: Callable[[], object]) -> None:
+        # Shut before, during or after the call, the opening ends here: a socket shut before its
+        # connect started is only marked (ENOTCONN), and the connect then returns at once with
+        # the SYN still unanswered, after which a write would spin until the deadline (found by
+        # an adversarial review).
+        self._opening_shut(step)
         left = deadline - time.monotonic()
         if left <= 0:
             raise StreamTimeout(f"{step} took longer than the handshake timeout")
@@ -156,11 +161,16 @@ class LaneSocket:
         try:
             call()
         except TimeoutError:
+            self._opening_shut(step)
             raise StreamTimeout(f"{step} took longer than the handshake timeout") from None
         except OSError:
-            if self._shut:
-                raise StreamClosed(f"connection {self.index + 1} was closed by this side during {step}") from None
+            self._opening_shut(step)
             raise
+        self._opening_shut(step)
+
+    def _opening_shut(self, step: str) -> None:
+        if self._shut:
+            raise StreamClosed(f"connection {self.index + 1} was closed by this side during {step}")
 
     def _receive_one(self, sock: socket.socket, deadline: float) -> wire.Message:
         # Only control frames are legal before the peer has proved the session's key.

@@ -10,6 +10,7 @@ whose peer stopped reading (each with its control: without the shutdown the call
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import struct
@@ -25,6 +26,7 @@ from migd import wire
 from migd.abi import PAGE_SIZE
 from migd.errors import PeerAborted, ProtocolError
 from migd.lane_socket import WRITE_POLL_S, LaneSocket
+from migd.send_lane import RUN_BYTES, SendLane
 from migd.platform import identity
 from migd.platform.pki_verify import tls_client_context, tls_server_context
 from migd.stream import StreamClosed, StreamTimeout
@@ -255,3 +257,105 @@ def test_a_shut_lane_writes_nothing() -> None:
         lane.close()  # idempotent
     finally:
         peer.close()
+
+
+class Unanswering:
+    """A listener whose one place in its accept queue is taken: a further SYN gets no answer."""
+
+    def __init__(self) -> None:
+        self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(0)
+        self.address = self.server.getsockname()
+        self.filler = socket.create_connection(self.address, timeout=5)
+
+    def close(self) -> None:
+        self.filler.close()
+        self.server.close()
+
+
+@pytest.fixture
+def unanswering() -> Any:
+    listener = Unanswering()
+    yield listener
+    listener.close()
+
+
+def test_control_a_connect_to_the_unanswering_listener_hangs(unanswering: Unanswering) -> None:
+    probe = socket.socket()
+    probe.settimeout(0.5)
+    try:
+        with pytest.raises(TimeoutError):
+            probe.connect(unanswering.address)
+    finally:
+        probe.close()
+
+
+def _pause_after_adopting(monkeypatch: pytest.MonkeyPatch, adopted: threading.Event,
+                          until: Callable[[LaneSocket], bool]) -> None:
+    """Hold the lane's thread right after it adopted its unconnected socket, until ``until``:
+    the interleaving a switch of the GIL between the two lines allows."""
+    adopt = LaneSocket._adopt
+
+    def adopt_and_pause(self: LaneSocket, sock: socket.socket) -> socket.socket:
+        sock = adopt(self, sock)
+        if not adopted.is_set():
+            adopted.set()
+            deadline = time.monotonic() + 5
+            while not until(self) and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return sock
+
+    monkeypatch.setattr(LaneSocket, "_adopt", adopt_and_pause)
+
+
+@pytest.mark.parametrize("when", ["before-the-connect", "during-the-connect"])
+def test_shutdown_ends_an_opening_at_once(monkeypatch: pytest.MonkeyPatch, unanswering: Unanswering,
+                                          when: str) -> None:
+    """A shutdown that lands before the connect starts only marks the socket (ENOTCONN): the
+    connect then returned at once, the SYN unanswered, and sending JOIN spun at full CPU until
+    the handshake timeout (found by an adversarial review); during the connect, the kernel ends
+    it (the control for the set-up)."""
+    adopted = threading.Event()
+    if when == "before-the-connect":
+        _pause_after_adopting(monkeypatch, adopted, lambda lane: lane._shut)
+    lane = LaneSocket(1)
+    thread, failed, ended = _in_thread(lambda: lane.open(unanswering.address, JOIN, None, "x", 4.0))
+    try:
+        if when == "before-the-connect":
+            assert adopted.wait(5)
+        else:
+            thread.join(0.5)
+            assert thread.is_alive()
+        shut_at = time.monotonic()
+        lane.shutdown()
+        thread.join(6)
+        assert not thread.is_alive() and ended[0] - shut_at < 1.0, (ended[0] - shut_at, failed)
+        assert isinstance(failed[0], StreamClosed), failed
+    finally:
+        lane.close()
+
+
+def test_closing_a_lane_that_is_opening_does_not_hold_the_event_loop(monkeypatch: pytest.MonkeyPatch,
+                                                                    unanswering: Unanswering) -> None:
+    """SendLane.close() runs on the event loop (a failed opening's clean-up, a roll-back) and
+    waits for the lane's thread: with the shutdown landing before the connect, that held the
+    daemon's whole loop for the handshake timeout."""
+    adopted = threading.Event()
+    _pause_after_adopting(monkeypatch, adopted, lambda lane: lane._shut)
+
+    async def main() -> float:
+        lane_socket = LaneSocket(1)
+        lane = SendLane(1, lambda *args: 0, lane_socket.bytes_consumed, transport_bytes=RUN_BYTES,
+                        socket=lane_socket)
+        opening = lane.run_in_thread(lambda: lane_socket.open(unanswering.address, JOIN, None, "x", 4.0))
+        assert await asyncio.to_thread(adopted.wait, 5)
+        started = time.monotonic()
+        lane.close()
+        took = time.monotonic() - started
+        with pytest.raises(StreamClosed):
+            await opening
+        return took
+
+    took = asyncio.run(main())
+    assert took < 1.0, f"SendLane.close() held the event loop for {took:.2f} s"
