@@ -54,6 +54,10 @@ _T = TypeVar("_T")
 MAX_PENDING = 3
 #: The largest payload of one frame.
 RUN_BYTES = wire.MAX_RUN_PAGES * PAGE_SIZE
+#: Frames one connection may have queued, payload or not: zero runs carry none, and a stretch of
+#: holes queues 64 per step (page_runs.HOLE_STEP_PAGES), so behind a connection that does not
+#: move only this keeps the queue from taking every hole of the guest (a few hundred bytes each).
+MAX_QUEUED_FRAMES = 128
 
 #: Called on the loop for each frame in its turn: (message, kind, gpa, npages, header, nbytes);
 #: ``nbytes`` None: write the frame now, and return the stream position after it (its payload
@@ -181,9 +185,15 @@ class SendLane:
         if has_payload:
             self._pending_bytes += queued.npages * PAGE_SIZE
 
+    @property
+    def crowded(self) -> bool:
+        """As many frames queued as :data:`MAX_QUEUED_FRAMES`: :meth:`room` would wait."""
+        return len(self._queue) >= MAX_QUEUED_FRAMES
+
     async def room(self, timeout: float) -> None:
         """Wait until another step's runs may be queued (TimeoutError after ``timeout``)."""
-        await self._wait_until(lambda: self._pending_bytes < self._max_pending * RUN_BYTES, timeout)
+        await self._wait_until(lambda: self._pending_bytes < self._max_pending * RUN_BYTES and not self.crowded,
+                               timeout)
 
     async def flush(self, timeout: float) -> None:
         """Wait until every queued frame is written (TimeoutError after ``timeout``)."""

@@ -573,6 +573,11 @@ class OutgoingMigration:
                     await self._drain(lane)
                 if self._send_lanes:
                     await self._within_stall_deadline(self._send_lanes[lane_of(pos, lanes)].room)
+                    # A step of holes queues zero runs on every connection, and hole steps all
+                    # start on the same one (64 stripes each): the others are looked at too.
+                    for send_lane in self._send_lanes:
+                        if send_lane.crowded:
+                            await self._within_stall_deadline(send_lane.room)
                 span = 0 if self._limiter.unlimited else self._step_span(pos, end, max_hole)
                 delay = self._limiter.delay(time.monotonic(), span * PAGE_SIZE)
                 if delay > 0:

@@ -7,9 +7,11 @@ destination through the destination's firmware, and the two guests are compared.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +26,12 @@ from migd.abi import PAGE_SIZE
 from migd.bitmap import PageBitmap
 from migd.guest.host_guest import GuestDefinition, GuestState
 from migd.platform.memory import GuestRam, MemoryEncryption
-from migd.page_runs import CHUNK_PAGES, HOLE_STEP_PAGES, PageRun, classify
+from migd.lane_socket import LaneSocket
+from migd.page_runs import CHUNK_PAGES, HOLE_STEP_PAGES, STRIPE_PAGES, PageRun, classify
 from migd.errors import FirmwareError
 from migd.platform.psp import PspFirmware
+from migd.send_lane import MAX_QUEUED_FRAMES, RUN_BYTES, SendLane
+from migd.sev_transport import TransportMode
 from migd.source import OutgoingMigration
 from session_pair import established
 
@@ -281,3 +286,58 @@ def test_payload_buffers_are_reused_only_after_the_transport_sent_them(
                 intact &= b.dbg_decrypt(dst_handle, dst, private_gpa, count) == a.dbg_decrypt(
                     handle, src, private_gpa, count)
         assert intact is honest, "a region reused before its frame left went unnoticed" if not honest else ""
+
+
+@pytest.mark.parametrize("checked", [True, False], ids=["every-connection-checked", "negative-control-unchecked"])
+def test_zero_runs_behind_a_stuck_connection_stay_bounded(shm_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          checked: bool) -> None:
+    """A sparse 4 GiB guest over 2 connections whose second one does not move (its thread is
+    busy: a peer that stopped reading). A step of holes queues zero runs on both connections, and
+    every hole step starts on the first (64 stripes each), so waiting for room on the step's own
+    connection never looks at the second: it queued every one of its zero runs (1024 here, a
+    Python entry each; a 1 TiB guest's would be 256 K). Now it holds at most
+    MAX_QUEUED_FRAMES and a step's worth. Negative control: lanes that never say they are
+    crowded let the queue take them all."""
+    if not checked:
+        monkeypatch.setattr(SendLane, "crowded", property(lambda self: False))
+    npages = 4 << 18  # 4 GiB, all holes
+    with GuestRam(shm_dir / "sparse.ram", npages, create=True) as ram:
+        guest = SimpleNamespace(
+            name="g", definition=GuestDefinition("g", npages * PAGE_SIZE >> 20, 0), ram=ram, handle=1,
+            firmware=SimpleNamespace(transport_mode=TransportMode.BOUND),
+            vm=SimpleNamespace(shared_bitmap=PageBitmap(npages), migration_ready=True), agent=object(),
+            state=GuestState.RUNNING,
+        )
+        migration = OutgoingMigration(guest, "127.0.0.1", 1)  # type: ignore[arg-type]
+        established(migration.session)
+        stream, gate = RecordingStream(), threading.Event()
+
+        async def main() -> int:
+            first = SendLane(0, functools.partial(migration._lane_written, 0), stream.bytes_consumed,
+                             transport_bytes=RUN_BYTES)
+            stuck = SendLane(1, lambda *args: 0, lambda: 0, transport_bytes=RUN_BYTES, socket=LaneSocket(1))
+            busy = stuck.run_in_thread(lambda: gate.wait(20))
+            migration._proto = stream  # type: ignore[assignment]
+            migration._lanes, migration._rings = [stream, stuck.socket], [None, None]  # type: ignore[list-item]
+            migration._send_lanes, migration._resend = [first, stuck], PageBitmap(npages)
+            task = asyncio.ensure_future(migration._send_extents(np.array([0]), np.array([npages])))
+            try:
+                most, still = 0, 0
+                while (still < 20 or most == 0) and not task.done():  # until the queue stops growing (0.2 s)
+                    await asyncio.sleep(0.01)
+                    still = still + 1 if stuck.pending == most else 0
+                    most = max(most, stuck.pending)
+                return most
+            finally:
+                task.cancel()
+                gate.set()
+                await busy
+                for lane in migration._send_lanes:
+                    lane.close()
+
+        most = asyncio.run(asyncio.wait_for(main(), 20))
+    per_lane = npages // STRIPE_PAGES // 2
+    if checked:
+        assert most <= MAX_QUEUED_FRAMES + HOLE_STEP_PAGES // CHUNK_PAGES, most
+    else:
+        assert most == per_lane, (most, per_lane)
