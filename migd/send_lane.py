@@ -116,7 +116,7 @@ class SendLane:
         # being written) a payload gets a buffer of its own, as with one connection.
         self._ring: SendRing | None = SendRing(transport_bytes + max_pending * RUN_BYTES, pipelined=True)
         self._pending_bytes = 0  # payload queued and not written
-        self._batch: list[Job] = []  # private runs of the current step, not handed to the worker yet
+        self._batch: list[Job] = []  # runs of the current step not handed to the worker yet
         self._batch_future: concurrent.futures.Future[list[_Done]] | None = None
         self._last_end = 0  # the stream position after the last frame written
         #: Private runs abandoned by their job (not sent; the source re-sends their pages).
@@ -163,7 +163,8 @@ class SendLane:
                      kind is not PageKind.ZERO)
 
     def submit(self) -> None:
-        """Hand the private runs queued since the last call to the worker (the end of a step)."""
+        """Hand the runs batched since the last call to the worker (the end of a step): the
+        private ones, and with a socket of its own every one."""
         if self._batch_future is None:
             return
         batch, future = self._batch, self._batch_future
