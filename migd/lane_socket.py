@@ -20,7 +20,6 @@ leave (``bytes_consumed``), ends the migration at its stall deadline and shuts t
 
 from __future__ import annotations
 
-import logging
 import socket
 import ssl
 import threading
@@ -30,8 +29,6 @@ from collections.abc import Callable
 from migd import wire
 from migd.errors import PeerAborted, ProtocolError
 from migd.stream import MAX_FRAME_BEFORE_AUTHENTICATION, TLS_WRITE_BYTES, StreamClosed, StreamTimeout
-
-log = logging.getLogger(__name__)
 
 #: How long one blocking write waits before it looks again whether the socket was shut. A shut
 #: socket wakes the write at once; this only bounds a wake-up the kernel did not deliver.
@@ -144,16 +141,17 @@ class LaneSocket:
             total += len(view)
         return total
 
-    def _check_shut(self) -> None:
+    def _check_shut(self, step: str | None = None) -> None:
         if self._shut:
-            raise StreamClosed(f"connection {self.index + 1} was closed by this side")
+            during = "" if step is None else f" during {step}"
+            raise StreamClosed(f"connection {self.index + 1} was closed by this side{during}")
 
     def _within(self, sock: socket.socket, deadline: float, step: str, call: Callable[[], object]) -> None:
         # Shut before, during or after the call, the opening ends here: a socket shut before its
         # connect started is only marked (ENOTCONN), and the connect then returns at once with
         # the SYN still unanswered, after which a write would spin until the deadline (found by
         # an adversarial review).
-        self._opening_shut(step)
+        self._check_shut(step)
         left = deadline - time.monotonic()
         if left <= 0:
             raise StreamTimeout(f"{step} took longer than the handshake timeout")
@@ -161,16 +159,12 @@ class LaneSocket:
         try:
             call()
         except TimeoutError:
-            self._opening_shut(step)
+            self._check_shut(step)
             raise StreamTimeout(f"{step} took longer than the handshake timeout") from None
         except OSError:
-            self._opening_shut(step)
+            self._check_shut(step)
             raise
-        self._opening_shut(step)
-
-    def _opening_shut(self, step: str) -> None:
-        if self._shut:
-            raise StreamClosed(f"connection {self.index + 1} was closed by this side during {step}")
+        self._check_shut(step)
 
     def _receive_one(self, sock: socket.socket, deadline: float) -> wire.Message:
         # Only control frames are legal before the peer has proved the session's key.
