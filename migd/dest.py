@@ -37,6 +37,7 @@ from migd.errors import MigdError, PeerAborted, ProtocolError
 from migd.guest.host_guest import GuestDefinition, GuestState, HostGuest, wait_until
 from migd.host import Host
 from migd.journal import JournalError
+from migd.lane_receiver import LaneReceiver
 from migd.migration_state import MigrationPhase
 from migd.page_runs import PageKind
 from migd.peer_text import printable
@@ -110,8 +111,8 @@ class IncomingMigration:
         self._staging: asyncio.Future[None] | None = None  # the agent loading its vCPU state before COMMIT
         self._stage_marks: list[tuple[str, float]] = []  # for the hand-off timeline log line
         self._source_says: str | None = None  # RESOLVED's verified answer after PREPARED, if not committed
-        # Several connections: each further one (lane) places its pages from its own worker thread.
-        self._lanes: dict[int, FrameProtocol] = {0: proto}
+        # Several connections: each further one (lane) is read and placed by its own thread.
+        self._lanes: dict[int, FrameProtocol | LaneReceiver] = {0: proto}
         self._lane_ends: dict[int, asyncio.Future[None]] = {}
         self._lane_ended_at: dict[int, float] = {}  # when a further connection's peer ended it (loop time)
         self._placed = [0]  # page frames placed per connection
@@ -165,9 +166,9 @@ class IncomingMigration:
             await proto.drain()
             return
         if isinstance(first, wire.Join):
-            # Not a migration: a further connection of one that is running here.
-            await self._join(first)
-            return
+            # A further connection opens with the lane preamble, and the listener gives it to a
+            # thread of its own (migd/lane_receiver.py): this one did not.
+            raise IncomingRefused("JOIN on a connection that did not open with the lane preamble")
         hello: wire.Hello = first
         definition = self._accept(hello)
         proto.write(session.welcome(host.firmware.pdh_cert_pem, time.monotonic()))
@@ -197,7 +198,7 @@ class IncomingMigration:
         self._placed = [0] * session.connections
         proto.set_page_handler(self._place)
         if session.connections > 1:
-            host.lane_servers[progress.id] = self._serve_lane
+            host.lane_servers[progress.id] = self._admit_lane
         proto.write(ack)
         log.info("incoming migration guest=%s from=%s id=%s", definition.name, self.peer, progress.id)
 
@@ -360,11 +361,12 @@ class IncomingMigration:
     def _place(self, msg: wire.PrivatePages | wire.SharedPages | wire.ZeroPages, lane: int = 0) -> None:
         """Put one run that came on connection ``lane`` into guest RAM.
 
-        Runs in that stream's page worker thread (one frame at a time, in stream order, beside
-        the event loop and the other connections' workers; see migd/stream.py), or on the loop
-        for a zero or shared run with nothing queued ahead. Touches only this migration's guest
-        RAM (the connection's own stripes), firmware context (the connection's own transport
-        lane), counters (under a lock) and the session's chain of that connection.
+        Runs in the connection's thread (the first one's page worker, see migd/stream.py, or a
+        further one's receiver, migd/lane_receiver.py: one frame at a time, in stream order,
+        beside the event loop and the other connections' threads), or on the loop for a zero or
+        shared run of the first connection with nothing queued ahead. Touches only this
+        migration's guest RAM (the connection's own stripes), firmware context (the connection's
+        own transport lane), counters (under a lock) and the session's chain of that connection.
         """
         with self.session.page_frame(msg, lane) as kind:
             self._place_run(msg, kind, lane)
@@ -396,33 +398,18 @@ class IncomingMigration:
 
     # ------------------------------------------------------------------ further connections
 
-    async def _join(self, msg: wire.Join) -> None:
-        """This connection's first frame was JOIN: hand it to its migration, which serves it."""
-        serve = self.host.lane_servers.get(msg.migration_id)
-        if serve is None:
-            raise IncomingRefused(f"JOIN for migration {printable(msg.migration_id)}, which takes no further "
-                                  f"connections here (unknown, finished, or of one connection)")
-        await serve(self.proto, msg)
-        self.session.answered(time.monotonic())
-
-    async def _serve_lane(self, lane_proto: FrameProtocol, msg: wire.Join) -> None:
-        """Take connection ``msg.lane`` (its JOIN verified by this migration's session) and keep it
-        until the migration no longer needs it; AuthenticationError/PeerProtocolError refuse it."""
+    def _admit_lane(self, receiver: LaneReceiver, msg: wire.Join) -> asyncio.Future[None]:
+        """Take further connection ``msg.lane``: its JOIN verified by this migration's session
+        (AuthenticationError, PeerProtocolError: the listener refuses it), its thread told to
+        answer JOINED and place its page frames. Returns what is done when it is no longer needed."""
         joined = self.session.accept_join(msg, time.monotonic())
         lane = msg.lane
-        lane_proto.mark_authenticated()
-        lane_proto.pages_only()  # its control frames would be read by nobody: refused
-        lane_proto.set_page_handler(functools.partial(self._place, lane=lane))
-        self._lanes[lane] = lane_proto
+        self._lanes[lane] = receiver
         ended = self._lane_ends[lane] = asyncio.get_running_loop().create_future()
-        lane_proto.on_close = functools.partial(self._lane_closed, lane)
-        if lane_proto.close_reason is not None:  # it ended before it was watched
-            self._lane_closed(lane, lane_proto.close_reason)
-        else:
-            lane_proto.write(joined)
+        receiver.admit(joined, functools.partial(self._place, lane=lane), functools.partial(self._lane_closed, lane))
         log.debug("migration %s: connection %d of %d joined from %s", msg.migration_id, lane + 1,
-                  self.session.connections, lane_proto.peer)
-        await ended
+                  self.session.connections, receiver.peer)
+        return ended
 
     def _lane_closed(self, lane: int, exc: BaseException) -> None:
         """A further connection ended: while its pages matter, the migration fails with the reason.
@@ -451,12 +438,11 @@ class IncomingMigration:
         """Every page is placed, or the migration is over: release its further connections (their
         tasks end) and take no more (idempotent)."""
         self._lanes_needed = False
-        if self.progress is not None and self.host.lane_servers.get(self.progress.id) == self._serve_lane:
+        if self.progress is not None and self.host.lane_servers.get(self.progress.id) == self._admit_lane:
             del self.host.lane_servers[self.progress.id]
-        for lane, lane_proto in self._lanes.items():
-            if lane:
-                lane_proto.on_close = None
-                lane_proto.close()
+        for lane, receiver in self._lanes.items():
+            if isinstance(receiver, LaneReceiver):
+                receiver.stop()
         for ended in self._lane_ends.values():
             if not ended.done():
                 ended.set_result(None)

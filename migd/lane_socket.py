@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 import time
-from collections.abc import Callable
 
 from migd import wire
-from migd.errors import PeerAborted, ProtocolError
-from migd.stream import MAX_FRAME_BEFORE_AUTHENTICATION, TLS_WRITE_BYTES, StreamClosed, StreamTimeout
+from migd.errors import PeerAborted
+from migd.stream import TLS_WRITE_BYTES, StreamClosed
+from migd.thread_socket import ThreadSocket
 
 #: How long one blocking write waits before it looks again whether the socket was shut. A shut
 #: socket wakes the write at once; this only bounds a wake-up the kernel did not deliver.
@@ -36,7 +35,7 @@ WRITE_POLL_S = 1.0
 _RECEIVE_BYTES = 4096
 
 
-class LaneSocket:
+class LaneSocket(ThreadSocket):
     """One further connection: opened and written by one thread, shut from any.
 
     ``peer_abort`` and ``write_buffer_size()`` answer like a :class:`~migd.stream.FrameProtocol`'s
@@ -46,11 +45,8 @@ class LaneSocket:
     peer_abort: str | None = None
 
     def __init__(self, index: int) -> None:
+        super().__init__(f"connection {index + 1}")
         self.index = index
-        self._lock = threading.Lock()  # the socket's adoption against its shutdown
-        self._sock: socket.socket | None = None
-        self._shut = False
-        self._closed = False
         self._encoder = wire.FrameEncoder()
         #: Bytes written so far (the kernel or TLS has them; their buffers are free again).
         self.bytes_sent = 0
@@ -70,13 +66,15 @@ class LaneSocket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio's transports do
         try:
             self._within(sock, deadline, "the connection", lambda: sock.connect(address))
+            # In the clear, before TLS: the listener hands such a connection to a thread of its own.
+            self._within(sock, deadline, "the lane preamble", lambda: sock.sendall(wire.LANE_PREAMBLE))
             if ssl_context is not None:
                 tls = ssl_context.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
                 sock = self._adopt(tls)
                 self._within(sock, deadline, "the TLS handshake", tls.do_handshake)
             for part in self._encoder.encode(join):
                 self._within(sock, deadline, "JOIN", lambda part=part: sock.sendall(part))
-            reply = self._receive_one(sock, deadline)
+            reply = self._receive_control(sock, wire.FrameDecoder(initial=_RECEIVE_BYTES), deadline, "JOINED")
         except BaseException:
             self.shutdown()
             raise
@@ -140,84 +138,6 @@ class LaneSocket:
                 self.bytes_sent += len(piece)
             total += len(view)
         return total
-
-    def _check_shut(self, step: str | None = None) -> None:
-        if self._shut:
-            during = "" if step is None else f" during {step}"
-            raise StreamClosed(f"connection {self.index + 1} was closed by this side{during}")
-
-    def _within(self, sock: socket.socket, deadline: float, step: str, call: Callable[[], object]) -> None:
-        # Shut before, during or after the call, the opening ends here: a socket shut before its
-        # connect started is only marked (ENOTCONN), and the connect then returns at once with
-        # the SYN still unanswered, after which a write would spin until the deadline (found by
-        # an adversarial review).
-        self._check_shut(step)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise StreamTimeout(f"{step} took longer than the handshake timeout")
-        sock.settimeout(left)
-        try:
-            call()
-        except TimeoutError:
-            self._check_shut(step)
-            raise StreamTimeout(f"{step} took longer than the handshake timeout") from None
-        except OSError:
-            self._check_shut(step)
-            raise
-        self._check_shut(step)
-
-    def _receive_one(self, sock: socket.socket, deadline: float) -> wire.Message:
-        # Only control frames are legal before the peer has proved the session's key.
-        decoder = wire.FrameDecoder(initial=_RECEIVE_BYTES, max_frame=MAX_FRAME_BEFORE_AUTHENTICATION)
-        data = bytearray(_RECEIVE_BYTES)
-        while True:
-            got = 0
-
-            def receive() -> None:
-                nonlocal got
-                got = sock.recv_into(data)
-
-            self._within(sock, deadline, "JOINED", receive)
-            if got == 0:
-                raise StreamClosed("the destination closed the connection before JOINED")
-            messages = decoder.feed(memoryview(data)[:got])
-            if messages:
-                if len(messages) > 1:
-                    raise ProtocolError(f"{len(messages)} frames in answer to JOIN")
-                return messages[0]
-
-    def _adopt(self, sock: socket.socket) -> socket.socket:
-        with self._lock:
-            if self._shut:
-                sock.close()
-                raise StreamClosed(f"connection {self.index + 1} was closed by this side")
-            self._sock = sock
-        return sock
-
-    # -- any thread
-    def shutdown(self) -> None:
-        """End the connection's traffic (idempotent): a blocking call under way in its thread fails
-        at once; what was written is still delivered (FIN after it). The descriptor stays open
-        until :meth:`close`, which only its thread's end may allow."""
-        with self._lock:
-            self._shut = True
-            sock = self._sock
-        if sock is not None:
-            try:
-                # The plain socket's shutdown, also on a TLS socket: SSLSocket.shutdown would drop
-                # its TLS state under a write that its thread may be in.
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:
-                pass  # not connected (yet, or any more)
-
-    def close(self) -> None:
-        """Shut and close the socket: only once its thread is done with it (idempotent)."""
-        self.shutdown()
-        with self._lock:
-            sock, self._sock = self._sock, None
-        if sock is not None and not self._closed:
-            self._closed = True
-            sock.close()
 
     def bytes_consumed(self) -> int:
         """Bytes written so far: nothing waits in a buffer of ours."""

@@ -10,6 +10,13 @@ everything such a connection can hold is bounded here:
   included; then it is closed, and its task, protocol and buffer go with it;
 * its stream meanwhile takes only control frames into a 64 KiB buffer (migd/stream.py).
 
+The first byte the peer sends, looked at before anything is read, says what a connection is:
+a further connection of a migration begins with the lane preamble (``wire.LANE_PREAMBLE``, in
+the clear, before TLS) and is handed, socket and all, to a thread of its own
+(migd/lane_receiver.py: TLS, JOIN, then its page frames without the event loop), under the same
+count and deadline; anything else (a TLS ClientHello, a plain frame) goes the usual way. A peer
+that sends nothing by the deadline is refused as before.
+
 Why the listener accepts sockets itself (``sock_accept``) and hands each to
 ``connect_accepted_socket`` rather than using ``create_server(ssl=...)``: there asyncio and
 uvloop call the protocol's ``connection_made`` only after a successful TLS handshake and tell
@@ -46,13 +53,14 @@ import struct
 import time
 from dataclasses import dataclass
 
-from migd import dest
-from migd.errors import ProtocolError
+from migd import dest, wire
+from migd.errors import PeerProtocolError, ProtocolError
 from migd.host import Host
+from migd.lane_receiver import LaneReceiver
 from migd.peer_text import printable
 from migd.platform import pki_verify
 from migd.progress import MigrationProgress
-from migd.stream import FrameProtocol
+from migd.stream import FrameProtocol, StreamClosed
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +360,18 @@ class MigrationListener:
 
     async def _serve(self, connection: _Connection) -> MigrationProgress | None:
         """One connection: the TLS handshake (if any), then its incoming session, under the deadline."""
+        first = await self._first_byte(connection)
+        if first is None:
+            if self._ssl is not None:
+                self._refuse_connection(connection, Refusal.TLS_TIMEOUT,
+                                        f"no TLS handshake within {self.handshake_timeout_s:g} s")
+            else:
+                self._refuse_connection(connection, Refusal.HANDSHAKE_TIMEOUT,
+                                        f"not authenticated within {self.handshake_timeout_s:g} s")
+            return None
+        if first == wire.LANE_PREAMBLE[:1]:
+            await self._serve_lane(connection)
+            return None
         loop = asyncio.get_running_loop()
         proto = connection.proto = FrameProtocol(require_authentication=True)
         sock = connection.sock
@@ -410,6 +430,68 @@ class MigrationListener:
         if not proto.authenticated.is_set() and connection.refused is None:
             self._ended_before_authentication(connection, incoming.refused_before_authentication)
         return progress
+
+    async def _first_byte(self, connection: _Connection) -> bytes | None:
+        """The connection's first byte, left in the socket: b"" if the peer closed or reset it
+        (the usual path finds out the same), None if it sent nothing by the deadline."""
+        loop = asyncio.get_running_loop()
+        sock = connection.sock
+        assert sock is not None
+        readable: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(sock.fileno(), lambda: readable.done() or readable.set_result(None))
+        try:
+            async with asyncio.timeout_at(connection.deadline):
+                await readable
+        except TimeoutError:
+            return None
+        finally:
+            loop.remove_reader(sock.fileno())
+        try:
+            return sock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return b""  # reset: the usual path sees it too
+
+    async def _serve_lane(self, connection: _Connection) -> None:
+        """A further connection of a migration (it began with the lane preamble): a thread of its
+        own does its TLS handshake and reads JOIN, the migration it names verifies JOIN, and the
+        thread receives its page frames until the migration no longer needs it."""
+        loop = asyncio.get_running_loop()
+        sock, connection.sock = connection.sock, None
+        assert sock is not None
+        receiver = LaneReceiver(sock, connection.peer)  # from here it closes the socket
+        try:
+            # The thread's steps have the same deadline; this bound holds whatever the thread does.
+            async with asyncio.timeout_at(connection.deadline + WIND_DOWN_S):
+                join = await receiver.open(self._ssl, connection.deadline - loop.time())
+        except TimeoutError:  # StreamTimeout included
+            what = Refusal.TLS_TIMEOUT if self._ssl is not None and not receiver.tls_established else \
+                Refusal.HANDSHAKE_TIMEOUT
+            self._refuse_connection(connection, what, f"not authenticated within {self.handshake_timeout_s:g} s")
+            return
+        except ProtocolError as exc:
+            self._refuse_connection(connection, Refusal.PROTOCOL_ERROR, str(exc))
+            return
+        except StreamClosed as exc:
+            self._refuse_connection(connection, Refusal.CLOSED_BEFORE_AUTHENTICATION, str(exc))
+            return
+        except OSError as exc:  # ssl.SSLError included
+            self._refuse_connection(connection, *_handshake_refusal(exc))
+            return
+        admit = self.host.lane_servers.get(join.migration_id)
+        try:
+            if admit is None:
+                raise dest.IncomingRefused(f"JOIN for migration {printable(join.migration_id)}, which takes no "
+                                           f"further connections here (unknown, finished, or of one connection)")
+            ended = admit(receiver, join)
+        except (PeerProtocolError, dest.IncomingRefused) as exc:  # AuthenticationError included
+            receiver.refuse(str(exc))
+            self._refuse_connection(connection, Refusal.SESSION_REFUSED, printable(str(exc), 1024))
+            return
+        self._settle(connection)
+        try:
+            await ended
+        finally:
+            receiver.stop()
 
     async def _watch(self, connection: _Connection, serving: asyncio.Task[MigrationProgress | None]) -> None:
         """Settle the connection once its session authenticates the peer; close it at the deadline otherwise.

@@ -22,7 +22,6 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable
 from typing import Any
 
 from migd import wire
@@ -123,9 +122,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._linger: asyncio.TimerHandle | None = None  # set while closing gracefully
         self._high_water = WRITE_HIGH_WATER
-        #: Called once with the reason when this stream ends (a further connection's owner listens).
-        self.on_close: Callable[[BaseException], None] | None = None
-        self._pages_only = False  # a further connection: page frames (and ABORT) only
         self._queued_bytes = 0  # payload bytes of the control messages in the queue
 
     # -- asyncio callbacks
@@ -167,14 +163,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
                     self._pipeline.page_frame(msg)
                 elif isinstance(msg, wire.Abort):
                     self.peer_abort = msg.reason  # kept even if a later write fails first
-                    if self._pages_only:  # nobody reads this stream's messages: its end is the ABORT
-                        self._fail(PeerAborted(msg.reason))
-                        return
                     # Not held behind the pages before it: they no longer matter, and the end of
                     # the stream that follows at once must not overtake the peer's reason.
                     self._queue.put_nowait(msg)
-                elif self._pages_only:
-                    raise ProtocolError(f"{msg.TYPE.name} frame on a connection that carries page frames only")
                 else:
                     # Its payload (a bitmap, vCPU state) points into the receive buffer, which
                     # the next read overwrites before the driving task gets to it.
@@ -299,7 +290,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._close_reason = exc
             self._queue.put_nowait(exc)
             self._closed.set()
-            self._notify_close(exc)
             if self._pipeline is not None:
                 self._pipeline.stop()
             if self._transport is not None and not isinstance(exc, StreamClosed):
@@ -308,22 +298,11 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 else:
                     self._transport.abort()
 
-    def _notify_close(self, exc: BaseException) -> None:
-        callback, self.on_close = self.on_close, None
-        if callback is not None:
-            callback(exc)
-
     def interrupt(self, exc: BaseException) -> None:
         """Make the driving task's next :meth:`receive` raise ``exc`` once (a further connection
         of its migration failed); the stream itself stays open, for the driver's ABORT."""
         if self._close_reason is None:
             self._queue.put_nowait(exc)
-
-    def pages_only(self) -> None:
-        """A further connection of a migration: from now on any frame but a page frame or an
-        ABORT ends it with a ProtocolError (nobody reads its control messages), and an ABORT
-        ends it with the peer's reason."""
-        self._pages_only = True
 
     @property
     def close_reason(self) -> BaseException | None:
@@ -410,7 +389,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._close_reason = StreamClosed("migration stream closed by this side")
             self._queue.put_nowait(self._close_reason)
             self._closed.set()
-            self._notify_close(self._close_reason)
             if self._pipeline is not None:
                 self._pipeline.stop()
         if self._loop is None or not transport.can_write_eof():

@@ -93,7 +93,7 @@ from migd.messages import (
 )
 
 __all__ = [
-    "CAPABILITIES", "CRC_SIZE", "DIGEST_SIZE", "MAC_SIZE", "MAX_BITMAP_BYTES", "MAX_CONNECTIONS", "MAX_GUEST_PAGES", "MAX_META",
+    "CAPABILITIES", "CRC_SIZE", "DIGEST_SIZE", "LANE_PREAMBLE", "MAC_SIZE", "MAX_BITMAP_BYTES", "MAX_CONNECTIONS", "MAX_GUEST_PAGES", "MAX_META",
     "MAX_PAYLOAD", "MAX_RUN_PAGES", "MAX_VCPU_STATE", "MESSAGE_CLASSES", "NONCE_SIZE", "PREFIX_SIZE",
     "PROTOCOL_VERSION", "RESOLUTIONS", "TRANSPORT_HEADER_SIZE", "U64", "Abort", "Commit", "FrameDecoder",
     "FrameEncoder", "FrameType", "GuestSpec", "Hello", "Join", "Joined", "Message", "MessageBase", "Ping", "Pong", "Prepare",
@@ -107,6 +107,10 @@ PREFIX_SIZE = _PREFIX.size  # 7
 _CRC = struct.Struct(">I")
 CRC_SIZE = _CRC.size  # 4
 _SEQ = struct.Struct("<Q")
+#: The first bytes of a further connection of a migration, in the clear (before TLS, if any):
+#: the listener hands such a connection to a thread of its own before anything else is read.
+#: Its first byte can begin neither a TLS record (0x16) nor a frame (a length below 16 MiB).
+LANE_PREAMBLE = b"MIGDLANE"
 
 
 def _load_crc32() -> Callable[[bytes | memoryview, int], int]:

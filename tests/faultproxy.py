@@ -702,6 +702,20 @@ class _FrameStage:
         self.offset = 0  # sender-stream offset of buf[0]
         self.ordinal = 0
         self.out_sequence = 0  # frames forwarded (reseal: the number the receiver expects next)
+        # A further connection opens with the lane preamble, in the clear: forwarded as it is.
+        self.preamble_seen = direction is not Direction.UPSTREAM
+
+    def _preamble(self, out: list[bytes]) -> bool:
+        """Forward the lane preamble if the stream starts with it; False while too few bytes tell."""
+        preamble = wire.LANE_PREAMBLE
+        if len(self.buf) < len(preamble) and preamble.startswith(bytes(self.buf)):
+            return False
+        self.preamble_seen = True
+        if self.buf.startswith(preamble):
+            out.append(preamble)
+            del self.buf[:len(preamble)]
+            self.offset += len(preamble)
+        return True
 
     def _sealed(self, frames: list[bytes]) -> list[bytes]:
         if not self.reseal:
@@ -720,6 +734,8 @@ class _FrameStage:
             return [data]
         self.buf += data
         out: list[bytes] = []
+        if not self.preamble_seen and not self._preamble(out):
+            return out
         while (header := _parse_header(self.framing, self.buf)) is not None:
             total, ftype, prefix_len, meta_len, trailer_len = header
             if total > self.max_frame:

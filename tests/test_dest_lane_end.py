@@ -1,17 +1,20 @@
-"""The end of a further connection while the destination waits at a barrier, driven without sockets.
+"""The end of a further connection while the destination waits at a barrier, driven step by step.
 
 A source that aborts writes ABORT on the first connection (behind the page frames still queued
 there) and then closes the others. Whichever end the destination handles first, the source's
 reason must be the migration's: the end of a further connection waits ``LANE_END_GRACE_S`` for
 the ABORT (docs/protocol.md "Several connections", Failures). Found by an adversarial review:
 outside a barrier the grace held, but a ROUND_END/PING barrier (``_lanes_placed``) made the
-closed connection the reason at once. The order is forced by loop steps (a poll interval of 0,
-a grace of 30 s), never by timing.
+closed connection the reason at once. The first connection is driven without sockets; the
+further one is a LaneReceiver on one end of a socket pair, whose end this side waits to see
+before it goes on. The order is forced by loop steps (a poll interval of 0, a grace of 30 s),
+never by timing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from types import SimpleNamespace
 
@@ -21,6 +24,7 @@ from migd import dest, wire
 from migd.bitmap import PageBitmap
 from migd.dest import IncomingMigration
 from migd.errors import PeerAborted
+from migd.lane_receiver import LaneReceiver
 from migd.migration_state import MigrationPhase
 from migd.progress import MigrationProgress
 from migd.source_session import SourceSession
@@ -56,25 +60,33 @@ class _Pair:
         inc.progress = MigrationProgress("g", "destination", "peer", NPAGES, id=MIGRATION_ID)
         inc._received = PageBitmap(NPAGES)
         inc._placed = [0] * inc.session.connections
-        self.host.lane_servers[MIGRATION_ID] = inc._serve_lane
+        self.host.lane_servers[MIGRATION_ID] = inc._admit_lane
         self.main_enc = wire.FrameEncoder()  # the source's side of connection 1
-        self.lane = FrameProtocol(require_authentication=True)
-        self.lane_transport = _connected(self.lane)
-        self.lane_enc = wire.FrameEncoder()
+        self.peer_end, ours = socket.socketpair()  # connection 2: the source's end, the destination's
+        self.lane = LaneReceiver(ours, "peer")
 
     async def join(self) -> asyncio.Future[None]:
-        """Connection 2's JOIN arrives and is served (returns the serving task)."""
-        _feed(self.lane, self.lane_enc.encode_bytes(self.source.join(1)))
-        join = await self.lane.receive(WAIT)
-        task = asyncio.ensure_future(self.incoming._serve_lane(self.lane, join))
-        await asyncio.sleep(0)
-        assert 1 in self.incoming._lanes and self.lane_transport.written, "connection 2 did not join"
-        return task
+        """Connection 2 opens, its JOIN is admitted and JOINED comes back (returns its end)."""
+        self.peer_end.sendall(wire.LANE_PREAMBLE + wire.FrameEncoder().encode_bytes(self.source.join(1)))
+        join = await self.lane.open(None, WAIT)
+        ended = self.incoming._admit_lane(self.lane, join)
+        self.peer_end.settimeout(WAIT)
+        joined = wire.FrameDecoder().feed(self.peer_end.recv(4096))
+        assert 1 in self.incoming._lanes and [type(m) for m in joined] == [wire.Joined], "connection 2 did not join"
+        return ended
 
-    async def end(self, serving: asyncio.Future[None]) -> None:
+    async def close_lane(self) -> None:
+        """The source ends connection 2; returns once the destination's loop has heard of it."""
+        self.peer_end.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(WAIT):
+            while self.lane.close_reason is None:
+                await asyncio.sleep(0)
+
+    async def end(self, ended: asyncio.Future[None]) -> None:
         self.incoming._end_lanes()
-        await asyncio.wait_for(serving, WAIT)
+        await asyncio.wait_for(ended, WAIT)
         self.main.connection_lost(None)
+        self.peer_end.close()
 
 
 @pytest.mark.parametrize("at_barrier", [True, False], ids=["at-a-barrier", "outside-a-barrier"])
@@ -90,7 +102,7 @@ def test_the_sources_abort_is_the_reason_when_a_further_connection_ends_first(
         # ROUND_END said: one page frame on connection 2 before it, and none has arrived.
         barrier = asyncio.ensure_future(inc._lanes_placed((1,))) if at_barrier else None
         await asyncio.sleep(0)
-        pair.lane.eof_received()  # connection 2's end is handled first ...
+        await pair.close_lane()  # connection 2's end is handled first ...
         for _ in range(3):
             await asyncio.sleep(0)  # ... and the barrier looks again before the ABORT is read
         assert barrier is None or not barrier.done()
@@ -118,7 +130,7 @@ def test_a_further_connection_that_ends_for_good_fails_the_barrier_after_the_gra
         try:
             barrier = asyncio.ensure_future(pair.incoming._lanes_placed((1,)))
             await asyncio.sleep(0)
-            pair.lane.eof_received()
+            await pair.close_lane()
             with pytest.raises(StreamClosed, match="connection 2 of 2 ended with 1 page frames still to come"):
                 await asyncio.wait_for(barrier, WAIT)
         finally:

@@ -37,7 +37,8 @@ RUN = wire.MAX_RUN_PAGES
 
 
 class Peer:
-    """The destination's end of one further connection, in a thread: reads JOIN, answers with
+    """The destination's end of one further connection, in a thread: reads the lane preamble (in
+    the clear) and JOIN, answers with
     ``answer`` (None: never), then reads and decodes every frame (``reading``) or stops reading."""
 
     def __init__(self, answer: bytes | None = JOINED, *, tls: ssl.SSLContext | None = None, reading: bool = True,
@@ -57,6 +58,11 @@ class Peer:
             self.server.settimeout(10)
             conn, _ = self.server.accept()
             conn.settimeout(10)
+            preamble = b""
+            while len(preamble) < len(wire.LANE_PREAMBLE) and (data := conn.recv(len(wire.LANE_PREAMBLE) - len(preamble))):
+                preamble += data
+            if preamble != wire.LANE_PREAMBLE:
+                raise ProtocolError(f"the connection began with {preamble!r}, not the lane preamble")
             if self.tls is not None:
                 conn = self.tls.wrap_socket(conn, server_side=True)
             self.conn = conn

@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("migration core", {"migd.wire", "migd.stream", "migd.session", "migd.session_auth", "migd.source_session",
                         "migd.dest_session", "migd.source", "migd.dest", "migd.resolve", "migd.listener",
                         "migd.convergence", "migd.migration_state", "migd.progress", "migd.page_runs",
-                        "migd.send_buffers", "migd.send_lane", "migd.lane_socket", "migd.host", "migd.journal", "migd.page_pipeline", "migd.messages",
+                        "migd.send_buffers", "migd.send_lane", "migd.lane_socket", "migd.thread_socket", "migd.lane_receiver", "migd.host", "migd.journal", "migd.page_pipeline", "migd.messages",
                         "migd.frame_fields", "migd.save_format", "migd.save_session", "migd.save", "migd.restore",
                         "migd.file_job"}),
     ("daemon", {"migd.daemon", "migd.daemon.core", "migd.daemon.api", "migd.daemon.openapi", "migd.daemon.metrics",

@@ -22,6 +22,7 @@ import re
 import socket
 import ssl
 import struct
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,12 +132,14 @@ class Held:
     protocols: int
     buffer_bytes: int
     tasks: int
+    threads: int  # further connections' receivers (migd/lane_receiver.py) run in threads of their own
 
     @classmethod
     def now(cls) -> Held:
         gc.collect()
         protocols = [o for o in gc.get_objects() if isinstance(o, FrameProtocol)]
-        return cls(len(protocols), sum(p.receive_buffer_bytes for p in protocols), len(asyncio.all_tasks()))
+        return cls(len(protocols), sum(p.receive_buffer_bytes for p in protocols), len(asyncio.all_tasks()),
+                   threading.active_count())
 
 
 async def settled(lst: MigrationListener) -> None:
@@ -176,6 +179,8 @@ async def _client(port: int, kind: str, pki: Pki, tls: bool) -> bytes:
     """One connection of ``kind`` that fails to authenticate; returns what the listener sent."""
     contexts = {"anonymous": pki.anonymous, "rogue": pki.rogue, "tls-then-silence": pki.client}
     async with asyncio.timeout(WAIT):
+        if kind.startswith("lane-"):
+            return await _lane_client(port, kind.removeprefix("lane-"), pki, tls)
         if kind in contexts:
             try:
                 reader, writer = await asyncio.open_connection(
@@ -204,8 +209,37 @@ async def _client(port: int, kind: str, pki: Pki, tls: bool) -> bytes:
             writer.close()
 
 
-PLAIN_KINDS = ("garbage", "zeros", "huge-frame", "silence", "close-at-once")
-TLS_KINDS = ("garbage", "zeros", "anonymous", "rogue", "silence", "tls-then-silence", "close-at-once")
+async def _lane_client(port: int, kind: str, pki: Pki, tls: bool) -> bytes:
+    """One further connection (it opens with the lane preamble) of ``kind`` that fails to
+    authenticate; returns what the listener sent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        if kind == "garbage":
+            writer.write(wire.LANE_PREAMBLE[:4] + b"\xff" * 64)  # its first byte is the preamble's, the rest not
+            return await _until_closed(reader)
+        writer.write(wire.LANE_PREAMBLE)
+        if kind == "anonymous":
+            try:
+                await writer.start_tls(pki.anonymous(), server_hostname="hostA")
+            except OSError:  # refused during the handshake: fine too
+                return b""
+        elif tls:
+            await writer.start_tls(pki.client(), server_hostname="hostA")
+        if kind == "huge-frame":
+            length = 1 + 2 + 16 + 512 * 4096 + 4
+            writer.write(struct.pack(">IBH", length, wire.FrameType.PRIVATE_PAGES, 16) + bytes(16) + bytes(4096))
+        elif kind == "unknown-join":
+            writer.write(wire.encode_bytes(wire.Join("no-such-migration", 1, bytes(wire.MAC_SIZE))))
+        # "silence": the preamble (and TLS), then nothing.
+        return await _until_closed(reader)
+    finally:
+        writer.close()
+
+
+PLAIN_KINDS = ("garbage", "zeros", "huge-frame", "silence", "close-at-once",
+               "lane-garbage", "lane-huge-frame", "lane-unknown-join", "lane-silence")
+TLS_KINDS = ("garbage", "zeros", "anonymous", "rogue", "silence", "tls-then-silence", "close-at-once",
+             "lane-anonymous", "lane-unknown-join", "lane-silence")
 
 
 async def _flood(port: int, pki: Pki, tls: bool, n: int, concurrency: int = 60) -> list[bytes]:
@@ -268,15 +302,23 @@ def test_connections_that_never_authenticate_leave_nothing_behind(host: Host, pk
         if tls:
             # Silence never finishes TLS; a client that did and then says nothing is not authenticated.
             assert lst.refused[Refusal.TLS_TIMEOUT] == kinds["silence"]
-            assert lst.refused[Refusal.HANDSHAKE_TIMEOUT] == kinds["tls-then-silence"]
+            assert lst.refused[Refusal.HANDSHAKE_TIMEOUT] == kinds["tls-then-silence"] + kinds["lane-silence"]
             # Garbage and zeros are not TLS; the anonymous and the rogue client fail the handshake
             # from the listener's side (their own side may have finished before the refusal).
             assert lst.refused[Refusal.TLS_NOT_TLS] == kinds["garbage"] + kinds["zeros"]
-            assert lst.refused[Refusal.TLS_NO_CLIENT_CERTIFICATE] == kinds["anonymous"]
+            assert lst.refused[Refusal.TLS_NO_CLIENT_CERTIFICATE] == kinds["anonymous"] + kinds["lane-anonymous"]
             assert lst.refused[Refusal.TLS_UNKNOWN_CA] == kinds["rogue"]
+            assert lst.refused[Refusal.SESSION_REFUSED] == kinds["lane-unknown-join"]
         else:
-            assert lst.refused[Refusal.HANDSHAKE_TIMEOUT] == kinds["silence"]
-            assert lst.refused[Refusal.PROTOCOL_ERROR] == kinds["garbage"] + kinds["zeros"] + kinds["huge-frame"]
+            assert lst.refused[Refusal.HANDSHAKE_TIMEOUT] == kinds["silence"] + kinds["lane-silence"]
+            assert lst.refused[Refusal.PROTOCOL_ERROR] == (kinds["garbage"] + kinds["zeros"] + kinds["huge-frame"]
+                                                           + kinds["lane-garbage"] + kinds["lane-huge-frame"])
+            # A peer that closes at once ends its session before HELLO: the session refused it.
+            assert lst.refused[Refusal.SESSION_REFUSED] == kinds["lane-unknown-join"] + kinds["close-at-once"]
+            # A JOIN for no migration here is answered: no such migration takes further connections.
+            unknown = sent[PLAIN_KINDS.index("lane-unknown-join")::len(PLAIN_KINDS)]
+            assert all(isinstance(m[0], wire.Abort) and "takes no further connections" in m[0].reason
+                       for m in (wire.FrameDecoder().feed(data) for data in unknown)), unknown[:1]
             # The huge frame was refused by its prefix: the ABORT says so.
             huge = sent[PLAIN_KINDS.index("huge-frame")::len(PLAIN_KINDS)]
             aborts = [wire.FrameDecoder().feed(data) for data in huge]
@@ -475,6 +517,7 @@ def test_an_authenticated_connection_is_no_longer_pending_nor_bounded(host: Host
             self.proto.set_page_handler(lambda msg: received.append(wire.detached(msg)), threaded=False)
             self.proto.mark_authenticated()
             try:
+                received.append(await self.proto.receive(WAIT))  # the peer's first frame
                 received.append(await self.proto.receive(WAIT))
             finally:
                 self.proto.close()
@@ -486,12 +529,14 @@ def test_an_authenticated_connection_is_no_longer_pending_nor_bounded(host: Host
         port = await lst.start("127.0.0.1", 0)
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            encoder = wire.FrameEncoder()
+            # A peer speaks first (HELLO, RESOLVE, a TLS ClientHello): the listener waits for that.
+            writer.write(encoder.encode_bytes(wire.RoundEnd(0, 0)))
             async with asyncio.timeout(WAIT):  # accepted, then authenticated by its session
                 while not (lst.live_connections == 1 and lst.pending_connections == 0):
                     await asyncio.sleep(0.01)
             await asyncio.sleep(0.5)  # past the handshake deadline: still open
             assert lst.live_connections == 1 and not lst.refused
-            encoder = wire.FrameEncoder()
             writer.write(encoder.encode_bytes(wire.SharedPages(0, 512, bytes(512 * 4096)))
                          + encoder.encode_bytes(wire.RoundEnd(0, 0)))
             await _until_closed(reader)
@@ -499,7 +544,7 @@ def test_an_authenticated_connection_is_no_longer_pending_nor_bounded(host: Host
             await settled(lst)
         finally:
             await lst.close()
-        assert [type(m).__name__ for m in received] == ["SharedPages", "RoundEnd"]
+        assert [type(m).__name__ for m in received] == ["RoundEnd", "SharedPages", "RoundEnd"]
         assert not lst.refused
 
     run(main)

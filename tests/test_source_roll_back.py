@@ -236,6 +236,7 @@ class FurtherListener:
 
     def _lane(self, conn: socket.socket) -> None:
         conn.settimeout(15)
+        assert conn.recv(len(wire.LANE_PREAMBLE), socket.MSG_WAITALL) == wire.LANE_PREAMBLE
         decoder, messages = wire.FrameDecoder(), []
         while not messages:
             messages = decoder.feed(conn.recv(4096))

@@ -448,12 +448,13 @@ def test_a_run_on_the_wrong_connection_is_refused(tmp_path: Path, monkeypatch: p
 
 
 async def _send_join(port: int, frame: bytes, timeout: float = 5.0) -> list[wire.Message]:
-    """Open a raw connection to a migration listener, send one JOIN frame, read until the
-    listener closes (bounded: TimeoutError); returns the messages it answered with."""
+    """Open a raw further connection to a migration listener (the lane preamble), send one JOIN
+    frame, read until the listener closes (bounded: TimeoutError); returns the messages it
+    answered with."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     got: list[wire.Message] = []
     try:
-        writer.write(frame)
+        writer.write(wire.LANE_PREAMBLE + frame)
         await writer.drain()
         decoder = wire.FrameDecoder()
         async with asyncio.timeout(timeout):

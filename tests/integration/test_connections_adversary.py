@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,9 @@ from typing import Any
 import pytest
 
 from migd import wire
+from migd.errors import ProtocolError
 from migd.guest.workload import WorkloadConfig
+from migd.lane_receiver import LaneReceiver
 from migd.listener import MigrationListener
 from migd.migration_state import MigrationStatus
 from migd.source import OutgoingMigration
@@ -49,32 +54,24 @@ async def _until(predicate: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-def _queued(proto: FrameProtocol) -> tuple[int, int]:
-    """(control messages, their payload bytes) a stream holds that nobody has taken."""
-    items = [m for m in proto._queue._queue if not isinstance(m, BaseException)]  # type: ignore[attr-defined]
-    return len(items), sum(len(getattr(m, "payload", b"") or b"") for m in items)
-
-
 # ---------------------------------------------------------------------------------------------
 # A further connection carries page frames only: its control frames are refused, not hoarded.
 #
-# After JOIN nobody calls receive() on a further connection: on the destination
-# IncomingMigration._serve_lane installs the page handler and awaits the lane's end, and the
-# source reads nothing from it after JOINED (its lane's thread only writes there: what is sent to
-# it stays in the kernel's receive buffer, which does not grow unread, and then with the sender).
-# The destination therefore switches it to
-# FrameProtocol.pages_only(): page frames go to the pipeline, and any other frame (SHARED_BITMAP
-# up to 8 MiB, VCPU_STATE, PING, PREPARE, a second JOIN ...) is a ProtocolError that fails the
-# migration; an ABORT there ends it with the peer's reason. Without this, those frames would be
-# detached (copied) into the stream's control queue and kept, unread, until the migration ended.
-# mark_authenticated() has lifted the control-frame size bound, so whoever holds a joined
-# connection -- the peer daemon, or on a plain-TCP path anyone on it (the frame CRC is unkeyed;
-# the sequence is a frame count) -- could make the other daemon hold any amount of memory, and
-# the frames would be silently ignored instead of failing the migration (invariants 6 and 7:
-# memory fixed-size; a bad frame is a clear error). As a second line, every stream's control
-# queue is bounded (stream.MAX_QUEUED_CONTROL messages, MAX_QUEUED_CONTROL_BYTES) and a peer that
-# sends more is refused: this also covers the first connection, whose control queue is not read
-# while the destination waits at a barrier for the further connections' pages (_lanes_placed).
+# After JOIN nobody reads a further connection's control frames: on the destination its thread
+# (migd/lane_receiver.py) places page frames and takes nothing else, and the source reads nothing
+# from it after JOINED (its lane's thread only writes there: what is sent to it stays in the
+# kernel's receive buffer, which does not grow unread, and then with the sender). On the
+# destination any other frame than a page frame (SHARED_BITMAP up to 8 MiB, VCPU_STATE, PING,
+# PREPARE, a second JOIN ...) is a ProtocolError that fails the migration; an ABORT there ends it
+# with the peer's reason. Were those frames kept for a reader that never comes, whoever holds a
+# joined connection -- the peer daemon, or on a plain-TCP path anyone on it (the frame CRC is
+# unkeyed; the sequence is a frame count) -- could make the other daemon hold any amount of
+# memory, and the frames would be silently ignored instead of failing the migration (invariants 6
+# and 7: memory fixed-size; a bad frame is a clear error). As a second line, every event-loop
+# stream's control queue is bounded (stream.MAX_QUEUED_CONTROL messages, MAX_QUEUED_CONTROL_BYTES)
+# and a peer that sends more is refused: this covers the first connection, whose control queue is
+# not read while the destination waits at a barrier for the further connections' pages
+# (_lanes_placed).
 #
 # Controls: each test first checks that connection 2 joined and, on the destination side, that
 # the migration is still ACTIVE, so the frames arrive mid-migration while pages flow; the bounded
@@ -113,25 +110,22 @@ def test_control_frames_on_a_further_connection_are_refused_not_hoarded(tmp_path
                     with contextlib.suppress(StreamClosed):
                         await src_lane.run_in_thread(lambda: [src_lane.socket.write(wire.SharedBitmap(  # type: ignore[union-attr]
                             bytes(FLOOD_BYTES))) for _ in range(FLOOD_FRAMES)])
-                    refused = await _until(lambda: dest_lane.close_reason is not None
-                                           or _queued(dest_lane)[0] >= FLOOD_FRAMES, 10)
-                    held, held_bytes = _queued(dest_lane)
+                    refused = await _until(lambda: dest_lane.close_reason is not None, 10)
                     closed = dest_lane.close_reason
                     progress = await asyncio.wait_for(task, 60)
-                    assert refused
-                    assert closed is not None and held == 0, (
-                        f"connection 2 was not refused by the destination: it holds {held} control frames "
-                        f"({held_bytes} bytes) nobody will read, and the migration went on and ended "
-                        f"{progress.status.value}")
+                    assert refused, "connection 2 took 16 MiB of control frames and went on"
+                    assert isinstance(closed, ProtocolError), closed
+                    assert "carries page frames only" in str(closed), closed
                     assert progress.status is S.FAILED, progress.status  # a bad frame ends the migration
+                    assert "carries page frames only" in (progress.phase.error or ""), progress.phase.error
                 else:
-                    for _ in range(FLOOD_FRAMES):
-                        dest_lane.write(wire.SharedBitmap(bytes(FLOOD_BYTES)))
-                    # The source's kernel takes its socket's receive buffer (128 KiB: not grown, as
-                    # nothing reads it) and the rest stays with the sender.
-                    backed_up = await _until(lambda: dest_lane.write_buffer_size() > FLOOD_FRAMES * FLOOD_BYTES // 2, 10)
+                    flood = b"".join(wire.encode_bytes(wire.SharedBitmap(bytes(FLOOD_BYTES)))
+                                     for _ in range(FLOOD_FRAMES))
+                    taken = await _write_what_the_kernel_takes(dest_lane, flood)
                     progress = await asyncio.wait_for(task, 60)
-                    assert backed_up, f"the source read {dest_lane.bytes_consumed()} bytes of the flood"
+                    # The source's kernel takes its socket's receive buffer (not grown, as nothing
+                    # reads it) and this side's send buffer; the rest stays with the sender.
+                    assert taken < len(flood) // 2, f"the source's side took {taken} bytes of the flood"
                     assert progress.status is S.COMPLETED, progress.phase.error
         finally:
             await listener.close()
@@ -139,7 +133,24 @@ def test_control_frames_on_a_further_connection_are_refused_not_hoarded(tmp_path
     asyncio.run(main())
 
 
-def _dest_lanes(host: Any) -> dict[int, FrameProtocol]:
+async def _write_what_the_kernel_takes(receiver: LaneReceiver, data: bytes) -> int:
+    """Write ``data`` on the destination's side of a further connection (its thread only reads
+    there) without blocking, until the kernel takes no more (2 s) or the source closes it; returns
+    the bytes taken."""
+    with socket.socket(fileno=os.dup(receiver._sock.fileno())) as sock:  # type: ignore[union-attr]
+        # MSG_DONTWAIT, not setblocking(False): O_NONBLOCK would be the receiver's too (same file).
+        taken, deadline = 0, time.monotonic() + 2.0
+        while taken < len(data) and time.monotonic() < deadline:
+            try:
+                taken += sock.send(data[taken:taken + (1 << 20)], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the migration ended and the source closed the connection, unread data and all
+        return taken
+
+
+def _dest_lanes(host: Any) -> dict[int, FrameProtocol | LaneReceiver]:
     """The destination's connections of its one incoming migration (none before it exists)."""
     if not host.migrations:
         return {}

@@ -1,0 +1,249 @@
+"""A further connection on the destination: opened, read and placed by a thread of its own.
+
+With several connections the destination's event loop used to receive every connection's
+frames: the kernel copy, TLS, the CRC, a copy of each private payload for the page worker and
+a hand-off to that worker per frame. A further connection carries JOIN and then page frames
+only, and the destination writes nothing on it after JOINED (its ABORT goes on the first
+connection), so it needs no event loop: its thread reads a frame into its own buffer, checks
+it and places it (RECEIVE_UPDATE_DATA or the RAM write) straight from there. The kernel copy,
+TLS, the CRC and the page crypto release the GIL; nothing goes through the loop per frame.
+
+The listener knows such a connection by its preamble (``wire.LANE_PREAMBLE``, in the clear,
+before TLS) and hands it over before anything else is read. The thread then does what the
+listener does for every connection, under the same rules: the TLS handshake and JOIN within the
+handshake deadline, frames bounded to control-frame sizes until the peer is authenticated. The
+event loop has the migration's session verify JOIN (nothing is created for one), and the thread
+answers JOINED or ABORT.
+
+Reading stops while the thread places a frame: TCP's window is the back-pressure, and a frame's
+payload is placed before the next read reuses its buffer. :meth:`LaneReceiver.shutdown` (any
+thread) ends a read or a handshake under way at once; the thread closes the socket at its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+
+from migd import wire
+from migd.errors import MigdError, PeerAborted, ProtocolError
+from migd.stream import PAGE_FRAMES, StreamClosed
+from migd.thread_socket import ThreadSocket
+
+log = logging.getLogger(__name__)
+
+#: How long writing JOINED (or the ABORT refusing JOIN) may take, at least: a few hundred bytes.
+ANSWER_TIMEOUT_S = 5.0
+#: How long the thread waits for the session's verdict on JOIN past the handshake deadline: the
+#: loop answers at once, unless its task was cancelled meanwhile.
+VERDICT_MARGIN_S = 5.0
+#: One read takes at most this much (the frame decoder's buffer grows to the largest frame).
+_READ_CHUNK = 1 << 20
+_OPENING_BUFFER = 4096
+
+PageFrame = wire.PrivatePages | wire.SharedPages | wire.ZeroPages
+
+
+class LaneReceiver(ThreadSocket):
+    """One further connection accepted by the listener, from its preamble to its end.
+
+    The event loop calls :meth:`open`, then :meth:`admit` or :meth:`refuse`, and :meth:`stop`;
+    everything else happens in the connection's thread. ``last_activity``, ``close_reason`` and
+    ``closed_by_peer`` answer like a :class:`~migd.stream.FrameProtocol`'s.
+    """
+
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        super().__init__(f"the further connection from {peer}")
+        sock.setblocking(True)
+        self._adopt(sock)
+        self.peer = peer
+        self.lane = 0
+        #: When bytes last arrived or a frame was placed (the migration's stall deadline).
+        self.last_activity = time.monotonic()
+        #: Why the connection ended, once it has.
+        self.close_reason: BaseException | None = None
+        #: The peer ended it (EOF, reset, a TLS error), not this side.
+        self.closed_by_peer = False
+        #: The TLS handshake (if any) has completed: a timeout after it is not TLS's.
+        self.tls_established = False
+        self._decoder = wire.FrameDecoder(initial=_OPENING_BUFFER)
+        self._encoder = wire.FrameEncoder()
+        self._verdict = threading.Event()
+        self._answer: wire.Joined | wire.Abort | None = None
+        self._place: Callable[[PageFrame], None] | None = None
+        self._on_end: Callable[[BaseException], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- the event loop
+    async def open(self, ssl_context: ssl.SSLContext | None, timeout: float) -> wire.Join:
+        """Start the thread: the preamble, TLS if ``ssl_context``, then JOIN, all within ``timeout``.
+
+        Errors: StreamTimeout, ssl.SSLError, OSError, StreamClosed, ProtocolError (not a lane
+        preamble, a frame too large before authentication, another frame than JOIN). On any
+        error, or if cancelled, the connection ends.
+        """
+        loop = self._loop = asyncio.get_running_loop()
+        opened: asyncio.Future[wire.Join] = loop.create_future()
+        deadline = time.monotonic() + timeout
+        thread = threading.Thread(target=self._run, args=(ssl_context, deadline, opened),
+                                  name="migd-lane-in", daemon=True)
+        thread.start()
+        try:
+            return await opened
+        except BaseException:
+            self.stop()
+            raise
+
+    def admit(self, joined: wire.Joined, place: Callable[[PageFrame], None],
+              on_end: Callable[[BaseException], None]) -> None:
+        """The session accepted JOIN: the thread answers ``joined``, then hands every page frame to
+        ``place`` (in its thread, in order); ``on_end(reason)`` runs on the loop when it ends."""
+        self.lane = joined.lane
+        self._place, self._on_end = place, on_end
+        self._answer = joined
+        self._verdict.set()
+
+    def refuse(self, reason: str) -> None:
+        """JOIN is refused: the thread answers ABORT (without a MAC: the peer proved nothing) and ends."""
+        self._answer = wire.Abort(reason)
+        self._verdict.set()
+
+    def stop(self) -> None:
+        """The migration no longer needs the connection: it ends (after the frame being placed,
+        if any) without calling ``on_end``. Idempotent."""
+        self._on_end = None
+        self.shutdown()
+        self._verdict.set()
+
+    # -- its thread
+    def _run(self, ssl_context: ssl.SSLContext | None, deadline: float, opened: asyncio.Future[wire.Join]) -> None:
+        reason: BaseException | None = None
+        try:
+            try:
+                join = self._opening(ssl_context, deadline)
+            except (MigdError, OSError) as exc:  # ssl.SSLError and StreamTimeout included
+                if isinstance(exc, ProtocolError):
+                    self._tell(exc)
+                self._to_loop(_settle, opened, None, exc)
+                return
+            self._to_loop(_settle, opened, join, None)
+            self._verdict.wait(max(0.0, deadline - time.monotonic()) + VERDICT_MARGIN_S)
+            answer = self._answer
+            if answer is None or self.shut:
+                return  # no verdict (the listener gave up on the connection), or stopped
+            self._write_answer(answer)
+            if isinstance(answer, wire.Abort):
+                return
+            self._receive()
+        except StreamClosed as exc:
+            reason = exc
+        except (MigdError, OSError) as exc:
+            reason = self._lost(exc)
+        except Exception as exc:  # a bug in the page handler: the migration ends, as in the loop's worker
+            log.error("placing pages of connection %d failed unexpectedly: %r", self.lane + 1, exc, exc_info=exc)
+            reason = ProtocolError(f"internal error while placing pages: {exc!r}")
+        finally:
+            self.close()
+            if reason is not None:
+                self._to_loop(self._ended, reason)
+
+    def _opening(self, ssl_context: ssl.SSLContext | None, deadline: float) -> wire.Join:
+        sock = self._sock
+        assert sock is not None
+        preamble = self._receive_exactly(sock, len(wire.LANE_PREAMBLE), deadline, "the lane preamble")
+        if preamble != wire.LANE_PREAMBLE:
+            raise ProtocolError("a connection that does not start with the lane preamble")
+        if ssl_context is not None:
+            tls = ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            sock = self._adopt(tls)
+            self._within(sock, deadline, "the TLS handshake", tls.do_handshake)
+            self.tls_established = True
+        msg = self._receive_control(sock, self._decoder, deadline, "JOIN")
+        if not isinstance(msg, wire.Join):
+            raise ProtocolError(f"{msg.TYPE.name} frame on a further connection, where JOIN was due")
+        return msg
+
+    def _tell(self, exc: ProtocolError) -> None:
+        """Tell the peer why its opening was refused (an ABORT without a MAC), if it still listens."""
+        try:
+            self._write_answer(wire.Abort(str(exc)))
+        except (MigdError, OSError):
+            pass  # it does not: the refusal is counted and logged here all the same
+
+    def _write_answer(self, answer: wire.Joined | wire.Abort) -> None:
+        sock = self._sock
+        assert sock is not None
+        deadline = time.monotonic() + ANSWER_TIMEOUT_S
+        for part in self._encoder.encode(answer):
+            self._within(sock, deadline, f"writing {answer.TYPE.name}", lambda part=part: sock.sendall(part))
+
+    def _receive(self) -> None:
+        """Page frames, read and placed one read at a time, until the connection ends (an exception)."""
+        sock, place, decoder = self._sock, self._place, self._decoder
+        assert sock is not None and place is not None
+        decoder.max_frame = None  # authenticated: page frames may come
+        sock.settimeout(None)  # the migration's stall deadline is the loop's; shutdown() wakes a read
+        while True:
+            got = sock.recv_into(decoder.get_buffer()[:_READ_CHUNK])
+            if got == 0:
+                self._check_shut()
+                self.closed_by_peer = True
+                raise StreamClosed("peer closed the migration stream")
+            self.last_activity = time.monotonic()
+            for msg in decoder.buffer_updated(got):
+                if isinstance(msg, PAGE_FRAMES):
+                    self._check_shut()  # stopped: not one more frame reaches guest RAM
+                    place(msg)  # its payload points into the decoder's buffer: placed before the next read
+                elif isinstance(msg, wire.Abort):
+                    raise PeerAborted(msg.reason)
+                else:
+                    raise ProtocolError(f"{msg.TYPE.name} frame on a connection that carries page frames only")
+            self.last_activity = time.monotonic()
+
+    def _lost(self, exc: MigdError | OSError) -> BaseException:
+        """What ended the connection, as the migration reports it."""
+        if self.shut:
+            return StreamClosed(f"{self.name} was closed by this side")
+        if isinstance(exc, ssl.SSLError):
+            # A TLS record that fails its MAC is tampering or corruption on the path: say it was TLS.
+            self.closed_by_peer = True
+            closed = StreamClosed(f"migration stream lost: TLS record rejected: "
+                                  f"{exc.reason.lower().replace('_', ' ') if exc.reason else exc}")
+            closed.__cause__ = exc
+            return closed
+        if isinstance(exc, OSError):
+            self.closed_by_peer = True
+            return StreamClosed(f"migration stream lost: {exc.strerror or exc}")
+        return exc
+
+    def _ended(self, reason: BaseException) -> None:
+        # On the loop: close_reason and on_end at once, as a FrameProtocol's end (the migration's
+        # barrier reads one and times its grace from the other).
+        self.close_reason = reason
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end(reason)
+
+    def _to_loop(self, call: Callable[..., object], *args: object) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(call, *args)
+        except RuntimeError:  # the loop closed meanwhile: nobody is waiting any more
+            pass
+
+
+def _settle(opened: asyncio.Future[wire.Join], join: wire.Join | None, exc: BaseException | None) -> None:
+    if opened.done():
+        return  # the listener gave up waiting (cancelled): the thread has ended the connection
+    if exc is not None:
+        opened.set_exception(exc)
+    else:
+        assert join is not None
+        opened.set_result(join)

@@ -1,0 +1,356 @@
+"""The destination's end of a further connection (migd/lane_receiver.py), on 127.0.0.1.
+
+What the destination relies on when a further connection is read and placed by its own thread:
+the source's own end (migd/lane_socket.py) gets JOINED and its frames are placed intact, in
+order, by that thread and not the event loop, plain and over mutual TLS; before the peer is
+authenticated the opening is bounded like any connection the listener takes (the preamble, the
+frame size, one frame, the deadline); after it, only page frames are taken; the end of the
+connection reaches the loop with its reason; and :meth:`LaneReceiver.stop` ends a blocked read
+at once, after which no frame is placed (each with its control).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from migd import wire
+from migd.abi import PAGE_SIZE
+from migd.errors import PeerAborted, ProtocolError
+from migd.lane_receiver import LaneReceiver
+from migd.lane_socket import LaneSocket
+from migd.platform import identity
+from migd.platform.pki_verify import tls_client_context, tls_server_context
+from migd.stream import MAX_FRAME_BEFORE_AUTHENTICATION, StreamClosed, StreamTimeout
+
+JOIN = wire.Join("m-test", 1, bytes(wire.MAC_SIZE))
+JOINED = wire.Joined(1, bytes(wire.MAC_SIZE))
+RUN = wire.MAX_RUN_PAGES
+WAIT = 10.0
+PageFrame = wire.PrivatePages | wire.SharedPages | wire.ZeroPages
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(the destination's server context, the source's client context), one owner CA."""
+    for name in ("hostA", "hostB"):
+        identity.init_host(tmp_path / name, tmp_path / "ca", common_name=name)
+
+    def files(name: str) -> tuple[Path, Path, Path]:
+        return tmp_path / "ca" / identity.CA_CERT, tmp_path / name / identity.TLS_CERT, tmp_path / name / identity.TLS_KEY
+
+    return tls_server_context(*files("hostA")), tls_client_context(*files("hostB"))
+
+
+class Placed:
+    """The page handler: each frame (copied: its payload points into the receiver's buffer) and
+    the thread that placed it; ``block`` holds the handler until set."""
+
+    def __init__(self) -> None:
+        self.frames: list[wire.Message] = []
+        self.threads: set[str] = set()
+        self.block = threading.Event()
+        self.block.set()
+        self.entered = threading.Event()
+
+    def __call__(self, msg: PageFrame) -> None:
+        self.entered.set()
+        self.block.wait(WAIT)
+        self.threads.add(threading.current_thread().name)
+        self.frames.append(wire.detached(msg))
+
+
+class Ends:
+    """on_end: the reasons, as the loop received them, and the thread they were received on."""
+
+    def __init__(self) -> None:
+        self.reasons: list[BaseException] = []
+        self.threads: list[str] = []
+
+    def __call__(self, reason: BaseException) -> None:
+        self.reasons.append(reason)
+        self.threads.append(threading.current_thread().name)
+
+    async def first(self) -> BaseException:
+        async with asyncio.timeout(WAIT):
+            while not self.reasons:
+                await asyncio.sleep(0.005)
+        return self.reasons[0]
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(main())
+
+
+async def _accepted(server: socket.socket) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    sock, _ = await asyncio.wait_for(loop.sock_accept(server), WAIT)
+    return sock
+
+
+async def _source_end(server: socket.socket, client: ssl.SSLContext | None, timeout: float = WAIT,
+                      ) -> tuple[LaneSocket, asyncio.Future[wire.Message]]:
+    """The source's own end of connection 2, opening in a thread (it waits for JOINED)."""
+    lane = LaneSocket(1)
+    opening = asyncio.get_running_loop().run_in_executor(
+        None, lane.open, server.getsockname(), JOIN, client, "hostA", timeout)
+    return lane, opening
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "mutual-tls"])
+def test_frames_are_placed_intact_in_order_by_the_connections_thread(
+        tls: tuple[ssl.SSLContext, ssl.SSLContext], secure: bool) -> None:
+    """JOIN comes out of the opening, JOINED goes back, and the page frames LaneSocket writes are
+    placed in order by the receiver's thread; the loop hears of the end once, with the reason."""
+    server_ctx, client = tls if secure else (None, None)
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            server.setblocking(False)
+            lane, opening = await _source_end(server, client)
+            receiver = LaneReceiver(await _accepted(server), "peer")
+            try:
+                assert await receiver.open(server_ctx, WAIT) == JOIN
+                assert receiver.tls_established is secure
+                placed, ends = Placed(), Ends()
+                receiver.admit(JOINED, placed, ends)
+                assert await asyncio.wait_for(opening, WAIT) == JOINED
+                frames: list[wire.Message] = [
+                    wire.SharedPages(0, RUN, bytes(range(256)) * (RUN * PAGE_SIZE // 256)),
+                    wire.ZeroPages(RUN * PAGE_SIZE, 7),
+                    wire.PrivatePages(2 * RUN * PAGE_SIZE, 3, bytes(52), b"\x5a" * (3 * PAGE_SIZE)),
+                    wire.SharedPages(3 * RUN * PAGE_SIZE, 1, b"\x01" * PAGE_SIZE),
+                ] * 4
+                await asyncio.get_running_loop().run_in_executor(None, lambda: [lane.write(m) for m in frames])
+                lane.shutdown()  # FIN after the frames
+                reason = await ends.first()
+                assert placed.frames == frames
+                assert placed.threads == {"migd-lane-in"}, placed.threads  # not the loop's
+                assert isinstance(reason, StreamClosed) and receiver.closed_by_peer, reason
+                assert ends.threads == ["MainThread"] and receiver.close_reason is reason
+                await asyncio.sleep(0.05)
+                assert len(ends.reasons) == 1
+            finally:
+                receiver.stop()
+                lane.close()
+
+    run(main)
+
+
+async def _opening_of(data: bytes, *, timeout: float = WAIT, then_close: bool = False,
+                      ssl_context: ssl.SSLContext | None = None) -> tuple[BaseException | wire.Join, bytes, float]:
+    """A raw peer sends ``data`` (and closes, if ``then_close``); returns what the receiver's
+    opening gave, what the peer got back before the end, and how long the opening took."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setblocking(False)
+        peer = socket.create_connection(server.getsockname())
+        receiver = LaneReceiver(await _accepted(server), "peer")
+        try:
+            peer.sendall(data)
+            if then_close:
+                peer.shutdown(socket.SHUT_WR)
+            started = time.monotonic()
+            try:
+                result: BaseException | wire.Join = await receiver.open(ssl_context, timeout)
+            except (ProtocolError, StreamClosed, StreamTimeout, OSError) as exc:
+                result = exc
+            took = time.monotonic() - started
+            peer.settimeout(WAIT)
+            answer = b""
+            if not isinstance(result, wire.Join):
+                while chunk := peer.recv(65536):
+                    answer += chunk
+            return result, answer, took
+        finally:
+            receiver.stop()
+            peer.close()
+
+
+def test_the_opening_takes_join_and_nothing_else() -> None:
+    """Before the peer is authenticated: the preamble exactly, then one control frame, a JOIN.
+    Each refusal is a ProtocolError and the peer is told why (ABORT, no MAC). Control: the same
+    opening with a JOIN alone succeeds."""
+    join = wire.encode_bytes(JOIN)
+    huge = struct.pack(">IBH", 1 + 2 + 16 + RUN * PAGE_SIZE + 4, wire.FrameType.SHARED_PAGES, 16) + bytes(64)
+    cases = {
+        "not the preamble": (b"MIGDLAN\x00" + join, "does not start with the lane preamble"),
+        "a page frame before authentication": (wire.LANE_PREAMBLE + huge, f"at most {MAX_FRAME_BEFORE_AUTHENTICATION}"),
+        "another frame than JOIN": (wire.LANE_PREAMBLE + wire.encode_bytes(wire.Abort("x")), "where JOIN was due"),
+        "a frame behind JOIN before JOINED": (wire.LANE_PREAMBLE + join + bytes(3), "more than one frame"),
+        "a corrupted JOIN": (wire.LANE_PREAMBLE + join[:-1] + bytes([join[-1] ^ 1]), "failed its CRC32"),
+    }
+
+    async def main() -> None:
+        result, _, _ = await _opening_of(wire.LANE_PREAMBLE + join)
+        assert result == JOIN, "the control: a JOIN alone opens the connection"
+        for case, (data, why) in cases.items():
+            result, answer, _ = await _opening_of(data)
+            assert isinstance(result, ProtocolError) and why in str(result), (case, result)
+            told = wire.FrameDecoder().feed(answer)
+            assert [type(m) for m in told] == [wire.Abort] and why in told[0].reason, (case, told)  # type: ignore[union-attr]
+
+    run(main)
+
+
+def test_the_opening_has_the_handshake_deadline() -> None:
+    """A peer that sends the preamble and then nothing, or part of a JOIN, is timed out by the
+    deadline; one that closes first ends the opening at once."""
+
+    async def main() -> None:
+        for data in (wire.LANE_PREAMBLE, wire.LANE_PREAMBLE + wire.encode_bytes(JOIN)[:10], wire.LANE_PREAMBLE[:3]):
+            result, _, took = await _opening_of(data, timeout=0.4)
+            assert isinstance(result, StreamTimeout) and 0.3 < took < 3, (data, result, took)
+        result, _, took = await _opening_of(wire.LANE_PREAMBLE, timeout=WAIT, then_close=True)
+        assert isinstance(result, StreamClosed) and took < 3, (result, took)
+
+    run(main)
+
+
+def test_a_refused_join_gets_the_reason_and_the_end() -> None:
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            server.setblocking(False)
+            lane, opening = await _source_end(server, None)
+            receiver = LaneReceiver(await _accepted(server), "peer")
+            try:
+                await receiver.open(None, WAIT)
+                receiver.refuse("no such migration here")
+                with pytest.raises(PeerAborted, match="no such migration here"):
+                    await asyncio.wait_for(opening, WAIT)
+            finally:
+                receiver.stop()
+                lane.close()
+
+    run(main)
+
+
+async def _joined(server: socket.socket, placed: Placed | None = None,
+                  ) -> tuple[socket.socket, LaneReceiver, Placed, Ends, wire.FrameEncoder]:
+    """A raw source end that has joined: (its socket, the receiver, its handler, its ends, the
+    encoder that continues the source's frame sequence)."""
+    peer = socket.create_connection(server.getsockname())
+    receiver = LaneReceiver(await _accepted(server), "peer")
+    encoder = wire.FrameEncoder()
+    peer.sendall(wire.LANE_PREAMBLE + encoder.encode_bytes(JOIN))
+    await receiver.open(None, WAIT)
+    placed, ends = placed or Placed(), Ends()
+    receiver.admit(JOINED, placed, ends)
+    peer.settimeout(WAIT)
+    assert wire.FrameDecoder().feed(peer.recv(4096)) == [JOINED]
+    return peer, receiver, placed, ends, encoder
+
+
+def test_after_joined_only_page_frames_are_taken() -> None:
+    """A control frame is a ProtocolError, an ABORT the peer's reason, a reset a lost stream, and
+    a handler that fails unexpectedly ends it as an internal error; each reaches the loop as the
+    connection's end, and nothing after the bad frame is placed."""
+    page = wire.ZeroPages(0, 1)
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            server.setblocking(False)
+            for bad, expected, why in [
+                (wire.SharedBitmap(bytes(4096)), ProtocolError, "carries page frames only"),
+                (wire.Ping(1), ProtocolError, "carries page frames only"),
+                (wire.Abort("the operator cancelled"), PeerAborted, "the operator cancelled"),
+            ]:
+                peer, receiver, placed, ends, encoder = await _joined(server)
+                try:
+                    peer.sendall(encoder.encode_bytes(page) + encoder.encode_bytes(bad) + encoder.encode_bytes(page))
+                    reason = await ends.first()
+                    assert isinstance(reason, expected) and why in str(reason), (bad, reason)
+                    assert placed.frames == [page], (bad, placed.frames)
+                finally:
+                    receiver.stop()
+                    peer.close()
+            peer, receiver, placed, ends, encoder = await _joined(server)
+            try:
+                peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                peer.close()  # a reset
+                reason = await ends.first()
+                assert isinstance(reason, StreamClosed) and "lost" in str(reason) and receiver.closed_by_peer, reason
+            finally:
+                receiver.stop()
+
+            class Failing(Placed):
+                def __call__(self, msg: PageFrame) -> None:
+                    raise KeyError("a bug")
+
+            peer, receiver, _, ends, encoder = await _joined(server, Failing())
+            try:
+                peer.sendall(encoder.encode_bytes(page))
+                reason = await ends.first()
+                assert isinstance(reason, ProtocolError) and "internal error" in str(reason), reason
+            finally:
+                receiver.stop()
+                peer.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "mutual-tls"])
+def test_stop_ends_a_blocked_read_at_once_and_places_nothing_more(
+        tls: tuple[ssl.SSLContext, ssl.SSLContext], secure: bool) -> None:
+    """The migration no longer needs the connection (every page verified, or it failed): stop()
+    from the loop ends the thread's read at once, and on_end is not called (the migration
+    ended it). A frame already being placed finishes; the frames behind it in the same read are
+    not placed. Controls: before stop() the thread waits in its read; without stop() every
+    frame of the read is placed."""
+    server_ctx, client = tls if secure else (None, None)
+
+    async def one(stop: bool) -> tuple[Placed, Ends, LaneReceiver, float]:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            server.setblocking(False)
+            lane, opening = await _source_end(server, client)
+            receiver = LaneReceiver(await _accepted(server), "peer")
+            try:
+                await receiver.open(server_ctx, WAIT)
+                placed, ends = Placed(), Ends()
+                placed.block.clear()
+                receiver.admit(JOINED, placed, ends)
+                await asyncio.wait_for(opening, WAIT)
+                frames = [wire.ZeroPages(i * PAGE_SIZE, 1) for i in range(3)]
+                for msg in frames:
+                    lane.write(msg)
+                assert await asyncio.get_running_loop().run_in_executor(None, placed.entered.wait, WAIT)
+                if stop:
+                    receiver.stop()
+                placed.block.set()  # the frame under way finishes
+                if stop:
+                    await asyncio.sleep(0.3)
+                    assert placed.frames == frames[:1], placed.frames
+                    return placed, ends, receiver, 0.0
+                async with asyncio.timeout(WAIT):
+                    while len(placed.frames) < 3:
+                        await asyncio.sleep(0.01)
+                # Blocked in its read now: stop() ends it at once.
+                await asyncio.sleep(0.2)
+                assert not ends.reasons, "the control: the thread still waits in its read"
+                shut_at = time.monotonic()
+                receiver.stop()
+                async with asyncio.timeout(WAIT):
+                    while not receiver.shut or any(t.name == "migd-lane-in" for t in threading.enumerate()):
+                        await asyncio.sleep(0.005)
+                return placed, ends, receiver, time.monotonic() - shut_at
+            finally:
+                receiver.stop()
+                lane.close()
+
+    async def main() -> None:
+        placed, ends, _, took = await one(stop=False)
+        assert len(placed.frames) == 3 and took < 1.0, (placed.frames, took)
+        await asyncio.sleep(0.1)
+        assert not ends.reasons, ends.reasons
+        placed, ends, _, _ = await one(stop=True)
+        assert len(placed.frames) == 1 and not ends.reasons, (placed.frames, ends.reasons)
+
+    run(main)
