@@ -124,9 +124,11 @@ class IncomingMigration:
         try:
             await self._receive()
         except asyncio.CancelledError:
+            self._end_lanes()  # no further connection places a page, or joins, while the guest goes
             await self._fail("destination is shutting down")
             raise
         except Exception as exc:  # any failure before COMMIT discards the partial guest
+            self._end_lanes()
             await self._fail(_reason(exc, self.peer, self.session.phase))
         finally:
             self._end_lanes()
@@ -404,9 +406,11 @@ class IncomingMigration:
         answer JOINED and place its page frames. Returns what is done when it is no longer needed."""
         joined = self.session.accept_join(msg, time.monotonic())
         lane = msg.lane
-        self._lanes[lane] = receiver
-        ended = self._lane_ends[lane] = asyncio.get_running_loop().create_future()
+        ended = asyncio.get_running_loop().create_future()
+        # StreamClosed if its thread gave up waiting; its end reaches _lane_closed only through the
+        # loop, so after the registration below.
         receiver.admit(joined, functools.partial(self._place, lane=lane), functools.partial(self._lane_closed, lane))
+        self._lanes[lane], self._lane_ends[lane] = receiver, ended
         log.debug("migration %s: connection %d of %d joined from %s", msg.migration_id, lane + 1,
                   self.session.connections, receiver.peer)
         return ended

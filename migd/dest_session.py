@@ -54,7 +54,7 @@ class DestinationSession(Session):
         self.transcript.absorb(msg)
         self.hello_msg = msg
         # conns is in the transcript: SESSION's MAC binds it (a peer that changed it fails there).
-        self.chain.resize(msg.connections if "connections" in self.capabilities else 1)
+        self.chain.resize(msg.connections if "lanes" in self.capabilities else 1)
         return msg  # the driver decides whether this host can take the guest
 
     def _on_resolve(self, msg: wire.Resolve, now: float) -> wire.Resolve:

@@ -20,7 +20,7 @@ PROTOCOL_VERSION = 3
 #: gives those both ends speak, and the session (migd/session.py ``required_capabilities``)
 #: refuses a peer without what this migration needs: zero runs, its transport mode, and the
 #: VMSA packet for an SEV-ES guest. A later optional feature is announced here, used if agreed.
-CAPABILITIES = ("zero-runs", "bound-transport", "sev-compat-transport", "vmsa", "connections")
+CAPABILITIES = ("zero-runs", "bound-transport", "sev-compat-transport", "vmsa", "lanes")
 
 MAX_META = 0xFFFF
 #: TCP connections one migration may use (HELLO ``conns``; pages striped over them).

@@ -32,11 +32,13 @@ from collections.abc import Callable
 
 from migd import wire
 from migd.errors import MigdError, PeerAborted, ProtocolError
-from migd.stream import PAGE_FRAMES, StreamClosed
+from migd.stream import LINGER_S, PAGE_FRAMES, StreamClosed
 from migd.thread_socket import ThreadSocket
 
 log = logging.getLogger(__name__)
 
+#: The name of every receiver's thread.
+THREAD_NAME = "migd-lane-in"
 #: How long writing JOINED (or the ABORT refusing JOIN) may take, at least: a few hundred bytes.
 ANSWER_TIMEOUT_S = 5.0
 #: How long the thread waits for the session's verdict on JOIN past the handshake deadline: the
@@ -45,6 +47,7 @@ VERDICT_MARGIN_S = 5.0
 #: One read takes at most this much (the frame decoder's buffer grows to the largest frame).
 _READ_CHUNK = 1 << 20
 _OPENING_BUFFER = 4096
+_LINGER_READ = 64 << 10
 
 PageFrame = wire.PrivatePages | wire.SharedPages | wire.ZeroPages
 
@@ -74,6 +77,8 @@ class LaneReceiver(ThreadSocket):
         self._decoder = wire.FrameDecoder(initial=_OPENING_BUFFER)
         self._encoder = wire.FrameEncoder()
         self._verdict = threading.Event()
+        self._verdict_lock = threading.Lock()
+        self._given_up = False  # the thread stopped waiting for the verdict
         self._answer: wire.Joined | wire.Abort | None = None
         self._place: Callable[[PageFrame], None] | None = None
         self._on_end: Callable[[BaseException], None] | None = None
@@ -91,8 +96,12 @@ class LaneReceiver(ThreadSocket):
         opened: asyncio.Future[wire.Join] = loop.create_future()
         deadline = time.monotonic() + timeout
         thread = threading.Thread(target=self._run, args=(ssl_context, deadline, opened),
-                                  name="migd-lane-in", daemon=True)
-        thread.start()
+                                  name=THREAD_NAME, daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no thread to be had (a process or memory limit)
+            self.close()
+            raise StreamClosed(f"{self.name}: no thread to receive it: {exc}") from exc
         try:
             return await opened
         except BaseException:
@@ -102,15 +111,26 @@ class LaneReceiver(ThreadSocket):
     def admit(self, joined: wire.Joined, place: Callable[[PageFrame], None],
               on_end: Callable[[BaseException], None]) -> None:
         """The session accepted JOIN: the thread answers ``joined``, then hands every page frame to
-        ``place`` (in its thread, in order); ``on_end(reason)`` runs on the loop when it ends."""
+        ``place`` (in its thread, in order); ``on_end(reason)`` runs on the loop when it ends.
+
+        StreamClosed if the thread no longer waits for it (stopped, or it gave up waiting)."""
         self.lane = joined.lane
-        self._place, self._on_end = place, on_end
-        self._answer = joined
-        self._verdict.set()
+        self._answer_with(joined, place, on_end)
 
     def refuse(self, reason: str) -> None:
         """JOIN is refused: the thread answers ABORT (without a MAC: the peer proved nothing) and ends."""
-        self._answer = wire.Abort(reason)
+        try:
+            self._answer_with(wire.Abort(reason), None, None)
+        except StreamClosed:
+            pass  # the connection is over already
+
+    def _answer_with(self, answer: wire.Joined | wire.Abort, place: Callable[[PageFrame], None] | None,
+                     on_end: Callable[[BaseException], None] | None) -> None:
+        # Under the lock: the thread takes the verdict, or gives up on it, exactly once.
+        with self._verdict_lock:
+            if self._given_up or self.shut:
+                raise StreamClosed(f"{self.name} ended before its JOIN was answered")
+            self._place, self._on_end, self._answer = place, on_end, answer
         self._verdict.set()
 
     def stop(self) -> None:
@@ -131,14 +151,22 @@ class LaneReceiver(ThreadSocket):
                     self._tell(exc)
                 self._to_loop(_settle, opened, None, exc)
                 return
+            except Exception as exc:  # a bug: the listener counts the connection refused at once
+                log.error("opening %s failed unexpectedly: %r", self.name, exc, exc_info=exc)
+                self._to_loop(_settle, opened, None, ProtocolError(f"internal error while opening: {exc!r}"))
+                return
             self._to_loop(_settle, opened, join, None)
+            # From here the loop hears of the connection's end, whatever it is.
             self._verdict.wait(max(0.0, deadline - time.monotonic()) + VERDICT_MARGIN_S)
-            answer = self._answer
-            if answer is None or self.shut:
-                return  # no verdict (the listener gave up on the connection), or stopped
+            with self._verdict_lock:
+                answer = self._answer
+                self._given_up = answer is None
+            if answer is None:
+                raise StreamClosed(f"{self.name}: JOIN was not answered in time")
+            self._check_shut()
             self._write_answer(answer)
             if isinstance(answer, wire.Abort):
-                return
+                return  # refused: nobody listens for its end
             self._receive()
         except StreamClosed as exc:
             reason = exc
@@ -148,9 +176,29 @@ class LaneReceiver(ThreadSocket):
             log.error("placing pages of connection %d failed unexpectedly: %r", self.lane + 1, exc, exc_info=exc)
             reason = ProtocolError(f"internal error while placing pages: {exc!r}")
         finally:
-            self.close()
             if reason is not None:
                 self._to_loop(self._ended, reason)
+                if not isinstance(reason, (StreamClosed, PeerAborted)):
+                    self._linger()
+            self.close()
+
+    def _linger(self) -> None:
+        """This side refused a frame: the migration tells the source why on the first connection.
+        Until it stops this one (or LINGER_S), what the source still sends here is read and
+        dropped: closing with unread data sends a reset, which the source's thread would see
+        before that reason and report instead (a frame after the refused one is never placed)."""
+        sock = self._sock
+        if sock is None:
+            return
+        deadline = time.monotonic() + LINGER_S
+        discard = memoryview(bytearray(_LINGER_READ))
+        try:
+            while not self.shut and (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                if not sock.recv_into(discard):
+                    return
+        except (OSError, ValueError):  # timed out, reset, shut by stop(); ValueError: TLS state gone
+            pass
 
     def _opening(self, ssl_context: ssl.SSLContext | None, deadline: float) -> wire.Join:
         sock = self._sock

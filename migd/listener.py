@@ -487,6 +487,9 @@ class MigrationListener:
             receiver.refuse(str(exc))
             self._refuse_connection(connection, Refusal.SESSION_REFUSED, printable(str(exc), 1024))
             return
+        except StreamClosed as exc:  # its thread stopped waiting for the answer meanwhile
+            self._refuse_connection(connection, Refusal.CLOSED_BEFORE_AUTHENTICATION, str(exc))
+            return
         self._settle(connection)
         try:
             await ended

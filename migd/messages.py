@@ -122,7 +122,7 @@ class Hello(MessageBase):
     capabilities: tuple[str, ...] = CAPABILITIES
     #: The source's migration listener port, where a destination in doubt sends RESOLVE (0: none).
     resolve_port: int = 0
-    #: Connections the pages are striped over (1: this one only; more only if "connections" is agreed).
+    #: Connections the pages are striped over (1: this one only; more only if "lanes" is agreed).
     connections: int = 1
     TYPE = FrameType.HELLO
     META = ("version", "caps", "id", "guest", "transport", "resolve_port", "conns")

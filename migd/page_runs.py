@@ -80,17 +80,19 @@ def chunks(starts: np.ndarray, counts: np.ndarray, chunk_pages: int = CHUNK_PAGE
             start += n
 
 
-#: A migration over several connections stripes guest memory over them by GPA: stripe ``k``
-#: (pages ``[k * STRIPE_PAGES, (k + 1) * STRIPE_PAGES)``) always goes on connection
-#: ``k % connections``. A page therefore always travels on the same connection, so its versions
-#: (one per round) arrive in the order they were sent, whatever the other connections do; one
-#: stripe is one chunk, so a step classifies and reads pages of one connection only.
+#: A migration over several connections keeps the first for the control frames and stripes guest
+#: memory over the others by GPA: stripe ``k`` (pages ``[k * STRIPE_PAGES, (k + 1) *
+#: STRIPE_PAGES)``) always goes on connection ``1 + k % (connections - 1)``. A page therefore
+#: always travels on the same connection, so its versions (one per round) arrive in the order they
+#: were sent, whatever the other connections do; one stripe is one chunk, so a step classifies and
+#: reads pages of one connection only. No page goes on the first connection, whose frames both
+#: event loops handle: every page frame is its connection's thread's, on both ends.
 STRIPE_PAGES = CHUNK_PAGES
 
 
 def lane_of(page: int, connections: int) -> int:
-    """The connection (lane) that carries ``page``."""
-    return (page // STRIPE_PAGES) % connections if connections > 1 else 0
+    """The connection (lane) that carries ``page``: the first with one, a further one with several."""
+    return 1 + (page // STRIPE_PAGES) % (connections - 1) if connections > 1 else 0
 
 
 def stripe_end(page: int, connections: int) -> int:

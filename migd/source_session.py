@@ -51,8 +51,8 @@ class SourceSession(Session):
                                     f"this source {wire.PROTOCOL_VERSION}; run the same migd release on both hosts")
         hello = self._hello
         self.capabilities = agree(hello.capabilities, msg.capabilities, hello.transport_mode, hello.guest.policy)
-        # A destination that does not speak "connections" reads HELLO's conns as nothing: one connection.
-        self.chain.resize(hello.connections if "connections" in self.capabilities else 1)
+        # A destination that does not speak "lanes" reads HELLO's conns as nothing: one connection.
+        self.chain.resize(hello.connections if "lanes" in self.capabilities else 1)
         self._transition(wire.Welcome, now)
         self.transcript.absorb(msg)
         self._welcome = msg

@@ -14,13 +14,14 @@ never by timing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from types import SimpleNamespace
 
 import pytest
 
-from migd import dest, wire
+from migd import dest, lane_receiver, wire
 from migd.bitmap import PageBitmap
 from migd.dest import IncomingMigration
 from migd.errors import PeerAborted
@@ -33,7 +34,8 @@ from session_pair import established
 from test_stream import FakeTransport, _feed
 
 MIGRATION_ID = "m-lane-end"
-NPAGES = 1024  # two stripes: stripe 0 on connection 1, stripe 1 on connection 2
+NPAGES = 1024  # two stripes, both on connection 2 (connection 1 carries the control frames)
+STRIPE = 512
 GUEST = wire.GuestSpec("g", NPAGES, 0)
 WAIT = 10.0
 
@@ -135,5 +137,81 @@ def test_a_further_connection_that_ends_for_good_fails_the_barrier_after_the_gra
                 await asyncio.wait_for(barrier, WAIT)
         finally:
             await pair.end(serving)
+
+    asyncio.run(main())
+
+
+def test_a_failed_migration_places_nothing_more_and_takes_no_join_while_it_discards(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The migration fails (here: its first connection broke) and discards the partial guest,
+    which takes real time (the agent's shutdown; held open here). Meanwhile connection 2's thread
+    places no more frames and no JOIN is taken for the migration: its further connections are
+    released before the discard, not after (found by an adversarial review). Control: before the
+    failure the same connection places the same kind of frame."""
+    placed: list[int] = []
+    monkeypatch.setattr(IncomingMigration, "_place_run", lambda self, msg, kind, lane=0: placed.append(msg.gpa))
+
+    async def main() -> None:
+        pair = _Pair()
+        inc = pair.incoming
+        await pair.join()
+        enc = wire.FrameEncoder()
+        enc.encode_bytes(pair.source.join(1))  # the source's frame sequence on connection 2: JOIN was frame 0
+        pair.peer_end.sendall(enc.encode_bytes(wire.ZeroPages(0, 1)))
+        async with asyncio.timeout(WAIT):
+            while not placed:
+                await asyncio.sleep(0.01)
+        assert placed == [0], "the control: connection 2 places its frames"
+        broke, discarding, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def receive() -> None:
+            await broke.wait()
+            raise StreamClosed("the first connection broke")
+
+        async def discard(reason: str) -> None:  # the partial guest goes (agent, RAM, context)
+            discarding.set()
+            await release.wait()
+            inc.session.fail(reason, time.monotonic())
+
+        inc._receive = receive  # type: ignore[method-assign]
+        inc._discard = discard  # type: ignore[method-assign]
+        running = asyncio.ensure_future(inc.run())
+        broke.set()
+        await asyncio.wait_for(discarding.wait(), WAIT)
+        try:
+            assert MIGRATION_ID not in pair.host.lane_servers, "JOINs are still taken while the guest is discarded"
+            with contextlib.suppress(OSError):  # the destination may have closed it already
+                pair.peer_end.sendall(enc.encode_bytes(wire.ZeroPages(2 * STRIPE, 1)))
+            await asyncio.sleep(0.3)
+            assert placed == [0], f"frames placed while the failed migration discarded its guest: {placed}"
+        finally:
+            release.set()
+            await asyncio.wait_for(running, WAIT)
+            pair.peer_end.close()
+
+    asyncio.run(main())
+
+
+def test_a_join_answered_after_its_thread_gave_up_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop answers JOIN late (it lagged past the thread's wait for the verdict): the answer
+    is refused (the listener counts it) and the lane is not taken, so no barrier waits for a
+    connection whose thread and socket are gone (found by an adversarial review)."""
+    monkeypatch.setattr(lane_receiver, "VERDICT_MARGIN_S", 0.0)
+
+    async def main() -> None:
+        pair = _Pair()
+        pair.peer_end.sendall(wire.LANE_PREAMBLE + wire.FrameEncoder().encode_bytes(pair.source.join(1)))
+        join = await pair.lane.open(None, 0.3)  # JOIN read; the thread waits at most 0.3 s for the answer
+        async with asyncio.timeout(WAIT):
+            while pair.lane.close_reason is None:  # it gave up, and the loop heard of it
+                await asyncio.sleep(0.01)
+        with pytest.raises(StreamClosed, match="ended before its JOIN was answered"):
+            pair.incoming._admit_lane(pair.lane, join)
+        assert 1 not in pair.incoming._lanes
+        pair.peer_end.settimeout(WAIT)
+        assert pair.peer_end.recv(4096) == b"", "no JOINED went out"
+        pair.incoming._end_lanes()
+        pair.main.connection_lost(None)
+        pair.peer_end.close()
 
     asyncio.run(main())

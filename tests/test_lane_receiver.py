@@ -26,7 +26,7 @@ import pytest
 from migd import wire
 from migd.abi import PAGE_SIZE
 from migd.errors import PeerAborted, ProtocolError
-from migd.lane_receiver import LaneReceiver
+from migd.lane_receiver import THREAD_NAME, LaneReceiver
 from migd.lane_socket import LaneSocket
 from migd.platform import identity
 from migd.platform.pki_verify import tls_client_context, tls_server_context
@@ -352,5 +352,34 @@ def test_stop_ends_a_blocked_read_at_once_and_places_nothing_more(
         assert not ends.reasons, ends.reasons
         placed, ends, _, _ = await one(stop=True)
         assert len(placed.frames) == 1 and not ends.reasons, (placed.frames, ends.reasons)
+
+    run(main)
+
+
+def test_no_thread_to_be_had_ends_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process cannot start another thread (a limit): the opening fails at once with the
+    reason, and the accepted socket is closed (the peer sees its end), not left to the garbage
+    collector (found by an adversarial review). Control: the peer's connection was open before."""
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name == THREAD_NAME:
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            server.setblocking(False)
+            peer = socket.create_connection(server.getsockname())
+            receiver = LaneReceiver(await _accepted(server), "peer")
+            peer.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                peer.recv(1)  # the control: open, nothing to read
+            monkeypatch.setattr(threading.Thread, "start", start)
+            with pytest.raises(StreamClosed, match="no thread to receive it"):
+                await receiver.open(None, WAIT)
+            peer.settimeout(WAIT)
+            assert peer.recv(1) == b"", "the socket is closed"
+            peer.close()
 
     run(main)

@@ -61,8 +61,9 @@ from session_pair import GUEST, established
 T0 = 1000.0
 SESSION_ID = b"lane-session-id!"
 GPA = 0x40_0000
-#: The capabilities of the release before "connections" (what an older destination speaks).
-OLD_CAPS = tuple(c for c in wire.CAPABILITIES if c != "connections")
+#: The capabilities of a release without "lanes" (what an older destination speaks: the first
+#: releases of several connections called theirs "connections" and do not interoperate).
+OLD_CAPS = (*(c for c in wire.CAPABILITIES if c != "lanes"), "connections")
 JOIN_WAIT = 5.0  # every thread join in this file is bounded by this
 
 
@@ -545,58 +546,59 @@ def _frame(kind: PageKind, page: int, npages: int, header: bytes = bytes(52)) ->
 
 
 def test_a_page_frame_must_come_on_its_stripes_connection() -> None:
-    _, dest = _joined_pair(4)
-    stripe1 = STRIPE_PAGES  # stripe 1 → connection 1
+    _, dest = _joined_pair(4)  # stripe k goes on connection 1 + k % 3; none on the first
+    stripe1 = STRIPE_PAGES  # stripe 1 → connection 2
     frames_before = dest.chain.frames
-    with pytest.raises(PeerProtocolError, match="goes on connection 1"):
-        dest.page_received(_frame(PageKind.SHARED, stripe1, 2), 2)  # type: ignore[arg-type]
-    with pytest.raises(PeerProtocolError, match="goes on connection 1"):
-        dest.page_received(_frame(PageKind.ZERO, stripe1, 2), 0)  # type: ignore[arg-type]
-    # Crossing a stripe boundary: pages 510..513 span connections 0 and 1.
+    with pytest.raises(PeerProtocolError, match="goes on connection 2"):
+        dest.page_received(_frame(PageKind.SHARED, stripe1, 2), 3)  # type: ignore[arg-type]
+    with pytest.raises(PeerProtocolError, match="goes on connection 2"):
+        dest.page_received(_frame(PageKind.ZERO, stripe1, 2), 0)  # type: ignore[arg-type]  # the control connection
+    # Crossing a stripe boundary: pages 510..513 span connections 1 and 2.
     with pytest.raises(PeerProtocolError, match="crossing a stripe"):
-        dest.page_received(_frame(PageKind.ZERO, stripe1 - 2, 4), 0)  # type: ignore[arg-type]
-    with pytest.raises(PeerProtocolError):
         dest.page_received(_frame(PageKind.ZERO, stripe1 - 2, 4), 1)  # type: ignore[arg-type]
+    with pytest.raises(PeerProtocolError):
+        dest.page_received(_frame(PageKind.ZERO, stripe1 - 2, 4), 2)  # type: ignore[arg-type]
     assert dest.chain.frames == frames_before  # nothing refused entered a chain
-    # Controls: each run on its own stripe's connection is admitted (stripe 4 wraps to connection 0).
-    assert dest.page_received(_frame(PageKind.SHARED, stripe1, 2), 1) is PageKind.SHARED  # type: ignore[arg-type]
-    assert dest.page_received(_frame(PageKind.ZERO, stripe1 - 4, 4), 0) is PageKind.ZERO  # type: ignore[arg-type]
-    assert dest.page_received(_frame(PageKind.PRIVATE, 4 * STRIPE_PAGES, STRIPE_PAGES), 0) \
+    # Controls: each run on its own stripe's connection is admitted (stripe 3 wraps to connection 1).
+    assert dest.page_received(_frame(PageKind.SHARED, stripe1, 2), 2) is PageKind.SHARED  # type: ignore[arg-type]
+    assert dest.page_received(_frame(PageKind.ZERO, stripe1 - 4, 4), 1) is PageKind.ZERO  # type: ignore[arg-type]
+    assert dest.page_received(_frame(PageKind.PRIVATE, 3 * STRIPE_PAGES, STRIPE_PAGES), 1) \
         is PageKind.PRIVATE  # type: ignore[arg-type]
-    assert dest.page_received(_frame(PageKind.ZERO, 7 * STRIPE_PAGES + 511, 1), 3) \
+    assert dest.page_received(_frame(PageKind.ZERO, 7 * STRIPE_PAGES + 511, 1), 2) \
         is PageKind.ZERO  # type: ignore[arg-type]
-    assert dest.chain.further_frames() == (1, 0, 1)
-    with dest.page_frame(_frame(PageKind.ZERO, 2 * STRIPE_PAGES, 1), 2) as kind:  # type: ignore[arg-type]
+    assert dest.chain.further_frames() == (2, 2, 0)
+    with dest.page_frame(_frame(PageKind.ZERO, 2 * STRIPE_PAGES, 1), 3) as kind:  # type: ignore[arg-type]
         assert kind is PageKind.ZERO  # the worker's entry point applies the same check
     with pytest.raises(PeerProtocolError):
-        with dest.page_frame(_frame(PageKind.ZERO, 2 * STRIPE_PAGES, 1), 3):  # type: ignore[arg-type]
+        with dest.page_frame(_frame(PageKind.ZERO, 2 * STRIPE_PAGES, 1), 1):  # type: ignore[arg-type]
             pass
 
 
 def test_a_page_frame_on_a_lane_that_has_not_joined_is_refused() -> None:
     _, dest = _joined_pair(4, lanes=(1, 2))
-    stripe3 = 3 * STRIPE_PAGES
+    stripe2 = 2 * STRIPE_PAGES  # → connection 3
     with pytest.raises(PeerProtocolError, match="before it joined"):
-        dest.page_received(_frame(PageKind.ZERO, stripe3, 1), 3)  # type: ignore[arg-type]
+        dest.page_received(_frame(PageKind.ZERO, stripe2, 1), 3)  # type: ignore[arg-type]
     with pytest.raises(PeerProtocolError, match="not one of this migration's 4"):
         dest.page_received(_frame(PageKind.ZERO, 4 * STRIPE_PAGES, 1), 4)  # type: ignore[arg-type]
     assert dest.chain.frames == 0
     # Control: once lane 3 has joined, the same frame is admitted.
     _, dest = _joined_pair(4, lanes=(1, 2, 3))
-    assert dest.page_received(_frame(PageKind.ZERO, stripe3, 1), 3) is PageKind.ZERO  # type: ignore[arg-type]
+    assert dest.page_received(_frame(PageKind.ZERO, stripe2, 1), 3) is PageKind.ZERO  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- PREPARE over lanes
 
-#: Frames of one test stream: (lane, kind, first page, npages); each on its stripe's connection.
+#: Frames of one test stream: (lane, kind, first page, npages); each on its stripe's connection
+#: (4 connections: stripe k on connection 1 + k % 3).
 STREAM = [
-    (0, PageKind.PRIVATE, 0, 4),
-    (1, PageKind.SHARED, 1 * STRIPE_PAGES, 2),
-    (2, PageKind.ZERO, 2 * STRIPE_PAGES + 8, 100),
-    (1, PageKind.PRIVATE, 5 * STRIPE_PAGES, 1),
-    (3, PageKind.PRIVATE, 3 * STRIPE_PAGES, 3),
-    (0, PageKind.ZERO, 4 * STRIPE_PAGES, 512),
-    (2, PageKind.SHARED, 6 * STRIPE_PAGES + 500, 12),
+    (1, PageKind.PRIVATE, 0, 4),
+    (2, PageKind.SHARED, 1 * STRIPE_PAGES, 2),
+    (3, PageKind.ZERO, 2 * STRIPE_PAGES + 8, 100),
+    (1, PageKind.PRIVATE, 3 * STRIPE_PAGES, 1),
+    (2, PageKind.PRIVATE, 4 * STRIPE_PAGES, 3),
+    (1, PageKind.ZERO, 6 * STRIPE_PAGES, 512),
+    (3, PageKind.SHARED, 5 * STRIPE_PAGES + 500, 12),
 ]
 
 
@@ -634,21 +636,21 @@ def test_prepare_agrees_when_each_lane_saw_its_frames_in_order() -> None:
     the order is the same."""
     source, dest = _joined_pair(4)
     _send(source, STREAM)
-    _receive(dest, STREAM, order=[4, 1, 0, 2, 6, 3, 5])  # lane 1's 1 before 3, lane 2's 2 before 6
+    _receive(dest, STREAM, order=[1, 0, 4, 2, 6, 3, 5])  # per lane: 0, 3, 5; 1, 4; 2, 6
     got = _prepare(source, dest)
-    assert got.lanes == (2, 2, 1) and got.frames == len(STREAM)
+    assert got.lanes == (3, 2, 2) and got.frames == len(STREAM)
     dest.check_prepare(got, 3)
     with pytest.raises(PeerProtocolError, match="transport_seq"):  # control: the check does check
         dest.check_prepare(got, 4)
 
 
 def test_prepare_fails_when_a_frame_moved_from_lane_1_to_lane_2() -> None:
-    """Lane 1's second frame (stripe 5) never arrives; lane 2 gets one more of the same kind and
-    size (stripe 6, so the stripe check passes): the totals match, the per-lane counts do not."""
+    """Lane 1's second frame (stripe 6) never arrives; lane 2 gets one more of the same kind and
+    size (stripe 4, so the stripe check passes): the totals match, the per-lane counts do not."""
     source, dest = _joined_pair(4)
-    sent = [(1, PageKind.SHARED, 1 * STRIPE_PAGES, 2), (1, PageKind.ZERO, 5 * STRIPE_PAGES, 8),
-            (2, PageKind.SHARED, 2 * STRIPE_PAGES, 4)]
-    arrived = [sent[0], (2, PageKind.ZERO, 6 * STRIPE_PAGES, 8), sent[2]]
+    sent = [(1, PageKind.SHARED, 3 * STRIPE_PAGES, 2), (1, PageKind.ZERO, 6 * STRIPE_PAGES, 8),
+            (2, PageKind.SHARED, 1 * STRIPE_PAGES, 4)]
+    arrived = [sent[0], (2, PageKind.ZERO, 4 * STRIPE_PAGES, 8), sent[2]]
     _send(source, sent)
     _receive(dest, arrived)
     got = _prepare(source, dest)
@@ -663,8 +665,8 @@ def test_prepare_fails_when_a_frame_moved_from_lane_1_to_lane_2() -> None:
 def test_prepare_fails_when_a_lanes_frames_are_reordered() -> None:
     """Same frames, same per-lane counts, lane 1's two frames swapped: the lane's chain differs."""
     source, dest = _joined_pair(4)
-    sent = [(1, PageKind.SHARED, 1 * STRIPE_PAGES, 2), (1, PageKind.SHARED, 5 * STRIPE_PAGES, 2),
-            (2, PageKind.ZERO, 2 * STRIPE_PAGES, 1)]
+    sent = [(1, PageKind.SHARED, 0, 2), (1, PageKind.SHARED, 3 * STRIPE_PAGES, 2),
+            (2, PageKind.ZERO, 1 * STRIPE_PAGES, 1)]
     _send(source, sent)
     _receive(dest, sent, order=[1, 0, 2])
     got = _prepare(source, dest)
@@ -719,7 +721,7 @@ def test_a_welcome_without_connections_makes_the_source_use_one() -> None:
     hello = source.hello(T0)
     assert hello.connections == 4
     source.receive(_codec(wire.Welcome(b"PDH", capabilities=OLD_CAPS, nonce=os.urandom(32))), T0)
-    assert "connections" not in source.capabilities and source.connections == 1
+    assert "lanes" not in source.capabilities and source.connections == 1
     # Control: a destination that speaks it.
     source = _source(4)
     source.hello(T0)
@@ -729,7 +731,7 @@ def test_a_welcome_without_connections_makes_the_source_use_one() -> None:
 
 class _OldWire(types.ModuleType):
     """What the destination's session sees as :mod:`migd.wire` in an older release: the same
-    codec, without "connections" in its capabilities or its WELCOME."""
+    codec, without "lanes" in its capabilities or its WELCOME."""
 
     CAPABILITIES = OLD_CAPS
     Welcome = functools.partial(wire.Welcome, capabilities=OLD_CAPS)
@@ -742,7 +744,7 @@ class _OldWire(types.ModuleType):
 
 
 def test_a_destination_without_the_capability_takes_one_connection(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A whole handshake with a destination of the release before "connections" (its capability
+    """A whole handshake with a destination of a release without "lanes" (its capability
     list and its WELCOME lack it): both ends settle on one connection, though HELLO asked for 4;
     no JOIN can be made or taken, and every stripe goes on connection 0."""
     monkeypatch.setattr(dest_session_module, "wire", _OldWire())
@@ -758,7 +760,7 @@ def test_a_destination_without_the_capability_takes_one_connection(monkeypatch: 
 
 
 def test_a_hello_without_the_capability_is_read_as_one_connection() -> None:
-    """The destination's side of the same rule: ``conns`` counts only if "connections" is agreed."""
+    """The destination's side of the same rule: ``conns`` counts only if "lanes" is agreed."""
     dest = DestinationSession(MigrationPhase(started_at=T0), T0)
     dest.receive(_codec(wire.Hello("m-old", GUEST, "bound", capabilities=OLD_CAPS, connections=4)), T0)
     assert dest.connections == 1
@@ -773,8 +775,10 @@ def test_a_hello_without_the_capability_is_read_as_one_connection() -> None:
 def test_lane_of_and_stripe_end() -> None:
     s = STRIPE_PAGES
     assert s == 512
-    assert [lane_of(p, 4) for p in (0, s - 1, s, 2 * s, 3 * s + 7, 4 * s, 5 * s, 9 * s - 1)] == [0, 0, 1, 2, 3, 0, 1, 0]
-    assert [lane_of(p, 3) for p in (0, s, 2 * s, 3 * s)] == [0, 1, 2, 0]
+    # Four connections: the first carries control frames only, the stripes go round the other three.
+    assert [lane_of(p, 4) for p in (0, s - 1, s, 2 * s, 3 * s + 7, 4 * s, 5 * s, 9 * s - 1)] == [1, 1, 2, 3, 1, 2, 3, 3]
+    assert [lane_of(p, 3) for p in (0, s, 2 * s, 3 * s)] == [1, 2, 1, 2]
+    assert {lane_of(p, 2) for p in (0, s, 3 * s, (1 << 26) - 1)} == {1}  # two: every page on the second
     assert [stripe_end(p, 4) for p in (0, s - 1, s, 3 * s + 1)] == [s, s, 2 * s, 4 * s]
     # One connection: always lane 0, and no stripe limit at all.
     assert {lane_of(p, 1) for p in (0, s, 3 * s, (1 << 26) - 1)} == {0}
@@ -783,11 +787,12 @@ def test_lane_of_and_stripe_end() -> None:
 
 def test_in_lane() -> None:
     s = STRIPE_PAGES
-    assert in_lane(0, s, 0, 4) and in_lane(s, 1, 1, 4) and in_lane(4 * s + 10, s - 10, 0, 4)
-    assert not in_lane(1, s, 0, 4)  # one page into stripe 1
-    assert not in_lane(s, 1, 0, 4) and not in_lane(s, 1, 2, 4)  # the wrong connection
-    assert not in_lane(s - 1, 2, 0, 4) and not in_lane(s - 1, 2, 1, 4)  # crossing, whichever lane
-    assert not in_lane(0, 0, 0, 4)  # an empty run is no run
+    assert in_lane(0, s, 1, 4) and in_lane(s, 1, 2, 4) and in_lane(3 * s + 10, s - 10, 1, 4)
+    assert not in_lane(1, s, 1, 4)  # one page into stripe 1
+    assert not in_lane(s, 1, 1, 4) and not in_lane(s, 1, 3, 4)  # the wrong connection
+    assert not in_lane(s - 1, 2, 1, 4) and not in_lane(s - 1, 2, 2, 4)  # crossing, whichever lane
+    assert not in_lane(0, 0, 1, 4)  # an empty run is no run
+    assert not any(in_lane(p, 1, 0, n) for p in (0, s, 2 * s) for n in (2, 4))  # nothing on the first
     # One connection: everything on lane 0, any length, nothing on another lane.
     assert in_lane(s - 1, 5 * s, 0, 1) and not in_lane(0, 1, 1, 1)
 
@@ -798,8 +803,9 @@ def test_every_run_belongs_to_at_most_one_lane(page: int, npages: int, connectio
     owners = [lane for lane in range(connections) if in_lane(page, npages, lane, connections)]
     fits = page + npages <= stripe_end(page, connections)
     assert owners == ([lane_of(page, connections)] if fits else [])
+    assert 1 <= lane_of(page, connections) < connections  # a further connection, never the first
     assert lane_of(page, connections) == lane_of(stripe_end(page, connections) - 1, connections)  # a stripe: one lane
-    assert lane_of(stripe_end(page, connections), connections) == (lane_of(page, connections) + 1) % connections
+    assert lane_of(stripe_end(page, connections), connections) == lane_of(page, connections) % (connections - 1) + 1
 
 
 # =========================================================================== 4. InFlight

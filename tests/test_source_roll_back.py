@@ -180,8 +180,8 @@ def test_no_plaintext_is_left_behind_when_the_migration_fails_during_a_seal() ->
                 migration._resend = PageBitmap(SEAL_NPAGES)
 
             async def precopy() -> PageBitmap:
-                migration._send_run(PageKind.PRIVATE, 0, RUN)  # one private run, to connection 1's thread
-                migration._send_lanes[0].submit()
+                migration._send_run(PageKind.PRIVATE, 0, RUN)  # one private run: stripe 0, the second connection's
+                migration._send_lanes[1].submit()
                 await asyncio.to_thread(decrypted.wait, 5)  # its read is done, the seal not yet
                 raise MigrationFailed("injected: the destination closed connection 2")
 

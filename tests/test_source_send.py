@@ -32,7 +32,7 @@ from migd.errors import FirmwareError
 from migd.platform.psp import PspFirmware
 from migd.send_lane import MAX_QUEUED_FRAMES, RUN_BYTES, SendLane
 from migd.sev_transport import TransportMode
-from migd.source import OutgoingMigration
+from migd.source import MigrationParams, OutgoingMigration
 from session_pair import established
 
 NPAGES = 3 * HOLE_STEP_PAGES // 2  # 192 MiB of guest, sparse: the file holds a few MiB
@@ -291,13 +291,13 @@ def test_payload_buffers_are_reused_only_after_the_transport_sent_them(
 @pytest.mark.parametrize("checked", [True, False], ids=["every-connection-checked", "negative-control-unchecked"])
 def test_zero_runs_behind_a_stuck_connection_stay_bounded(shm_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                                           checked: bool) -> None:
-    """A sparse 4 GiB guest over 2 connections whose second one does not move (its thread is
-    busy: a peer that stopped reading). A step of holes queues zero runs on both connections, and
-    every hole step starts on the first (64 stripes each), so waiting for room on the step's own
-    connection never looks at the second: it queued every one of its zero runs (1024 here, a
-    Python entry each; a 1 TiB guest's would be 256 K). Now it holds at most
-    MAX_QUEUED_FRAMES and a step's worth. Negative control: lanes that never say they are
-    crowded let the queue take them all."""
+    """A sparse 4 GiB guest over 3 connections (the first for control frames, the stripes on the
+    other two) whose third one does not move (its thread is busy: a peer that stopped reading).
+    A step of holes queues zero runs on both page connections, and every hole step starts on the
+    second (64 stripes each), so waiting for room on the step's own connection never looks at the
+    third: it queued every one of its zero runs (1024 here, a Python entry each; a 1 TiB guest's
+    would be 256 K). Now it holds at most MAX_QUEUED_FRAMES and a step's worth. Negative control:
+    lanes that never say they are crowded let the queue take them all."""
     if not checked:
         monkeypatch.setattr(SendLane, "crowded", property(lambda self: False))
     npages = 4 << 18  # 4 GiB, all holes
@@ -308,18 +308,20 @@ def test_zero_runs_behind_a_stuck_connection_stay_bounded(shm_dir: Path, monkeyp
             vm=SimpleNamespace(shared_bitmap=PageBitmap(npages), migration_ready=True), agent=object(),
             state=GuestState.RUNNING,
         )
-        migration = OutgoingMigration(guest, "127.0.0.1", 1)  # type: ignore[arg-type]
+        migration = OutgoingMigration(guest, "127.0.0.1", 1, MigrationParams(connections=3))  # type: ignore[arg-type]
         established(migration.session)
+        migration.session._joined |= {1, 2}  # as after both JOINEDs
         stream, gate = RecordingStream(), threading.Event()
 
         async def main() -> int:
-            first = SendLane(0, functools.partial(migration._lane_written, 0), stream.bytes_consumed,
-                             transport_bytes=RUN_BYTES)
-            stuck = SendLane(1, lambda *args: 0, lambda: 0, transport_bytes=RUN_BYTES, socket=LaneSocket(1))
+            control, first = (SendLane(i, functools.partial(migration._lane_written, i), stream.bytes_consumed,
+                                       transport_bytes=RUN_BYTES) for i in (0, 1))
+            stuck = SendLane(2, lambda *args: 0, lambda: 0, transport_bytes=RUN_BYTES, socket=LaneSocket(2))
             busy = stuck.run_in_thread(lambda: gate.wait(20))
             migration._proto = stream  # type: ignore[assignment]
-            migration._lanes, migration._rings = [stream, stuck.socket], [None, None]  # type: ignore[list-item]
-            migration._send_lanes, migration._resend = [first, stuck], PageBitmap(npages)
+            migration._lanes = [stream, stream, stuck.socket]  # type: ignore[list-item]
+            migration._rings = [None, None, None]
+            migration._send_lanes, migration._resend = [control, first, stuck], PageBitmap(npages)
             task = asyncio.ensure_future(migration._send_extents(np.array([0]), np.array([npages])))
             try:
                 most, still = 0, 0
@@ -327,6 +329,8 @@ def test_zero_runs_behind_a_stuck_connection_stay_bounded(shm_dir: Path, monkeyp
                     await asyncio.sleep(0.01)
                     still = still + 1 if stuck.pending == most else 0
                     most = max(most, stuck.pending)
+                # Held back by the stuck connection (not ended by an error, which would also stop the queue).
+                assert task.done() is not checked, task
                 return most
             finally:
                 task.cancel()

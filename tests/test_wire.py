@@ -293,8 +293,11 @@ PINNED: list[wire.Message] = [
     wire.Resolved("mig-7", "committed", b"\xaa" * 32),
     wire.Ping(7),
     wire.Pong(0xFFFFFFFF),
-    # Several connections (the "connections" capability): the optional fields, JOIN and JOINED.
-    wire.Hello("mig-9", wire.GuestSpec("big", 8192, 0x5), "bound", resolve_port=4444, connections=4),
+    # Several connections: the optional fields, JOIN and JOINED (HELLO with the capabilities of
+    # the release they were first computed with, which called several connections "connections";
+    # "lanes" replaced it when further connections got their preamble and the first lost its pages).
+    wire.Hello("mig-9", wire.GuestSpec("big", 8192, 0x5), "bound", resolve_port=4444, connections=4,
+               capabilities=(*_CAPS_3, "connections")),
     wire.RoundEnd(2, 77, lanes=(10, 11, 12)),
     wire.Ping(8, lanes=(1, 0, 3)),
     wire.Prepare(4096, frames=9, private=1, shared=2, zero=3, transport_seq=5, stream_digest=b"\x01" * 32,
