@@ -12,8 +12,9 @@ several connections, the destination's placing threads). The model:
 * A loop is one thread that holds the GIL for its work: it runs at most one core's worth, so a
   side moves at most ``1 / L`` GiB/s whatever the number of cores.
 * Workers run in parallel beside it (their bulk work, AES and HMAC, releases the GIL; measured in
-  send_lane.py's docstring): with ``N`` connections there are ``N`` of them per side, on the
-  ``C - 1`` cores the loop leaves, so they move at most ``min(N, C - 1) / W`` GiB/s.
+  send_lane.py's docstring): with ``N`` connections the pages go on the ``N - 1`` further
+  ones (the first carries the control frames), a worker thread each per side, on the ``C - 1``
+  cores the loop leaves, so they move at most ``min(N - 1, C - 1) / W`` GiB/s.
 * A side cannot use more than its ``C`` cores: at most ``C / (L + W)`` GiB/s.
 * The link carries at most ``B`` (payload ~ wire bytes: frame headers are < 0.1 %).
 * Throughput = the smallest of these over both sides and the link. Left out: the guest's own
@@ -53,13 +54,18 @@ def costs(run: dict[str, Any]) -> dict[str, float]:
     return {part: max(0.0, statistics.median(c[part] for c in each)) for part in parts}
 
 
+def _page_lanes(connections: int) -> int:
+    """The connections that carry pages: the one, or every further one."""
+    return connections - 1 if connections > 1 else 1
+
+
 def side_limit(loop: float, workers: float, cores: float, connections: int) -> float:
     """GiB/s one side allows: its loop's one core, its workers' share, all its cores."""
     limits = [cores / (loop + workers)]
     if loop > 0:
         limits.append(1.0 / loop)
     if workers > 0:
-        limits.append(max(1, min(connections, cores - 1)) / workers)
+        limits.append(max(1, min(_page_lanes(connections), cores - 1)) / workers)
     return min(limits)
 
 
@@ -78,14 +84,15 @@ def here(c: dict[str, float], connections: int, cores: float = 2.0) -> float:
         if c[loop] > 0:
             limits.append(1.0 / c[loop])
         if c[workers] > 0:
-            limits.append(max(1, min(connections, cores - 1)) / c[workers])
+            limits.append(max(1, min(_page_lanes(connections), cores - 1)) / c[workers])
     return min(limits)
 
 
 def _best(measured_with: int, cores: int) -> int:
     """Connections projected on a host of ``cores``: a run of one connection seals on its loop, so
-    its costs say nothing of more; a run of several projects as many as the spare cores (≤ 16)."""
-    return 1 if measured_with == 1 else min(16, max(measured_with, cores - 1))
+    its costs say nothing of more; a run of several projects a further connection for each spare
+    core (16 connections at most)."""
+    return 1 if measured_with == 1 else min(16, max(measured_with, cores))
 
 
 def main(argv: list[str] | None = None) -> int:

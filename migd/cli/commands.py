@@ -454,8 +454,9 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     migrate.add_argument("--max-bandwidth-mib-s", type=_non_negative(float), default=None, metavar="N",
                          help="bandwidth cap, 0 = unlimited (default: the daemon's)")
     migrate.add_argument("--connections", type=_connections, default=None, metavar="N",
-                         help=f"TCP connections to stripe the pages over, 1..{MAX_CONNECTIONS} "
-                              "(default: the daemon's migration.connections)")
+                         help=f"TCP connections, 1..{MAX_CONNECTIONS}: with more than one the first carries control "
+                              "and the pages are striped over the others (default: the daemon's "
+                              "migration.connections)")
     migrate.add_argument("--no-wait", action="store_true", help="print the migration id and return at once")
     migrate.set_defaults(client_func=_migrate)
 

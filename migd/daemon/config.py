@@ -101,7 +101,8 @@ class Config:
     handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
     #: A peer that sends nothing, or takes nothing of what is sent, this long ends the migration.
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
-    #: TCP connections an outgoing migration stripes its pages over (1..wire.MAX_CONNECTIONS).
+    #: TCP connections of an outgoing migration (1..wire.MAX_CONNECTIONS; more than one: control on
+    #: the first, pages striped over the others).
     connections: int = DEFAULT_CONNECTIONS
     tls: TlsConfig | None = None
     trusted_roots: tuple[Path, ...] = ()

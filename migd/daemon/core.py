@@ -233,7 +233,8 @@ class Daemon:
         """Start an outgoing migration; returns its progress record at once (REST 202).
 
         ``None`` for a setting means the config's (``migration.*``); ``connections``: how many TCP
-        connections the pages are striped over, 1..wire.MAX_CONNECTIONS.
+        connections, 1..wire.MAX_CONNECTIONS (more than one: control on the first, pages striped
+        over the others).
         """
         self._require_accepting()
         guest = self.guest(name)

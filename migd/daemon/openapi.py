@@ -211,7 +211,8 @@ SCHEMAS: dict[str, Schema] = {
             "max_bandwidth_mib_s": {"type": ["number", "null"], "minimum": 0, "maximum": MAX_RATE,
                                     "description": "0 = unlimited; default from the config"},
             "connections": {"type": ["integer", "null"], "minimum": 1, "maximum": wire.MAX_CONNECTIONS,
-                            "description": "TCP connections the pages are striped over (1: a single connection); "
+                            "description": "TCP connections (1: a single connection; more: the first for control, "
+                                           "the pages striped over the others); "
                                            "default from the config (migration.connections)"},
         },
         required=["destination"],
