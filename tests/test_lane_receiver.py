@@ -18,7 +18,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,27 +27,14 @@ from migd.abi import PAGE_SIZE
 from migd.errors import PeerAborted, ProtocolError
 from migd.lane_receiver import THREAD_NAME, LaneReceiver
 from migd.lane_socket import LaneSocket
-from migd.platform import identity
-from migd.platform.pki_verify import tls_client_context, tls_server_context
 from migd.stream import MAX_FRAME_BEFORE_AUTHENTICATION, StreamClosed, StreamTimeout
+from test_lane_socket import tls  # noqa: F401  (the fixture: one owner CA, both ends' contexts)
 
 JOIN = wire.Join("m-test", 1, bytes(wire.MAC_SIZE))
 JOINED = wire.Joined(1, bytes(wire.MAC_SIZE))
 RUN = wire.MAX_RUN_PAGES
 WAIT = 10.0
 PageFrame = wire.PrivatePages | wire.SharedPages | wire.ZeroPages
-
-
-@pytest.fixture
-def tls(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(the destination's server context, the source's client context), one owner CA."""
-    for name in ("hostA", "hostB"):
-        identity.init_host(tmp_path / name, tmp_path / "ca", common_name=name)
-
-    def files(name: str) -> tuple[Path, Path, Path]:
-        return tmp_path / "ca" / identity.CA_CERT, tmp_path / name / identity.TLS_CERT, tmp_path / name / identity.TLS_KEY
-
-    return tls_server_context(*files("hostA")), tls_client_context(*files("hostB"))
 
 
 class Placed:
