@@ -580,7 +580,9 @@ class IncomingMigration:
             session.fail(f"guest kept after commit: {reason}", time.monotonic())
             return
         # A cancel (daemon shutdown, listener.close) must not interrupt the discard: the guest is
-        # out of host.guests once it starts, so nothing else would remove what is left.
+        # out of host.guests once it starts, so nothing else would remove what is left. Nothing is
+        # placed meanwhile (the further connections were released before).
+        self.proto.drop_pages()
         await _uninterrupted(self._discard(reason))
 
     async def _discard(self, reason: str) -> None:

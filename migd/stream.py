@@ -123,6 +123,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._linger: asyncio.TimerHandle | None = None  # set while closing gracefully
         self._high_water = WRITE_HIGH_WATER
         self._queued_bytes = 0  # payload bytes of the control messages in the queue
+        self._dropping_pages = False  # drop_pages(): the migration failed, its guest goes
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -158,6 +159,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
             messages = self._decoder.buffer_updated(nbytes)
             for msg in messages:
                 if isinstance(msg, PAGE_FRAMES):
+                    if self._dropping_pages:
+                        continue
                     if self._pipeline is None:
                         raise ProtocolError(f"unexpected {msg.TYPE.name} frame on this side of the stream")
                     self._pipeline.page_frame(msg)
@@ -284,6 +287,14 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if self._pipeline is not None:
             self._pipeline.stop()
         self._pipeline = None if on_pages is None else PagePipeline(on_pages, self, self._loop, threaded=threaded)
+
+    def drop_pages(self) -> None:
+        """The migration has failed and its partial guest is being discarded: no page frame is
+        placed from now on (queued ones are cancelled; one being placed finishes), and those still
+        arriving are read and dropped, not refused: the peer has the reason already."""
+        self._dropping_pages = True
+        if self._pipeline is not None:
+            self._pipeline.stop()
 
     def _fail(self, exc: BaseException, *, graceful: bool = False) -> None:
         if self._close_reason is None:

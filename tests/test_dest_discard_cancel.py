@@ -40,6 +40,9 @@ class Proto:
     def close(self) -> None:
         pass
 
+    def drop_pages(self) -> None:
+        pass  # no page frame comes here
+
 
 def test_shutdown_during_the_discard_of_a_failed_incoming_guest_leaves_nothing(tmp_path: Path) -> None:
     a, b = two_firmwares(tmp_path)

@@ -24,7 +24,8 @@ import pytest
 from migd import dest, lane_receiver, wire
 from migd.bitmap import PageBitmap
 from migd.dest import IncomingMigration
-from migd.errors import PeerAborted
+from migd.abi import PAGE_SIZE
+from migd.errors import PeerAborted, ProtocolError
 from migd.lane_receiver import LaneReceiver
 from migd.migration_state import MigrationPhase
 from migd.progress import MigrationProgress
@@ -213,5 +214,59 @@ def test_a_join_answered_after_its_thread_gave_up_is_refused(monkeypatch: pytest
         pair.incoming._end_lanes()
         pair.main.connection_lost(None)
         pair.peer_end.close()
+
+    asyncio.run(main())
+
+
+def test_with_one_connection_a_failed_migration_places_nothing_more_while_it_discards(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with one connection, whose page frames the event loop hands to its page worker
+    (or places inline): once the migration has failed, what still arrives is read and dropped
+    while the partial guest is discarded. Control: before the failure a frame is placed."""
+    placed: list[int] = []
+    monkeypatch.setattr(IncomingMigration, "_place_run", lambda self, msg, kind, lane=0: placed.append(msg.gpa))
+
+    async def main() -> None:
+        now = time.monotonic()
+        proto = FrameProtocol()
+        _connected(proto)
+        inc = IncomingMigration(SimpleNamespace(lane_servers={}), proto, "peer")  # type: ignore[arg-type]
+        established(source=SourceSession(MIGRATION_ID, GUEST, "bound", MigrationPhase(started_at=now), now),
+                    dest=inc.session, now=now)
+        inc.progress = MigrationProgress("g", "destination", "peer", NPAGES, id=MIGRATION_ID)
+        inc._received = PageBitmap(NPAGES)
+        proto.set_page_handler(inc._place)
+        enc = wire.FrameEncoder()
+        _feed(proto, enc.encode_bytes(wire.ZeroPages(0, 1)))
+        async with asyncio.timeout(WAIT):
+            while not placed:
+                await asyncio.sleep(0.01)
+        assert placed == [0], "the control: the connection places its frames"
+        broke, discarding, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def receive() -> None:
+            await broke.wait()
+            raise ProtocolError("a frame was refused")
+
+        async def discard(reason: str) -> None:
+            discarding.set()
+            await release.wait()
+            inc.session.fail(reason, time.monotonic())
+
+        inc._receive = receive  # type: ignore[method-assign]
+        inc._discard = discard  # type: ignore[method-assign]
+        running = asyncio.ensure_future(inc.run())
+        broke.set()
+        await asyncio.wait_for(discarding.wait(), WAIT)
+        try:
+            _feed(proto, enc.encode_bytes(wire.ZeroPages(STRIPE * PAGE_SIZE, 1))
+                  + enc.encode_bytes(wire.SharedPages(2 * PAGE_SIZE, 1, bytes(PAGE_SIZE))))
+            await asyncio.sleep(0.3)
+            assert placed == [0], f"frames placed while the failed migration discarded its guest: {placed}"
+            assert proto.close_reason is None or not isinstance(proto.close_reason, ProtocolError), \
+                "frames after the failure are dropped, not refused"
+        finally:
+            release.set()
+            await asyncio.wait_for(running, WAIT)
 
     asyncio.run(main())
