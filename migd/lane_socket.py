@@ -9,7 +9,9 @@ no event loop: its thread (migd/send_lane.py) seals a run, frames it and writes 
 CRC, TLS and the kernel copy release the GIL.
 
 The connection is opened in that thread too (an asyncio TLS transport cannot be handed to a
-thread): connect, TLS handshake, JOIN, JOINED, all within the handshake timeout, to the address
+thread): connect, the lane preamble (in the clear: the listener hands the connection to a
+thread of its own before TLS, migd/lane_receiver.py), TLS handshake, JOIN, JOINED, all within
+the handshake timeout, to the address
 the first connection reached (so a name that resolves to several hosts cannot split a migration).
 
 Every blocking call can be ended from the event loop: :meth:`LaneSocket.shutdown` shuts the

@@ -18,6 +18,7 @@ import contextlib
 import socket
 import time
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -142,6 +143,26 @@ def test_a_further_connection_that_ends_for_good_fails_the_barrier_after_the_gra
     asyncio.run(main())
 
 
+async def _failed_and_discarding(inc: IncomingMigration, cause: Exception) -> tuple[asyncio.Future[Any], asyncio.Event]:
+    """Run ``inc`` until it fails with ``cause`` and is discarding its partial guest, which stands
+    for the agent's shutdown and lasts until the returned event is set; returns (its run, that event)."""
+    discarding, release = asyncio.Event(), asyncio.Event()
+
+    async def receive() -> None:
+        raise cause
+
+    async def discard(reason: str) -> None:  # the partial guest goes (agent, RAM, context)
+        discarding.set()
+        await release.wait()
+        inc.session.fail(reason, time.monotonic())
+
+    inc._receive = receive  # type: ignore[method-assign]
+    inc._discard = discard  # type: ignore[method-assign]
+    running = asyncio.ensure_future(inc.run())
+    await asyncio.wait_for(discarding.wait(), WAIT)
+    return running, release
+
+
 def test_a_failed_migration_places_nothing_more_and_takes_no_join_while_it_discards(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The migration fails (here: its first connection broke) and discards the partial guest,
@@ -163,22 +184,7 @@ def test_a_failed_migration_places_nothing_more_and_takes_no_join_while_it_disca
             while not placed:
                 await asyncio.sleep(0.01)
         assert placed == [0], "the control: connection 2 places its frames"
-        broke, discarding, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
-
-        async def receive() -> None:
-            await broke.wait()
-            raise StreamClosed("the first connection broke")
-
-        async def discard(reason: str) -> None:  # the partial guest goes (agent, RAM, context)
-            discarding.set()
-            await release.wait()
-            inc.session.fail(reason, time.monotonic())
-
-        inc._receive = receive  # type: ignore[method-assign]
-        inc._discard = discard  # type: ignore[method-assign]
-        running = asyncio.ensure_future(inc.run())
-        broke.set()
-        await asyncio.wait_for(discarding.wait(), WAIT)
+        running, release = await _failed_and_discarding(inc, StreamClosed("the first connection broke"))
         try:
             assert MIGRATION_ID not in pair.host.lane_servers, "JOINs are still taken while the guest is discarded"
             with contextlib.suppress(OSError):  # the destination may have closed it already
@@ -242,22 +248,7 @@ def test_with_one_connection_a_failed_migration_places_nothing_more_while_it_dis
             while not placed:
                 await asyncio.sleep(0.01)
         assert placed == [0], "the control: the connection places its frames"
-        broke, discarding, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
-
-        async def receive() -> None:
-            await broke.wait()
-            raise ProtocolError("a frame was refused")
-
-        async def discard(reason: str) -> None:
-            discarding.set()
-            await release.wait()
-            inc.session.fail(reason, time.monotonic())
-
-        inc._receive = receive  # type: ignore[method-assign]
-        inc._discard = discard  # type: ignore[method-assign]
-        running = asyncio.ensure_future(inc.run())
-        broke.set()
-        await asyncio.wait_for(discarding.wait(), WAIT)
+        running, release = await _failed_and_discarding(inc, ProtocolError("a frame was refused"))
         try:
             _feed(proto, enc.encode_bytes(wire.ZeroPages(STRIPE * PAGE_SIZE, 1))
                   + enc.encode_bytes(wire.SharedPages(2 * PAGE_SIZE, 1, bytes(PAGE_SIZE))))
