@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from migd import wire
+from migd import lane_receiver, wire
 from migd.abi import PAGE_SIZE
 from migd.errors import PeerAborted, ProtocolError
-from migd.lane_receiver import THREAD_NAME, LaneReceiver
+from migd.lane_receiver import PLACER_THREAD_NAME, THREAD_NAME, LaneReceiver
 from migd.lane_socket import LaneSocket
 from migd.stream import MAX_FRAME_BEFORE_AUTHENTICATION, StreamClosed, StreamTimeout
 from test_lane_socket import tls  # noqa: F401  (the fixture: one owner CA, both ends' contexts)
@@ -120,7 +120,8 @@ def test_frames_are_placed_intact_in_order_by_the_connections_thread(
                 lane.shutdown()  # FIN after the frames
                 reason = await ends.first()
                 assert placed.frames == frames
-                assert placed.threads == {"migd-lane-in"}, placed.threads  # not the loop's
+                # Not the loop: the private runs by the placing thread, the others inline or there.
+                assert PLACER_THREAD_NAME in placed.threads and "MainThread" not in placed.threads, placed.threads
                 assert isinstance(reason, StreamClosed) and receiver.closed_by_peer, reason
                 assert ends.threads == ["MainThread"] and receiver.close_reason is reason
                 await asyncio.sleep(0.05)
@@ -283,14 +284,102 @@ def test_after_joined_only_page_frames_are_taken() -> None:
     run(main)
 
 
+def _private(i: int, npages: int = 3) -> wire.PrivatePages:
+    return wire.PrivatePages(i * RUN * PAGE_SIZE, npages, bytes(52), bytes([i + 1]) * (npages * PAGE_SIZE))
+
+
+async def _until(done: Callable[[], bool]) -> None:
+    async with asyncio.timeout(WAIT):
+        while not done():
+            await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("depth", [lane_receiver.PLACE_DEPTH, 4])
+def test_the_next_frames_are_read_while_one_is_placed_and_no_more_than_the_depth(
+        monkeypatch: pytest.MonkeyPatch, depth: int) -> None:
+    """Receiving and placing overlap: while the placing thread is held on a private frame, the
+    reading thread takes frames with a payload off the connection up to ``depth``, and no more
+    (the rest wait in the socket: that bounds the connection's memory); once released every frame
+    is placed, in order, a zero and a shared run behind queued frames in their turn. The second
+    depth is the control: the bound is PLACE_DEPTH's, not the handler's or the socket's."""
+    monkeypatch.setattr(lane_receiver, "PLACE_DEPTH", depth)
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            server.setblocking(False)
+            placed = Placed()
+            placed.block.clear()
+            peer, receiver, placed, ends, encoder = await _joined(server, placed)
+            try:
+                frames: list[wire.Message] = [_private(i) for i in range(8)]
+                frames[3:3] = [wire.ZeroPages(20 * RUN * PAGE_SIZE, 5),
+                               wire.SharedPages(21 * RUN * PAGE_SIZE, 1, b"\x07" * PAGE_SIZE)]
+                peer.sendall(b"".join(encoder.encode_bytes(m) for m in frames))
+                assert await asyncio.get_running_loop().run_in_executor(None, placed.entered.wait, WAIT)
+                # The frame being placed counts; with the larger depth the zero run queued too.
+                taken = depth + (depth >= 4)
+                await _until(lambda: receiver.queued >= taken)
+                await asyncio.sleep(0.2)  # the reading thread waits: no frame more is taken
+                assert receiver.queued == taken, receiver.queued
+                assert not placed.frames
+                placed.block.set()
+                await _until(lambda: len(placed.frames) == len(frames))
+                assert placed.frames == frames and receiver.queued == 0 and not ends.reasons
+            finally:
+                receiver.stop()
+                peer.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize("refuse", [True, False], ids=["refused", "control"])
+def test_a_frame_the_placing_thread_refuses_ends_the_connection_at_once(refuse: bool) -> None:
+    """The source has sent all it had (it waits at a barrier; the reading thread waits for bytes):
+    a frame the placing thread refuses reaches the loop as the connection's end all the same,
+    and nothing that arrives behind it is placed. Control: a handler that takes every frame
+    places them all and the connection stays up."""
+
+    class Refusing(Placed):
+        def __call__(self, msg: PageFrame) -> None:
+            if refuse and msg.gpa == _private(1).gpa:
+                raise ProtocolError("RECEIVE_UPDATE_DATA: the packet failed its integrity check")
+            super().__call__(msg)
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            server.setblocking(False)
+            peer, receiver, placed, ends, encoder = await _joined(server, Refusing())
+            try:
+                frames = [_private(i) for i in range(3)]
+                peer.sendall(b"".join(encoder.encode_bytes(m) for m in frames[:2]))
+                if refuse:
+                    reason = await ends.first()
+                    assert isinstance(reason, ProtocolError) and "integrity" in str(reason), reason
+                    peer.sendall(encoder.encode_bytes(frames[2]))
+                    await asyncio.sleep(0.2)
+                    assert placed.frames == frames[:1] and len(ends.reasons) == 1, placed.frames
+                else:
+                    peer.sendall(encoder.encode_bytes(frames[2]))
+                    await _until(lambda: len(placed.frames) == 3)
+                    await asyncio.sleep(0.2)
+                    assert placed.frames == frames and not ends.reasons
+            finally:
+                receiver.stop()
+                peer.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize("kind", ["zero", "private"])
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "mutual-tls"])
 def test_stop_ends_a_blocked_read_at_once_and_places_nothing_more(
-        tls: tuple[ssl.SSLContext, ssl.SSLContext], secure: bool) -> None:
+        tls: tuple[ssl.SSLContext, ssl.SSLContext], secure: bool, kind: str) -> None:
     """The migration no longer needs the connection (every page verified, or it failed): stop()
     from the loop ends the thread's read at once, and on_end is not called (the migration
-    ended it). A frame already being placed finishes; the frames behind it in the same read are
-    not placed. Controls: before stop() the thread waits in its read; without stop() every
-    frame of the read is placed."""
+    ended it). A frame already being placed finishes; the frames behind it are not placed,
+    whether the reading thread had queued them for the placing thread (private runs) or not
+    (zero runs, placed by the reading thread when nothing is queued). Controls: before stop()
+    the threads wait, reading and for frames; without stop() every frame is placed."""
     server_ctx, client = tls if secure else (None, None)
 
     async def one(stop: bool) -> tuple[Placed, Ends, LaneReceiver, float]:
@@ -304,10 +393,13 @@ def test_stop_ends_a_blocked_read_at_once_and_places_nothing_more(
                 placed.block.clear()
                 receiver.admit(JOINED, placed, ends)
                 await asyncio.wait_for(opening, WAIT)
-                frames = [wire.ZeroPages(i * PAGE_SIZE, 1) for i in range(3)]
+                frames: list[wire.Message] = (
+                    [wire.ZeroPages(i * PAGE_SIZE, 1) for i in range(3)] if kind == "zero" else [_private(i) for i in range(3)])
                 for msg in frames:
                     lane.write(msg)
                 assert await asyncio.get_running_loop().run_in_executor(None, placed.entered.wait, WAIT)
+                if kind == "private":  # the second frame waits for the placing thread
+                    await _until(lambda: receiver.queued == 2)
                 if stop:
                     receiver.stop()
                 placed.block.set()  # the frame under way finishes
@@ -324,7 +416,8 @@ def test_stop_ends_a_blocked_read_at_once_and_places_nothing_more(
                 shut_at = time.monotonic()
                 receiver.stop()
                 async with asyncio.timeout(WAIT):
-                    while not receiver.shut or any(t.name == "migd-lane-in" for t in threading.enumerate()):
+                    while not receiver.shut or any(t.name in (THREAD_NAME, PLACER_THREAD_NAME)
+                                                   for t in threading.enumerate()):
                         await asyncio.sleep(0.005)
                 return placed, ends, receiver, time.monotonic() - shut_at
             finally:
