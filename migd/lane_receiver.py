@@ -296,8 +296,20 @@ class LaneReceiver(ThreadSocket):
         assert sock is not None
         decoder.max_frame = None  # authenticated: page frames may come
         sock.settimeout(None)  # the migration's stall deadline is the loop's; shutdown() wakes a read
+        tls = isinstance(sock, ssl.SSLSocket)
         while True:
-            got = sock.recv_into(decoder.get_buffer()[:_READ_CHUNK])
+            view = decoder.get_buffer()[:_READ_CHUNK]
+            got = sock.recv_into(view)
+            if tls:
+                # A TLS read returns one record (16 KiB) at most: read on up to the end of the
+                # frame under way (never past it: a complete frame must not wait for the next
+                # one's bytes), then decode once, not once per record.
+                want = min(decoder.missing_bytes, len(view))
+                while 0 < got < want:
+                    more = sock.recv_into(view[got:want])
+                    if more == 0:
+                        break
+                    got += more
             if got == 0:
                 self._check_shut()
                 self.closed_by_peer = True

@@ -270,6 +270,13 @@ class FrameDecoder:
         return messages
 
     @property
+    def missing_bytes(self) -> int:
+        """Bytes still to receive before the frame under way is complete: its prefix first, then
+        the rest once the prefix is known (at least 1)."""
+        pending = self._end - self._start
+        return max(1, (self._need or PREFIX_SIZE) - pending)
+
+    @property
     def pending_bytes(self) -> int:
         """Bytes received that do not yet form a complete frame."""
         return self._end - self._start

@@ -332,6 +332,36 @@ def test_the_next_frames_are_read_while_one_is_placed_and_no_more_than_the_depth
     run(main)
 
 
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "mutual-tls"])
+def test_a_frame_is_placed_without_waiting_for_the_bytes_behind_it(
+        tls: tuple[ssl.SSLContext, ssl.SSLContext], secure: bool) -> None:
+    """Over TLS the reading thread reads on, record after record, to the end of the frame under
+    way, and stops there: the last frame before the source waits (at a barrier) is placed, not
+    held back for bytes that do not come. Plain TCP as the control."""
+    server_ctx, client = tls if secure else (None, None)
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            server.setblocking(False)
+            lane, opening = await _source_end(server, client)
+            receiver = LaneReceiver(await _accepted(server), "peer")
+            try:
+                await receiver.open(server_ctx, WAIT)
+                placed, ends = Placed(), Ends()
+                receiver.admit(JOINED, placed, ends)
+                await asyncio.wait_for(opening, WAIT)
+                frames = [_private(0, wire.MAX_RUN_PAGES), wire.ZeroPages(RUN * PAGE_SIZE, 1), _private(2, 1)]
+                for msg in frames:
+                    lane.write(msg)
+                    await _until(lambda: len(placed.frames) == frames.index(msg) + 1)
+                assert placed.frames == frames and not ends.reasons
+            finally:
+                receiver.stop()
+                lane.close()
+
+    run(main)
+
+
 @pytest.mark.parametrize("refuse", [True, False], ids=["refused", "control"])
 def test_a_frame_the_placing_thread_refuses_ends_the_connection_at_once(refuse: bool) -> None:
     """The source has sent all it had (it waits at a barrier; the reading thread waits for bytes):

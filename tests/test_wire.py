@@ -107,6 +107,20 @@ def test_truncated_frame_yields_nothing_yet() -> None:
     assert len(dec.feed(data[-1:])) == 1
 
 
+def test_missing_bytes_says_how_far_a_read_may_go_without_passing_the_frame() -> None:
+    """What a reader may still read without passing the end of the frame under way: the prefix
+    first, then the rest of the frame once its prefix is known, at least one byte between frames."""
+    encoder = wire.FrameEncoder()  # the CRC covers each frame's number in the stream
+    first = encoder.encode_bytes(wire.SharedPages(0, 1, bytes(PAGE_SIZE)))
+    data = first + encoder.encode_bytes(wire.ZeroPages(0, 1))
+    dec = wire.FrameDecoder()
+    assert dec.missing_bytes == wire.PREFIX_SIZE
+    assert dec.feed(data[:3]) == [] and dec.missing_bytes == wire.PREFIX_SIZE - 3
+    assert dec.feed(data[3:100]) == [] and dec.missing_bytes == len(first) - 100
+    assert len(dec.feed(data[100:len(first)])) == 1 and dec.missing_bytes == wire.PREFIX_SIZE
+    assert len(dec.feed(data[len(first):])) == 1 and dec.missing_bytes == wire.PREFIX_SIZE
+
+
 def test_oversized_length_rejected_before_buffering() -> None:
     dec = wire.FrameDecoder(initial=64)
     header = struct.pack(">IBH", 0xFFFFFFF0, wire.FrameType.SHARED_PAGES, 10)
