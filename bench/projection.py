@@ -13,8 +13,9 @@ several connections, the destination's placing threads). The model:
   side moves at most ``1 / L`` GiB/s whatever the number of cores.
 * Workers run in parallel beside it (their bulk work, AES and HMAC, releases the GIL; measured in
   send_lane.py's docstring): with ``N`` connections the pages go on the ``N - 1`` further
-  ones (the first carries the control frames), a worker thread each per side, on the ``C - 1``
-  cores the loop leaves, so they move at most ``min(N - 1, C - 1) / W`` GiB/s.
+  ones (the first carries the control frames), each with ``T`` worker threads (the source: one
+  that seals and writes; the destination: one that reads, one that places), on the ``C - 1``
+  cores the loop leaves, so they move at most ``min(T (N - 1), C - 1) / W`` GiB/s.
 * A side cannot use more than its ``C`` cores: at most ``C / (L + W)`` GiB/s.
 * The link carries at most ``B`` (payload ~ wire bytes: frame headers are < 0.1 %).
 * Throughput = the smallest of these over both sides and the link. Left out: the guest's own
@@ -54,37 +55,43 @@ def costs(run: dict[str, Any]) -> dict[str, float]:
     return {part: max(0.0, statistics.median(c[part] for c in each)) for part in parts}
 
 
-def _page_lanes(connections: int) -> int:
-    """The connections that carry pages: the one, or every further one."""
-    return connections - 1 if connections > 1 else 1
+#: Worker threads of one page-carrying connection, per side (see the model above).
+THREADS_PER_LANE = {"source": 1, "destination": 2}
 
 
-def side_limit(loop: float, workers: float, cores: float, connections: int) -> float:
-    """GiB/s one side allows: its loop's one core, its workers' share, all its cores."""
+def _worker_threads(connections: int, side: str) -> int:
+    """The worker threads of a side: those of the connections that carry pages (with one
+    connection, the first's single page worker; else every further one's)."""
+    return THREADS_PER_LANE[side] * (connections - 1) if connections > 1 else 1
+
+
+def side_limit(loop: float, workers: float, cores: float, threads: int) -> float:
+    """GiB/s one side allows: its loop's one core, its ``threads`` workers' share, all its cores."""
     limits = [cores / (loop + workers)]
     if loop > 0:
         limits.append(1.0 / loop)
     if workers > 0:
-        limits.append(max(1, min(_page_lanes(connections), cores - 1)) / workers)
+        limits.append(max(1, min(threads, cores - 1)) / workers)
     return min(limits)
 
 
 def project(c: dict[str, float], cores: float, link_gib_s: float, connections: int) -> float:
     """GiB/s of one migration with ``cores`` per side and a ``link_gib_s`` link."""
-    return min(link_gib_s,
-               side_limit(c["source_loop"], c["source_workers"], cores, connections),
-               side_limit(c["destination_loop"], c["destination_workers"], cores, connections))
+    return min(link_gib_s, *(
+        side_limit(c[f"{side}_loop"], c[f"{side}_workers"], cores, _worker_threads(connections, side))
+        for side in THREADS_PER_LANE))
 
 
 def here(c: dict[str, float], connections: int, cores: float = 2.0) -> float:
     """The model's prediction for this machine: both daemons share its cores."""
     total = sum(c.values())
     limits = [cores / total]
-    for loop, workers in (("source_loop", "source_workers"), ("destination_loop", "destination_workers")):
-        if c[loop] > 0:
-            limits.append(1.0 / c[loop])
-        if c[workers] > 0:
-            limits.append(max(1, min(_page_lanes(connections), cores - 1)) / c[workers])
+    for side in THREADS_PER_LANE:
+        loop, workers = c[f"{side}_loop"], c[f"{side}_workers"]
+        if loop > 0:
+            limits.append(1.0 / loop)
+        if workers > 0:
+            limits.append(max(1, min(_worker_threads(connections, side), cores - 1)) / workers)
     return min(limits)
 
 

@@ -288,6 +288,8 @@ class LaneReceiver(ThreadSocket):
                 self._reading_done = True
                 self._queue_ready.notify_all()
             placer.join()
+            self._placing.clear()  # stopped: what was queued is never placed
+            self._buffers.clear()  # up to 4 MiB, written: nothing of a finished connection keeps them
             if self._refusal is not None:
                 raise self._refusal
 

@@ -436,6 +436,7 @@ def test_stop_ends_a_blocked_read_at_once_and_places_nothing_more(
                 if stop:
                     await asyncio.sleep(0.3)
                     assert placed.frames == frames[:1], placed.frames
+                    await _until(lambda: receiver.queued == 0)  # what was queued is let go
                     return placed, ends, receiver, 0.0
                 async with asyncio.timeout(WAIT):
                     while len(placed.frames) < 3:
