@@ -12,12 +12,13 @@ at once, after which no frame is placed (each with its control).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -92,6 +93,27 @@ async def _source_end(server: socket.socket, client: ssl.SSLContext | None, time
     return lane, opening
 
 
+@contextlib.asynccontextmanager
+async def _admitted(server_ctx: ssl.SSLContext | None, client: ssl.SSLContext | None, placed: Placed | None = None,
+                    ) -> AsyncIterator[tuple[LaneSocket, LaneReceiver, Placed, Ends]]:
+    """The source's own end and the receiver, opened (TLS if the contexts say so) and admitted:
+    (the source's end, the receiver, its handler, its ends); both stopped on the way out."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setblocking(False)
+        lane, opening = await _source_end(server, client)
+        receiver = LaneReceiver(await _accepted(server), "peer")
+        try:
+            assert await receiver.open(server_ctx, WAIT) == JOIN
+            assert receiver.tls_established is (server_ctx is not None)
+            placed, ends = placed or Placed(), Ends()
+            receiver.admit(JOINED, placed, ends)
+            assert await asyncio.wait_for(opening, WAIT) == JOINED
+            yield lane, receiver, placed, ends
+        finally:
+            receiver.stop()
+            lane.close()
+
+
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "mutual-tls"])
 def test_frames_are_placed_intact_in_order_by_the_connections_thread(
         tls: tuple[ssl.SSLContext, ssl.SSLContext], secure: bool) -> None:
@@ -100,35 +122,23 @@ def test_frames_are_placed_intact_in_order_by_the_connections_thread(
     server_ctx, client = tls if secure else (None, None)
 
     async def main() -> None:
-        with socket.create_server(("127.0.0.1", 0)) as server:
-            server.setblocking(False)
-            lane, opening = await _source_end(server, client)
-            receiver = LaneReceiver(await _accepted(server), "peer")
-            try:
-                assert await receiver.open(server_ctx, WAIT) == JOIN
-                assert receiver.tls_established is secure
-                placed, ends = Placed(), Ends()
-                receiver.admit(JOINED, placed, ends)
-                assert await asyncio.wait_for(opening, WAIT) == JOINED
-                frames: list[wire.Message] = [
-                    wire.SharedPages(0, RUN, bytes(range(256)) * (RUN * PAGE_SIZE // 256)),
-                    wire.ZeroPages(RUN * PAGE_SIZE, 7),
-                    wire.PrivatePages(2 * RUN * PAGE_SIZE, 3, bytes(52), b"\x5a" * (3 * PAGE_SIZE)),
-                    wire.SharedPages(3 * RUN * PAGE_SIZE, 1, b"\x01" * PAGE_SIZE),
-                ] * 4
-                await asyncio.get_running_loop().run_in_executor(None, lambda: [lane.write(m) for m in frames])
-                lane.shutdown()  # FIN after the frames
-                reason = await ends.first()
-                assert placed.frames == frames
-                # Not the loop: the private runs by the placing thread, the others inline or there.
-                assert PLACER_THREAD_NAME in placed.threads and "MainThread" not in placed.threads, placed.threads
-                assert isinstance(reason, StreamClosed) and receiver.closed_by_peer, reason
-                assert ends.threads == ["MainThread"] and receiver.close_reason is reason
-                await asyncio.sleep(0.05)
-                assert len(ends.reasons) == 1
-            finally:
-                receiver.stop()
-                lane.close()
+        async with _admitted(server_ctx, client) as (lane, receiver, placed, ends):
+            frames: list[wire.Message] = [
+                wire.SharedPages(0, RUN, bytes(range(256)) * (RUN * PAGE_SIZE // 256)),
+                wire.ZeroPages(RUN * PAGE_SIZE, 7),
+                wire.PrivatePages(2 * RUN * PAGE_SIZE, 3, bytes(52), b"\x5a" * (3 * PAGE_SIZE)),
+                wire.SharedPages(3 * RUN * PAGE_SIZE, 1, b"\x01" * PAGE_SIZE),
+            ] * 4
+            await asyncio.get_running_loop().run_in_executor(None, lambda: [lane.write(m) for m in frames])
+            lane.shutdown()  # FIN after the frames
+            reason = await ends.first()
+            assert placed.frames == frames
+            # Not the loop: the private runs by the placing thread, the others inline or there.
+            assert PLACER_THREAD_NAME in placed.threads and "MainThread" not in placed.threads, placed.threads
+            assert isinstance(reason, StreamClosed) and receiver.closed_by_peer, reason
+            assert ends.threads == ["MainThread"] and receiver.close_reason is reason
+            await asyncio.sleep(0.05)
+            assert len(ends.reasons) == 1
 
     run(main)
 
@@ -341,23 +351,12 @@ def test_a_frame_is_placed_without_waiting_for_the_bytes_behind_it(
     server_ctx, client = tls if secure else (None, None)
 
     async def main() -> None:
-        with socket.create_server(("127.0.0.1", 0)) as server:
-            server.setblocking(False)
-            lane, opening = await _source_end(server, client)
-            receiver = LaneReceiver(await _accepted(server), "peer")
-            try:
-                await receiver.open(server_ctx, WAIT)
-                placed, ends = Placed(), Ends()
-                receiver.admit(JOINED, placed, ends)
-                await asyncio.wait_for(opening, WAIT)
-                frames = [_private(0, wire.MAX_RUN_PAGES), wire.ZeroPages(RUN * PAGE_SIZE, 1), _private(2, 1)]
-                for msg in frames:
-                    lane.write(msg)
-                    await _until(lambda: len(placed.frames) == frames.index(msg) + 1)
-                assert placed.frames == frames and not ends.reasons
-            finally:
-                receiver.stop()
-                lane.close()
+        async with _admitted(server_ctx, client) as (lane, receiver, placed, ends):
+            frames = [_private(0, wire.MAX_RUN_PAGES), wire.ZeroPages(RUN * PAGE_SIZE, 1), _private(2, 1)]
+            for msg in frames:
+                lane.write(msg)
+                await _until(lambda: len(placed.frames) == frames.index(msg) + 1)
+            assert placed.frames == frames and not ends.reasons
 
     run(main)
 
@@ -413,47 +412,37 @@ def test_stop_ends_a_blocked_read_at_once_and_places_nothing_more(
     server_ctx, client = tls if secure else (None, None)
 
     async def one(stop: bool) -> tuple[Placed, Ends, LaneReceiver, float]:
-        with socket.create_server(("127.0.0.1", 0)) as server:
-            server.setblocking(False)
-            lane, opening = await _source_end(server, client)
-            receiver = LaneReceiver(await _accepted(server), "peer")
-            try:
-                await receiver.open(server_ctx, WAIT)
-                placed, ends = Placed(), Ends()
-                placed.block.clear()
-                receiver.admit(JOINED, placed, ends)
-                await asyncio.wait_for(opening, WAIT)
-                frames: list[wire.Message] = (
-                    [wire.ZeroPages(i * PAGE_SIZE, 1) for i in range(3)] if kind == "zero" else [_private(i) for i in range(3)])
-                for msg in frames:
-                    lane.write(msg)
-                assert await asyncio.get_running_loop().run_in_executor(None, placed.entered.wait, WAIT)
-                if kind == "private":  # the second frame waits for the placing thread
-                    await _until(lambda: receiver.queued == 2)
-                if stop:
-                    receiver.stop()
-                placed.block.set()  # the frame under way finishes
-                if stop:
-                    await asyncio.sleep(0.3)
-                    assert placed.frames == frames[:1], placed.frames
-                    await _until(lambda: receiver.queued == 0)  # what was queued is let go
-                    return placed, ends, receiver, 0.0
-                async with asyncio.timeout(WAIT):
-                    while len(placed.frames) < 3:
-                        await asyncio.sleep(0.01)
-                # Blocked in its read now: stop() ends it at once.
-                await asyncio.sleep(0.2)
-                assert not ends.reasons, "the control: the thread still waits in its read"
-                shut_at = time.monotonic()
+        held = Placed()
+        held.block.clear()
+        async with _admitted(server_ctx, client, held) as (lane, receiver, placed, ends):
+            frames: list[wire.Message] = (
+                [wire.ZeroPages(i * PAGE_SIZE, 1) for i in range(3)] if kind == "zero" else [_private(i) for i in range(3)])
+            for msg in frames:
+                lane.write(msg)
+            assert await asyncio.get_running_loop().run_in_executor(None, placed.entered.wait, WAIT)
+            if kind == "private":  # the second frame waits for the placing thread
+                await _until(lambda: receiver.queued == 2)
+            if stop:
                 receiver.stop()
-                async with asyncio.timeout(WAIT):
-                    while not receiver.shut or any(t.name in (THREAD_NAME, PLACER_THREAD_NAME)
-                                                   for t in threading.enumerate()):
-                        await asyncio.sleep(0.005)
-                return placed, ends, receiver, time.monotonic() - shut_at
-            finally:
-                receiver.stop()
-                lane.close()
+            placed.block.set()  # the frame under way finishes
+            if stop:
+                await asyncio.sleep(0.3)
+                assert placed.frames == frames[:1], placed.frames
+                await _until(lambda: receiver.queued == 0)  # what was queued is let go
+                return placed, ends, receiver, 0.0
+            async with asyncio.timeout(WAIT):
+                while len(placed.frames) < 3:
+                    await asyncio.sleep(0.01)
+            # Blocked in its read now: stop() ends it at once.
+            await asyncio.sleep(0.2)
+            assert not ends.reasons, "the control: the thread still waits in its read"
+            shut_at = time.monotonic()
+            receiver.stop()
+            async with asyncio.timeout(WAIT):
+                while not receiver.shut or any(t.name in (THREAD_NAME, PLACER_THREAD_NAME)
+                                               for t in threading.enumerate()):
+                    await asyncio.sleep(0.005)
+            return placed, ends, receiver, time.monotonic() - shut_at
 
     async def main() -> None:
         placed, ends, _, took = await one(stop=False)
