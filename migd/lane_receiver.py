@@ -308,6 +308,8 @@ class LaneReceiver(ThreadSocket):
                 # one's bytes), then decode once, not once per record.
                 want = min(decoder.missing_bytes, len(view))
                 while 0 < got < want:
+                    # Bytes arriving are activity (the stall deadline), however slowly they come.
+                    self.last_activity = time.monotonic()
                     more = sock.recv_into(view[got:want])
                     if more == 0:
                         break

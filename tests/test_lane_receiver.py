@@ -361,6 +361,33 @@ def test_a_frame_is_placed_without_waiting_for_the_bytes_behind_it(
     run(main)
 
 
+def test_bytes_arriving_slowly_over_tls_count_as_activity(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """The reading thread reads on to the frame's end over TLS: a frame that trickles in (a slow
+    link) must still move the connection's last activity as its records arrive, or a barrier
+    waiting for it would see a stall. Control: while nothing arrives, nothing moves."""
+    server_ctx, client = tls
+
+    async def main() -> None:
+        async with _admitted(server_ctx, client) as (lane, receiver, placed, ends):
+            data = lane._encoder.encode_bytes(_private(0, wire.MAX_RUN_PAGES))
+            tls_socket = lane._sock
+            assert tls_socket is not None
+            # The frame's first records: its prefix is known, the rest of its first MiB is awaited.
+            tls_socket.sendall(data[:32 << 10])
+            await asyncio.sleep(0.2)
+            mark = time.monotonic()
+            assert receiver.last_activity < mark and not placed.frames
+            for offset in range(32 << 10, 256 << 10, 16 << 10):  # more of it, 16 KiB at a time
+                tls_socket.sendall(data[offset:offset + (16 << 10)])
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)
+            assert receiver.last_activity > mark, mark - receiver.last_activity
+            tls_socket.sendall(data[256 << 10:])
+            await _until(lambda: len(placed.frames) == 1)
+
+    run(main)
+
+
 @pytest.mark.parametrize("refuse", [True, False], ids=["refused", "control"])
 def test_a_frame_the_placing_thread_refuses_ends_the_connection_at_once(refuse: bool) -> None:
     """The source has sent all it had (it waits at a barrier; the reading thread waits for bytes):
